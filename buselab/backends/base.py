@@ -1,0 +1,117 @@
+"""The backend interface: BUSE's `struct buse_operations`, as a Python class.
+
+A backend is a byte range with a handful of operations. Capability flags say
+which optional operations really work, so the server advertises only those
+(BUSE never advertised FLUSH, so the kernel never sent one).
+
+Offsets and lengths given to a backend have already been checked against its
+size. Backends report failure by raising `BackendError(errno)` or `OSError`.
+"""
+
+from __future__ import annotations
+
+import errno as host_errno
+from dataclasses import dataclass
+
+from ..protocol import constants as c
+
+
+class BackendError(Exception):
+    """A request failed; `errno` is the NBD error number to send."""
+
+    def __init__(self, errno: int, message: str = "") -> None:
+        super().__init__(message or c.ERRNO_NAMES.get(errno, str(errno)))
+        self.errno = errno
+
+
+# Host errno -> NBD wire errno. Anything unknown becomes EIO.
+_WIRE_ERRNO = {
+    host_errno.EPERM: c.EPERM,
+    host_errno.EACCES: c.EPERM,
+    host_errno.EROFS: c.EPERM,
+    host_errno.EIO: c.EIO,
+    host_errno.ENOMEM: c.ENOMEM,
+    host_errno.EINVAL: c.EINVAL,
+    host_errno.ENOSPC: c.ENOSPC,
+    host_errno.EDQUOT: c.ENOSPC,
+    host_errno.EFBIG: c.ENOSPC,
+    host_errno.EOVERFLOW: c.EOVERFLOW,
+    host_errno.ENOTSUP: c.ENOTSUP,
+    host_errno.EOPNOTSUPP: c.ENOTSUP,
+    host_errno.ESHUTDOWN: c.ESHUTDOWN,
+}
+
+
+def wire_errno(exc: BaseException) -> int:
+    """The NBD error number for an exception raised by a backend."""
+    if isinstance(exc, BackendError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _WIRE_ERRNO.get(exc.errno, c.EIO)
+    if isinstance(exc, MemoryError):
+        return c.ENOMEM
+    return c.EIO
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    flush: bool = False
+    fua: bool = False
+    trim: bool = False
+    zero: bool = False
+    fast_zero: bool = False
+    cache: bool = False
+    extents: bool = False  # can tell holes from data
+    multi_conn: bool = False  # flush on one connection covers writes on all
+    rotational: bool = False
+
+
+class Backend:
+    """Base class with the defaults a minimal backend gets.
+
+    Subclasses set `kind`, `size`, `caps` and implement `read` and `write`.
+    """
+
+    kind = "backend"
+    size: int = 0
+    readonly: bool = False
+    caps = Capabilities()
+
+    def describe(self) -> str:
+        """One line for headers and logs: what this backend is."""
+        return self.kind
+
+    def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable."""
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Forget a range; reading it afterwards may return anything (we give zeros)."""
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool = False) -> None:
+        """Zero a range. `fast` asks to fail with ENOTSUP rather than be slow."""
+        if fast:
+            raise BackendError(c.ENOTSUP, "no fast zeroing")
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self.write(offset, memoryview(chunk)[:n])
+            offset += n
+        if fua:
+            self.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        """A hint that this range will be read soon."""
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(length, STATE_HOLE|STATE_ZERO flags) runs covering [offset, offset+length)."""
+        return [(length, 0)]
+
+    def close(self) -> None:
+        """Release resources; flush first if the backend is durable."""

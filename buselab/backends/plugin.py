@@ -1,0 +1,133 @@
+"""The user's own disk: a Python class, as BUSE's `struct buse_operations` was.
+
+    class MyDisk:
+        size = 64 * 1024 * 1024
+        def read(self, offset, length): ...        # returns bytes
+        def write(self, offset, data): ...
+        def flush(self): ...                       # optional
+        def trim(self, offset, length): ...        # optional
+        def write_zeroes(self, offset, length): ...# optional
+
+`buselab plugin mydisk.py[:MyDisk]` loads it. Without a class name the file
+must define exactly one class with `size`, `read` and `write`. Which optional
+methods exist decides what the server advertises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any
+
+from ..errors import UserError
+from .base import Backend, BackendError, Capabilities
+
+
+def _looks_like_disk(obj: Any) -> bool:
+    return inspect.isclass(obj) and all(hasattr(obj, name) for name in ("read", "write")) and hasattr(obj, "size")
+
+
+def load_plugin_class(spec: str) -> type:
+    path, _, class_name = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"plugin file {path} does not exist")
+    module_name = f"buselab_plugin_{abs(hash(os.path.abspath(path)))}"
+    try:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise UserError(f"{path} is not a Python file buselab can load")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        loader_spec.loader.exec_module(module)
+    except UserError:
+        raise
+    except Exception as exc:  # the user's code: any error at all is theirs to see
+        raise UserError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
+    if class_name:
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise UserError(f"plugin {path} has no class {class_name}")
+        if not _looks_like_disk(cls):
+            raise UserError(f"{class_name} in {path} needs size, read(offset, length) and write(offset, data)")
+        return cls
+    candidates = [obj for obj in vars(module).values() if _looks_like_disk(obj) and obj.__module__ == module_name]
+    if len(candidates) != 1:
+        names = ", ".join(cls.__name__ for cls in candidates) or "none"
+        raise UserError(f"{path} defines {len(candidates)} disk classes ({names}): name one as {path}:ClassName")
+    return candidates[0]
+
+
+class PluginBackend(Backend):
+    kind = "plugin"
+
+    def __init__(self, spec: str, size: int | None = None) -> None:
+        self.spec = spec
+        cls = load_plugin_class(spec)
+        try:
+            self.disk = cls(size) if size is not None and _takes_size(cls) else cls()
+        except Exception as exc:
+            raise UserError(f"plugin class {cls.__name__} failed to start: {type(exc).__name__}: {exc}") from exc
+        try:
+            self.size = int(self.disk.size)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"plugin {cls.__name__}.size must be a number of bytes, not {self.disk.size!r}") from exc
+        if self.size <= 0:
+            raise UserError(f"plugin {cls.__name__}.size is {self.size}: a disk needs at least one byte")
+        self.name = cls.__name__
+        has = lambda name: callable(getattr(self.disk, name, None))  # noqa: E731
+        self.caps = Capabilities(
+            flush=has("flush"),
+            fua=has("flush"),  # FUA is emulated as write + flush
+            trim=has("trim"),
+            zero=True,  # emulated with writes when the plugin has no write_zeroes
+            cache=False,
+            multi_conn=bool(getattr(self.disk, "can_multi_conn", False)),
+        )
+
+    def describe(self) -> str:
+        return f"plugin {self.name} ({self.spec.partition(':')[0]})"
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = self.disk.read(offset, length)
+        if data is None or len(data) != length:
+            got = "None" if data is None else f"{len(data)} bytes"
+            raise BackendError(5, f"plugin read returned {got}, expected {length}")
+        return data
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self.disk.write(offset, bytes(data))
+        if fua:
+            self.disk.flush()
+
+    def flush(self) -> None:
+        if self.caps.flush:
+            self.disk.flush()
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self.disk.trim(offset, length)
+        if fua:
+            self.flush()
+
+    def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool = False) -> None:
+        if callable(getattr(self.disk, "write_zeroes", None)):
+            self.disk.write_zeroes(offset, length)
+            if fua:
+                self.flush()
+        else:
+            super().write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    def close(self) -> None:
+        self.flush()
+        close = getattr(self.disk, "close", None)
+        if callable(close):
+            close()
+
+
+def _takes_size(cls: type) -> bool:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+    return "size" in params

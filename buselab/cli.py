@@ -1,0 +1,181 @@
+"""The `buselab` command line.
+
+    buselab ram [--size SIZE] [DEVICE]
+    buselab file PATH [--size SIZE] [DEVICE]       (alias: lo)
+    buselab null --size SIZE [DEVICE]
+    buselab plugin FILE[:CLASS] [DEVICE]
+    buselab demo
+
+Without DEVICE the disk is served over NBD (TCP 127.0.0.1:10809 unless
+--listen/--unix say otherwise). Every error a user can cause ends in one line.
+More subcommands live in buselab/commands/ and register themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from . import __version__
+from .backends import open_backend
+from .errors import UserError
+from .session import ServeOptions, Session
+from .sizes import parse_size
+from .transport.network import DEFAULT_PORT, parse_listen
+
+
+def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    if device:
+        p.add_argument(
+            "device", nargs="?", metavar="DEVICE", help="/dev/nbdN to attach (needs root); omit to serve over NBD"
+        )
+    p.add_argument("--size", help="disk size, e.g. 512K, 128M, 1G, 1T")
+    p.add_argument(
+        "--listen", action="append", metavar="HOST:PORT", help=f"serve NBD over TCP (default 127.0.0.1:{DEFAULT_PORT})"
+    )
+    p.add_argument("--unix", action="append", metavar="PATH", help="serve NBD on a Unix socket")
+    p.add_argument("--export-name", default="", help="the export's name (clients may also ask for '')")
+    p.add_argument("--readonly", action="store_true", help="refuse writes with EPERM")
+    p.add_argument("--headless", action="store_true", help="no lab: print one stats line a second")
+    p.add_argument(
+        "--filter", action="append", metavar="SPEC", help="stack a filter over the backend, e.g. delay:read=5ms"
+    )
+    p.add_argument("--control", metavar="PATH", help="control socket for `buselab ctl`")
+    p.add_argument("--record", metavar="FILE", help="record every request to a trace (.jsonl, .gz, .zst)")
+    p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)  # stop after N seconds (tests, demos)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="buselab", description="A block device in userspace with a live lab around it."
+    )
+    parser.add_argument("--version", action="version", version=f"buselab {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("ram", help="a sparse RAM disk (128 MiB unless --size)")
+    _add_serve_options(p)
+    p.set_defaults(func=cmd_serve, backend="ram")
+
+    for name in ("file", "lo"):
+        p = sub.add_parser(
+            name, help="a file or block device (BUSE's loopback)" + (" (alias of file)" if name == "lo" else "")
+        )
+        p.add_argument("path", metavar="PATH", help="file (created at --size if missing) or block device")
+        _add_serve_options(p)
+        p.set_defaults(func=cmd_serve, backend="file")
+
+    p = sub.add_parser("null", help="reads zeros and discards writes (for benchmarks)")
+    _add_serve_options(p)
+    p.set_defaults(func=cmd_serve, backend="null")
+
+    p = sub.add_parser("plugin", help="your own disk: a Python class with size, read, write")
+    p.add_argument("path", metavar="FILE[:CLASS]", help="Python file, optionally :ClassName")
+    _add_serve_options(p)
+    p.set_defaults(func=cmd_serve, backend="plugin")
+
+    p = sub.add_parser("demo", help="the lab on a built-in RAM disk with a built-in workload (no root)")
+    p.add_argument("--size", default="64M", help="demo disk size (default 64M)")
+    p.add_argument("--headless", action="store_true", help="print stats instead of opening the lab")
+    p.add_argument("--pace", type=float, default=0.002, help="seconds between demo requests")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_demo)
+
+    for module in _command_modules():
+        module.register(sub)
+    return parser
+
+
+def _command_modules() -> list:
+    """Subcommands that live in buselab/commands/ (ctl, replay, stats, ...)."""
+    from . import commands
+
+    return [importlib.import_module(f"{commands.__name__}.{m.name}") for m in pkgutil.iter_modules(commands.__path__)]
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    listen = [parse_listen(text) for text in args.listen or []]
+    unix = list(args.unix or [])
+    device = getattr(args, "device", None)
+    if not listen and not unix and not device:
+        listen = [("127.0.0.1", DEFAULT_PORT)]
+    return ServeOptions(
+        listen=listen,
+        unix=unix,
+        export_name=args.export_name,
+        readonly=args.readonly,
+        device=device,
+        filters=list(args.filter or []),
+        control=args.control,
+        record=args.record,
+    )
+
+
+def run_session(session: Session, args: argparse.Namespace) -> int:
+    """Start the session and run the lab, or headless if asked or no lab exists."""
+    session.start()
+    if not args.headless:
+        try:
+            from .ui.lab import run_lab
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("buselab.ui"):
+                raise
+        else:
+            return run_lab(session, seconds=args.seconds)
+    from .headless import run_headless
+
+    return run_headless(session, seconds=args.seconds)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    size = parse_size(args.size) if args.size else None
+    backend = open_backend(args.backend, size=size, path=getattr(args, "path", None), readonly=args.readonly)
+    return run_session(Session(backend, serve_options(args)), args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .workload import DemoWorkload
+
+    backend = open_backend("ram", size=parse_size(args.size))
+    session = Session(backend, ServeOptions())
+    path = session.private_socket()
+    session.options.unix.append(path)
+    workload = DemoWorkload(path, pace=args.pace)
+    session.start()
+    workload.start()
+    session.demo_workload = workload  # the lab shows its progress
+    try:
+        if not args.headless:
+            try:
+                from .ui.lab import run_lab
+            except ModuleNotFoundError as exc:
+                if not (exc.name or "").startswith("buselab.ui"):
+                    raise
+            else:
+                return run_lab(session, seconds=args.seconds)
+        from .headless import run_headless
+
+        return run_headless(session, seconds=args.seconds)
+    finally:
+        workload.stop()
+        session.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="buselab: %(message)s")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"buselab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

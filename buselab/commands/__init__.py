@@ -1,0 +1,1 @@
+"""Extra subcommands. Each module here has `register(subparsers)`; cli.py finds them."""

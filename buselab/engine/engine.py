@@ -1,0 +1,175 @@
+"""The engine turns requests into completions.
+
+It owns the active backend (filters stacked over a backend, swappable), the
+gate that pauses and steps I/O, and the telemetry every request is recorded
+into. Transports (kernel socketpair, TCP, Unix sockets) call `export_info`
+during the handshake and `execute` for every request; they never touch a
+backend directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+
+from ..backends.base import Backend, wire_errno
+from ..protocol import constants as c
+from ..protocol.handshake import ExportInfo
+from ..protocol.transmission import Request, clip_extents
+from .gate import Gate
+from .telemetry import Telemetry
+
+log = logging.getLogger("buselab")
+
+
+def transmission_flags(backend: Backend, readonly: bool) -> int:
+    """Advertise exactly what the backend can do (BUSE never sent SEND_FLUSH)."""
+    caps = backend.caps
+    flags = c.TF_HAS_FLAGS | c.TF_SEND_DF
+    if readonly or backend.readonly:
+        flags |= c.TF_READ_ONLY
+    if caps.flush:
+        flags |= c.TF_SEND_FLUSH
+    if caps.fua:
+        flags |= c.TF_SEND_FUA
+    if caps.rotational:
+        flags |= c.TF_ROTATIONAL
+    if not flags & c.TF_READ_ONLY:
+        if caps.trim:
+            flags |= c.TF_SEND_TRIM
+        if caps.zero:
+            flags |= c.TF_SEND_WRITE_ZEROES
+            if caps.fast_zero:
+                flags |= c.TF_SEND_FAST_ZERO
+    if caps.cache:
+        flags |= c.TF_SEND_CACHE
+    if caps.multi_conn:
+        flags |= c.TF_CAN_MULTI_CONN
+    return flags
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        export_name: str = "",
+        readonly: bool = False,
+        description: str = "",
+    ) -> None:
+        self.backend = backend
+        self.export_name = export_name
+        self.readonly = readonly
+        self.description = description or f"buselab {backend.describe()}"
+        self.telemetry = Telemetry(backend.size)
+        self.gate = Gate(self)
+        self._errors_logged = 0
+        # Connections set `busy` while a request of theirs is in the backend;
+        # `quiesce` waits on it to swap backends or filters safely.
+        self.connections: weakref.WeakSet = weakref.WeakSet()
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # -- handshake -------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.backend.size
+
+    @property
+    def flags(self) -> int:
+        return transmission_flags(self.backend, self.readonly)
+
+    def export_info(self) -> ExportInfo:
+        return ExportInfo(name=self.export_name, size=self.size, flags=self.flags, description=self.description)
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        """The export for a name; "" always means the default (our only) export."""
+        if name in ("", self.export_name):
+            return self.export_info()
+        return None
+
+    # -- requests -------------------------------------------------------------
+    def execute(self, req: Request) -> tuple[int, object]:
+        """Run one already-validated request on the backend: (errno, data)."""
+        backend = self.backend
+        cmd = req.cmd
+        try:
+            if cmd == c.CMD_READ:
+                return 0, backend.read(req.offset, req.length)
+            if cmd == c.CMD_WRITE:
+                backend.write(req.offset, req.payload, req.flags & c.CMD_FLAG_FUA != 0)
+            elif cmd == c.CMD_FLUSH:
+                backend.flush()
+            elif cmd == c.CMD_TRIM:
+                backend.trim(req.offset, req.length, req.flags & c.CMD_FLAG_FUA != 0)
+            elif cmd == c.CMD_WRITE_ZEROES:
+                backend.write_zeroes(
+                    req.offset,
+                    req.length,
+                    may_trim=not req.flags & c.CMD_FLAG_NO_HOLE,
+                    fast=bool(req.flags & c.CMD_FLAG_FAST_ZERO),
+                    fua=bool(req.flags & c.CMD_FLAG_FUA),
+                )
+            elif cmd == c.CMD_CACHE:
+                backend.cache(req.offset, req.length)
+            elif cmd == c.CMD_BLOCK_STATUS:
+                extents = backend.extents(req.offset, req.length) if backend.caps.extents else [(req.length, 0)]
+                return 0, clip_extents(extents, req.length, bool(req.flags & c.CMD_FLAG_REQ_ONE))
+            return 0, None
+        except Exception as exc:  # noqa: BLE001 - a failing backend must not kill the server
+            error = wire_errno(exc)
+            if not isinstance(exc, OSError) and type(exc).__name__ != "BackendError":
+                # A bug in a backend or plugin: say so, but not a thousand times.
+                self._errors_logged += 1
+                if self._errors_logged <= 10:
+                    log.warning(
+                        "%s %d+%d failed in the backend: %s: %s",
+                        req.name,
+                        req.offset,
+                        req.length,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    self.telemetry.event(f"backend error on {req.name} at {req.offset}: {type(exc).__name__}: {exc}")
+            return error, None
+
+    @contextlib.contextmanager
+    def quiesce(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold new requests and wait for those in the backend to finish.
+
+        Inside the block no request touches the backend, so the stack can be
+        replaced; on exit the gate returns to how it was and held requests go on.
+        """
+        gate = self.gate
+        was_paused = gate.paused
+        gate.pause()
+        deadline = time.monotonic() + timeout
+        # Connections mark themselves busy before looking at the gate, so once
+        # none is busy every later request is guaranteed to be held.
+        while any(conn.busy for conn in list(self.connections)) or gate.releasing:
+            if time.monotonic() > deadline:
+                if not was_paused:
+                    gate.resume()
+                raise TimeoutError("requests did not finish in time")
+            time.sleep(0.001)
+        try:
+            yield
+        finally:
+            if not was_paused:
+                gate.resume()
+
+    def close(self) -> None:
+        """Release held requests, flush and close the backend (idempotent)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.gate.close()
+        try:
+            self.backend.flush()
+        finally:
+            self.backend.close()

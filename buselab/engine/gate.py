@@ -1,0 +1,124 @@
+"""The gate between arriving requests and the backend: pause, resume, step.
+
+While the gate is closed (paused), requests are held: the client waits for
+its reply, exactly as it would for a slow disk. `step` releases the oldest
+one, `resume` all of them in arrival order. Released requests run on the
+gate's own worker thread, so neither the UI nor a connection ever blocks on a
+backend because of the gate.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ..protocol.transmission import Request
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class Replier(Protocol):
+    """Whoever can send a reply for a request: a connection."""
+
+    number: int
+
+    def complete(self, req: Request, start: float, error: int, data: object) -> None: ...
+
+
+@dataclass
+class HeldRequest:
+    req: Request
+    replier: Replier
+    start: float  # perf_counter at arrival
+    held_since: float = field(default_factory=time.monotonic)
+
+
+class Gate:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.paused = False
+        self._held: deque[HeldRequest] = deque()
+        self._lock = threading.Lock()
+        self.worker_busy = False
+        self._work: queue.SimpleQueue[HeldRequest | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._run, name="buselab-gate", daemon=True)
+        self._worker.start()
+
+    # -- called by connections ----------------------------------------------
+    def hold(self, req: Request, replier: Replier, start: float) -> bool:
+        """Hold a request if the gate is closed; False means run it now."""
+        with self._lock:
+            if not self.paused:
+                return False
+            if req.payload is not None:
+                # The connection reuses its receive buffer for the next request.
+                req.payload = bytes(req.payload)
+            self._held.append(HeldRequest(req, replier, start))
+            return True
+
+    # -- called by the UI / control socket -----------------------------------
+    def pause(self) -> None:
+        with self._lock:
+            self.paused = True
+
+    def resume(self) -> int:
+        with self._lock:
+            self.paused = False
+            released = list(self._held)
+            self._held.clear()
+        for item in released:
+            self._work.put(item)
+        return len(released)
+
+    def step(self) -> HeldRequest | None:
+        """Release the oldest held request; None if nothing is held."""
+        with self._lock:
+            item = self._held.popleft() if self._held else None
+        if item is not None:
+            self._work.put(item)
+        return item
+
+    @property
+    def releasing(self) -> bool:
+        """Released requests are still queued or running on the worker."""
+        return self.worker_busy or not self._work.empty()
+
+    def held(self) -> list[HeldRequest]:
+        with self._lock:
+            return list(self._held)
+
+    def oldest_wait(self) -> float:
+        with self._lock:
+            return time.monotonic() - self._held[0].held_since if self._held else 0.0
+
+    def forget_connection(self, replier: Replier) -> list[HeldRequest]:
+        """A client went away: its held requests will never be answered."""
+        with self._lock:
+            dropped = [h for h in self._held if h.replier is replier]
+            self._held = deque(h for h in self._held if h.replier is not replier)
+        return dropped
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Answer everything held, then stop the worker once it has drained."""
+        self.resume()
+        self._work.put(None)
+        if self._worker is not threading.current_thread():
+            self._worker.join(timeout)
+
+    # -- the worker ----------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            self.worker_busy = True
+            try:
+                error, data = self._engine.execute(item.req)
+                item.replier.complete(item.req, item.start, error, data)
+            finally:
+                self.worker_busy = False

@@ -1,0 +1,269 @@
+"""Cheap, lock-free aggregation of every request, read by the UI as snapshots.
+
+The serve loop must never wait for a reader, so each serving thread writes to
+its own `Recorder` (plain ints and lists that only that thread touches) and a
+reader sums them when it takes a `Snapshot`. The ring of recent requests is a
+`deque(maxlen=...)`, whose appends are atomic under the GIL. A reader may see a
+recorder mid-update; a count off by one in a 10 Hz display is fine, a lock on
+every request is not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from ..protocol import constants as c
+
+N_CMDS = 8
+LATENCY_BUCKETS = 40  # bucket i holds latencies in [2**(i-1), 2**i) microseconds
+HEAT_READ, HEAT_WRITE, HEAT_TRIM = 0, 1, 2
+_HEAT_KIND = {c.CMD_READ: HEAT_READ, c.CMD_WRITE: HEAT_WRITE, c.CMD_WRITE_ZEROES: HEAT_WRITE, c.CMD_TRIM: HEAT_TRIM}
+PREVIEW_BYTES = 1024
+
+
+class RequestRecord(NamedTuple):
+    """One finished request, as the stream and the inspector show it."""
+
+    seq: int
+    time: float  # wall clock of arrival, seconds since the epoch
+    cmd: int
+    flags: int
+    offset: int
+    length: int
+    latency: float  # seconds from arrival to completion (held time included)
+    error: int  # NBD errno, 0 on success
+    conn: int  # connection number
+    handle: int
+    preview: bytes | None  # first KiB of the data read or written
+
+    @property
+    def op(self) -> str:
+        return c.CMD_NAMES.get(self.cmd, f"CMD{self.cmd}")
+
+
+def latency_bucket(seconds: float) -> int:
+    return min(int(seconds * 1e6).bit_length(), LATENCY_BUCKETS - 1)
+
+
+def bucket_upper_seconds(index: int) -> float:
+    return (1 << index) / 1e6
+
+
+def percentile(hist: list[int], q: float) -> float:
+    """Upper edge (seconds) of the histogram bucket holding quantile q."""
+    total = sum(hist)
+    if not total:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= rank:
+            return bucket_upper_seconds(i)
+    return bucket_upper_seconds(len(hist) - 1)
+
+
+class Recorder:
+    """Counters owned by one serving thread."""
+
+    __slots__ = ("count", "bytes", "errors", "latency", "heat", "latency_sum")
+
+    def __init__(self, cells: int) -> None:
+        self.count = [0] * N_CMDS
+        self.bytes = [0] * N_CMDS
+        self.errors = [0] * N_CMDS
+        self.latency_sum = [0.0] * N_CMDS
+        self.latency = [[0] * LATENCY_BUCKETS for _ in range(N_CMDS)]
+        self.heat = [[0] * cells for _ in range(3)]
+
+
+@dataclass
+class Snapshot:
+    """Totals since the start; a UI diffs two snapshots to get rates."""
+
+    taken: float  # time.monotonic()
+    count: list[int]
+    bytes: list[int]
+    errors: list[int]
+    latency_sum: list[float]
+    latency: list[list[int]]  # per cmd histogram
+    heat: list[list[int]]  # [read, write, trim] touches per cell
+    last_seq: int
+    connections: int
+    cell_bytes: int
+    size: int
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.count)
+
+
+@dataclass
+class ConnectionInfo:
+    number: int
+    peer: str
+    since: float = field(default_factory=time.time)
+
+
+Tap = Callable[[RequestRecord, "bytes | bytearray | memoryview | None"], None]
+
+
+class Telemetry:
+    def __init__(self, size: int, *, cells: int = 4096, ring: int = 20000) -> None:
+        self.started = time.time()
+        self._clock_offset = time.time() - time.perf_counter()
+        self.ring: deque[RequestRecord] = deque(maxlen=ring)
+        self._seq = itertools.count(1)
+        self._last_seq = 0
+        self._local = threading.local()
+        self._recorders: list[Recorder] = []
+        self._lock = threading.Lock()  # only for registering recorders/connections
+        self.connections: dict[int, ConnectionInfo] = {}
+        self._conn_numbers = itertools.count(1)
+        self.events: deque[tuple[float, str]] = deque(maxlen=500)
+        self.taps: list[Tap] = []  # called on the serving thread: keep them cheap
+        self.resize(size, cells)
+
+    def resize(self, size: int, cells: int | None = None) -> None:
+        """(Re)shape the heatmap for a device of `size` bytes."""
+        cells = cells or getattr(self, "cells", 4096)
+        cell = max(4096, -(-size // cells))
+        cell = -(-cell // 4096) * 4096  # whole 4 KiB blocks per cell
+        self.size = size
+        self.cell_bytes = cell
+        self.cells = -(-size // cell)
+        with self._lock:
+            for rec in self._recorders:
+                rec.heat = [[0] * self.cells for _ in range(3)]
+
+    # -- the serve path ----------------------------------------------------
+    def recorder(self) -> Recorder:
+        rec = getattr(self._local, "rec", None)
+        if rec is None or len(rec.heat[0]) != self.cells:
+            rec = Recorder(self.cells)
+            self._local.rec = rec
+            with self._lock:
+                self._recorders.append(rec)
+        return rec
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def record(
+        self,
+        rec: Recorder,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        start: float,
+        end: float,
+        error: int,
+        conn: int,
+        handle: int,
+        payload: bytes | bytearray | memoryview | None,
+    ) -> RequestRecord:
+        latency = end - start
+        seq = next(self._seq)
+        record = RequestRecord(
+            seq,
+            start + self._clock_offset,
+            cmd,
+            flags,
+            offset,
+            length,
+            latency,
+            error,
+            conn,
+            handle,
+            bytes(payload[:PREVIEW_BYTES]) if payload is not None else None,
+        )
+        self.ring.append(record)
+        self._last_seq = seq
+        rec.count[cmd] += 1
+        rec.latency_sum[cmd] += latency
+        rec.latency[cmd][min(int(latency * 1e6).bit_length(), LATENCY_BUCKETS - 1)] += 1
+        if error:
+            rec.errors[cmd] += 1
+        else:
+            rec.bytes[cmd] += length
+            kind = _HEAT_KIND.get(cmd)
+            if kind is not None and length:
+                row = rec.heat[kind]
+                cell = self.cell_bytes
+                first = offset // cell
+                last = min((offset + length - 1) // cell, len(row) - 1)
+                for i in range(first, last + 1):
+                    row[i] += 1
+        for tap in self.taps:
+            tap(record, payload)
+        return record
+
+    # -- connections and events -------------------------------------------
+    def connection_opened(self, peer: str) -> int:
+        number = next(self._conn_numbers)
+        self.connections[number] = ConnectionInfo(number, peer)
+        self.event(f"connection {number} from {peer}")
+        return number
+
+    def connection_closed(self, number: int, reason: str = "") -> None:
+        info = self.connections.pop(number, None)
+        if info is not None:
+            self.event(f"connection {number} closed" + (f": {reason}" if reason else ""))
+
+    def event(self, message: str) -> None:
+        self.events.append((time.time(), message))
+
+    # -- readers -------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            recorders = list(self._recorders)
+        count = [0] * N_CMDS
+        nbytes = [0] * N_CMDS
+        errors = [0] * N_CMDS
+        latency_sum = [0.0] * N_CMDS
+        latency = [[0] * LATENCY_BUCKETS for _ in range(N_CMDS)]
+        heat = [[0] * self.cells for _ in range(3)]
+        for rec in recorders:
+            for i in range(N_CMDS):
+                count[i] += rec.count[i]
+                nbytes[i] += rec.bytes[i]
+                errors[i] += rec.errors[i]
+                latency_sum[i] += rec.latency_sum[i]
+                if rec.count[i]:
+                    latency[i] = [a + b for a, b in zip(latency[i], rec.latency[i])]
+            if len(rec.heat[0]) == self.cells:
+                for k in range(3):
+                    heat[k] = [a + b for a, b in zip(heat[k], rec.heat[k])]
+        return Snapshot(
+            taken=time.monotonic(),
+            count=count,
+            bytes=nbytes,
+            errors=errors,
+            latency_sum=latency_sum,
+            latency=latency,
+            heat=heat,
+            last_seq=self._last_seq,
+            connections=len(self.connections),
+            cell_bytes=self.cell_bytes,
+            size=self.size,
+        )
+
+    def recent(self, after_seq: int = 0, limit: int | None = None) -> list[RequestRecord]:
+        """Records with seq > after_seq still in the ring, oldest first."""
+        ring = list(self.ring)
+        if after_seq:
+            # The ring is ordered by completion, nearly by seq: scan from the end.
+            i = len(ring)
+            while i > 0 and ring[i - 1].seq > after_seq:
+                i -= 1
+            ring = ring[i:]
+        if limit is not None:
+            ring = ring[-limit:]
+        return ring

@@ -1,0 +1,129 @@
+"""One running buselab: an engine, its backend, and where it is served.
+
+The CLI builds a Session from arguments, starts it, then hands it to either
+the headless stats printer or the lab (TUI). Both stop it the same way, which
+is what makes every exit path answer in-flight requests, flush and detach.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+from .backends import Backend
+from .engine import Engine
+from .transport.network import NetworkServer
+
+log = logging.getLogger("buselab")
+
+
+@dataclass
+class ServeOptions:
+    listen: list[tuple[str, int]] = field(default_factory=list)
+    unix: list[str] = field(default_factory=list)
+    export_name: str = ""
+    readonly: bool = False
+    device: str | None = None  # /dev/nbdN: the kernel attach
+    filters: list[str] = field(default_factory=list)  # --filter specs, bottom first
+    control: str | None = None  # control socket path (buselab ctl)
+    record: str | None = None  # trace file (--record)
+
+
+class Session:
+    def __init__(self, backend: Backend, options: ServeOptions) -> None:
+        self.options = options
+        self.engine = Engine(backend, export_name=options.export_name, readonly=options.readonly)
+        self.network = NetworkServer(self.engine)
+        self.kernel = None  # a kernel attachment, when serving /dev/nbdN
+        self.control = None  # the control socket server, when there is one
+        self.recorder = None  # the trace recorder, while recording
+        self.demo_workload = None  # set by `buselab demo`
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._private_dir: str | None = None
+
+    @property
+    def backend(self) -> Backend:
+        return self.engine.backend
+
+    @property
+    def where(self) -> str:
+        """Device or addresses, for headers and the stats line."""
+        places = []
+        if self.kernel is not None:
+            places.append(str(self.options.device))
+        places.extend(self.network.addresses)
+        return ", ".join(places) or "nowhere"
+
+    @property
+    def transport(self) -> str:
+        kinds = []
+        if self.kernel is not None:
+            kinds.append("kernel")
+        if self.options.listen:
+            kinds.append("tcp")
+        if self.options.unix:
+            kinds.append("unix")
+        return "+".join(kinds) or "none"
+
+    def private_socket(self) -> str:
+        """A Unix socket path only this process knows about (for demos and tests)."""
+        if self._private_dir is None:
+            self._private_dir = tempfile.mkdtemp(prefix="buselab-")
+        return os.path.join(self._private_dir, "nbd.sock")
+
+    def start(self) -> None:
+        try:
+            if self.options.filters:
+                from .filters import apply_filter_specs
+
+                apply_filter_specs(self.engine, self.options.filters)
+            if self.options.record:
+                from .trace.recorder import TraceRecorder
+
+                self.recorder = TraceRecorder.start(self.engine, self.options.record)
+            for host, port in self.options.listen:
+                self.network.listen_tcp(host, port)
+            for path in self.options.unix:
+                self.network.listen_unix(path)
+            if self.options.device:
+                from .transport.kernel import attach  # only needed (and only works) as root
+
+                self.kernel = attach(self.options.device, self.engine, self.network)
+            if self.options.control:
+                from .control.server import ControlServer
+
+                self.control = ControlServer(self, self.options.control)
+                self.control.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Answer in-flight requests, detach, flush and close. Idempotent."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        if self.control is not None:
+            self.control.stop()
+        if self.kernel is not None:
+            self.kernel.detach()
+        self.network.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
+        self.engine.close()
+        if self._private_dir is not None:
+            try:
+                for name in os.listdir(self._private_dir):
+                    os.unlink(os.path.join(self._private_dir, name))
+                os.rmdir(self._private_dir)
+            except OSError:
+                pass
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()

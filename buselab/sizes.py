@@ -1,0 +1,34 @@
+"""Parsing sizes such as 512K, 128M, 1G, 1T and printing them for humans."""
+
+from __future__ import annotations
+
+import re
+
+import humanize
+
+from .errors import UserError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'128M' -> 134217728. Binary units; a bare number is bytes."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise UserError(f"bad size {text!r}: use a number with an optional unit, like 512K, 128M, 1G or 1T")
+    number, unit = match.groups()
+    value = float(number) * _UNITS[unit.upper()]
+    if value != int(value):
+        raise UserError(f"bad size {text!r}: it is not a whole number of bytes")
+    if value <= 0:
+        raise UserError(f"bad size {text!r}: a disk needs at least one byte")
+    return int(value)
+
+
+def human_bytes(n: float) -> str:
+    return humanize.naturalsize(n, binary=True, format="%.1f")
+
+
+def human_rate(bytes_per_second: float) -> str:
+    return humanize.naturalsize(bytes_per_second, binary=False, format="%.1f") + "/s"
