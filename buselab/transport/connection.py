@@ -38,7 +38,11 @@ _SIMPLE = c.SIMPLE_REPLY
 _REQUEST_MAGIC = c.REQUEST_MAGIC
 _SIMPLE_MAGIC = c.SIMPLE_REPLY_MAGIC
 _READ, _WRITE, _DISC = c.CMD_READ, c.CMD_WRITE, c.CMD_DISC
+_HEADER = c.REQUEST.size
 _DISCARD_CHUNK = 1 << 20
+_RECV_BUFFER = 512 * 1024  # holds a burst of pipelined requests
+_SMALL_WRITE = 128 * 1024  # payloads up to this size are taken from the receive buffer
+_MAX_QUEUED_PARTS = 512  # below IOV_MAX (1024): one sendmsg per batch
 
 
 class ClientGone(Exception):
@@ -58,9 +62,13 @@ class Connection:
         self._send_lock = threading.Lock()
         self.busy = False  # a request of ours is in the backend (see Engine.quiesce)
         self._prefix = b""  # bytes read past the handshake
-        # Anonymous memory: pages become resident only as large writes use them.
-        self._buffer = mmap.mmap(-1, c.MAX_PAYLOAD)
-        self._buffer_view = memoryview(self._buffer)
+        # Anonymous memory: pages become resident only as they are used.
+        self._recv_buffer = mmap.mmap(-1, _RECV_BUFFER)
+        self._recv_view = memoryview(self._recv_buffer)
+        self._pos = self._end = 0  # unread bytes are _recv_view[_pos:_end]
+        self._payload_buffer = mmap.mmap(-1, c.MAX_PAYLOAD)  # large writes land here whole
+        self._payload_view = memoryview(self._payload_buffer)
+        self._out: list = []  # reply parts not sent yet
         self.closed_reason = ""
 
     # -- the whole life of a connection -----------------------------------------
@@ -91,7 +99,8 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
-            self._buffer_view.release()
+            self._recv_view.release()
+            self._payload_view.release()
 
     def _handshake(self) -> Negotiated | None:
         hs = ServerHandshake(self.engine.lookup)
@@ -111,33 +120,66 @@ class Connection:
         return hs.negotiated
 
     # -- reading ----------------------------------------------------------------
-    def _recv_into(self, view: memoryview, what: str) -> None:
-        """Fill `view` completely or raise ClientGone naming what was cut short."""
-        pos = 0
-        need = len(view)
-        if self._prefix:
-            n = min(need, len(self._prefix))
-            view[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            pos = n
+    def _fill(self, need: int, what: str) -> None:
+        """Make at least `need` unread bytes available in the receive buffer.
+
+        Replies still queued go out first: we are about to block, and the
+        client may be waiting for them before it sends more.
+        """
+        if self._out:
+            self._flush_replies()
+        view = self._recv_view
+        pos, end = self._pos, self._end
+        if pos:
+            # Move the unread tail to the front so the buffer never runs out.
+            n = end - pos
+            if n:
+                view[:n] = view[pos:end]
+            pos, end = 0, n
         recv_into = self.sock.recv_into
-        while pos < need:
-            n = recv_into(view[pos:] if pos else view)
-            if n == 0:
-                if pos == 0 and what == "request":
+        while end - pos < need:
+            got = recv_into(view[end:])
+            if not got:
+                self._pos, self._end = pos, end
+                if end == pos and what == "request":
                     raise ClientGone("client disconnected")
                 raise ClientGone(f"client disconnected in the middle of a {what}; nothing of it was applied")
-            pos += n
+            end += got
+        self._pos, self._end = pos, end
+
+    def _take(self, dest: memoryview, what: str) -> None:
+        """Fill `dest` with the next len(dest) bytes: first buffered, then straight from the socket."""
+        have = min(self._end - self._pos, len(dest))
+        if have:
+            dest[:have] = self._recv_view[self._pos : self._pos + have]
+            self._pos += have
+        if have < len(dest):
+            if self._out:
+                self._flush_replies()
+            pos = have
+            recv_into = self.sock.recv_into
+            while pos < len(dest):
+                got = recv_into(dest[pos:])
+                if not got:
+                    raise ClientGone(f"client disconnected in the middle of a {what}; nothing of it was applied")
+                pos += got
 
     def _discard(self, length: int) -> None:
         """Skip an oversized payload without holding it in memory."""
         while length:
             n = min(length, _DISCARD_CHUNK)
-            self._recv_into(self._buffer_view[:n], "oversized write payload")
+            self._take(self._payload_view[:n], "oversized write payload")
             length -= n
 
     # -- the request loop ---------------------------------------------------------
     def _transmission(self) -> str:
+        """Read requests in batches, run them inline, send their replies together.
+
+        A client with many requests in flight sends them back to back, so one
+        recv usually yields several and one sendmsg answers them all: fewer
+        system calls and fewer GIL hand-offs per request, which is what limits a
+        Python server.
+        """
         engine = self.engine
         telemetry = engine.telemetry
         gate = engine.gate
@@ -145,38 +187,54 @@ class Connection:
         record = telemetry.record
         execute = engine.execute
         now = time.perf_counter
-        header = bytearray(_REQUEST.size)
-        header_view = memoryview(header)
         unpack = _REQUEST.unpack_from
-        buffer_view = self._buffer_view
+        view = self._recv_view
+        out = self._out
         number = self.number
         engine.connections.add(self)
+        if self._prefix:
+            view[: len(self._prefix)] = self._prefix
+            self._end = len(self._prefix)
+            self._prefix = b""
         while True:
-            self._recv_into(header_view, "request")
-            magic, flags, cmd, handle, offset, length = unpack(header)
+            if self._end - self._pos < _HEADER:
+                self._fill(_HEADER, "request")
+            pos = self._pos
+            magic, flags, cmd, handle, offset, length = unpack(view, pos)
             if magic != _REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#010x}")
             req = Request(flags, cmd, handle, offset, length)
             if cmd == _WRITE:
                 if length > c.MAX_PAYLOAD:
+                    self._pos = pos + _HEADER
                     self._discard(length)
+                elif length <= _SMALL_WRITE:
+                    if self._end - pos < _HEADER + length:
+                        self._fill(_HEADER + length, f"{length}-byte WRITE")
+                        pos = self._pos
+                    req.payload = view[pos + _HEADER : pos + _HEADER + length]
+                    self._pos = pos + _HEADER + length
                 else:
-                    req.payload = buffer_view[:length]
-                    self._recv_into(req.payload, f"{length}-byte WRITE")
+                    self._pos = pos + _HEADER
+                    req.payload = self._payload_view[:length]
+                    self._take(req.payload, f"{length}-byte WRITE")
+            else:
+                self._pos = pos + _HEADER
             start = now()
             if cmd == _DISC:
+                self._flush_replies()
                 return "client sent DISC"
             error = check_request(req, engine.size, self.tflags, self.structured, len(self.meta_contexts))
             if error:
-                self.complete(req, start, error, None)
-                continue
-            self.busy = True  # before looking at the gate: see Engine.quiesce
-            if gate.paused and gate.hold(req, self, start):
+                data = None
+            else:
+                self.busy = True  # before looking at the gate: see Engine.quiesce
+                if gate.paused and gate.hold(req, self, start):
+                    self.busy = False
+                    continue
+                error, data = execute(req)
                 self.busy = False
-                continue
-            error, data = execute(req)
-            self.busy = False
-            self._send_reply(req, error, data)
+            self._queue_reply(req, error, data)
             record(
                 rec,
                 cmd,
@@ -190,12 +248,16 @@ class Connection:
                 handle,
                 data if cmd == _READ else req.payload,
             )
+            if len(out) >= _MAX_QUEUED_PARTS:
+                self._flush_replies()
 
     # -- replies ------------------------------------------------------------------
     def complete(self, req: Request, start: float, error: int, data: object) -> None:
         """Reply and record; called from any thread (the gate's, for held requests)."""
         try:
-            self._send_reply(req, error, data)
+            parts = self._reply_parts(req, error, data)
+            with self._send_lock:
+                self._sendmsg_all(parts)
         except OSError:
             pass  # the client is gone; its serve loop notices and cleans up
         telemetry = self.engine.telemetry
@@ -213,23 +275,35 @@ class Connection:
             data if req.cmd == _READ and not error else req.payload,
         )
 
-    def _send_reply(self, req: Request, error: int, data: object) -> None:
+    def _queue_reply(self, req: Request, error: int, data: object) -> None:
+        """Queue a reply; it goes out with the others before the next blocking read."""
+        if not error and req.cmd == _READ and not self.structured:
+            self._out += (_SIMPLE.pack(_SIMPLE_MAGIC, 0, req.handle), data)
+        else:
+            self._out += self._reply_parts(req, error, data)
+
+    def _reply_parts(self, req: Request, error: int, data: object) -> list:
         cmd = req.cmd
         if self.structured and cmd in (_READ, c.CMD_BLOCK_STATUS):
             if error:
-                parts = [encode_structured_error(req.handle, error, c.ERRNO_NAMES.get(error, ""))]
-            elif cmd == _READ:
-                parts = [encode_structured_read_header(req.handle, req.offset, req.length), data]
-            else:
-                context_id = next(iter(self.meta_contexts))
-                parts = [encode_block_status(req.handle, context_id, data)]  # type: ignore[arg-type]
-        elif cmd == _READ and not error:
-            parts = [_SIMPLE.pack(_SIMPLE_MAGIC, 0, req.handle), data]
-        else:
-            # An error reply never carries data (BUSE's bug #12 sent it anyway).
-            parts = [encode_simple_reply(req.handle, error)]
+                return [encode_structured_error(req.handle, error, c.ERRNO_NAMES.get(error, ""))]
+            if cmd == _READ:
+                return [encode_structured_read_header(req.handle, req.offset, req.length), data]
+            context_id = next(iter(self.meta_contexts))
+            return [encode_block_status(req.handle, context_id, data)]  # type: ignore[arg-type]
+        if cmd == _READ and not error:
+            return [_SIMPLE.pack(_SIMPLE_MAGIC, 0, req.handle), data]
+        # An error reply never carries data (BUSE's bug #12 sent it anyway).
+        return [encode_simple_reply(req.handle, error)]
+
+    def _flush_replies(self) -> None:
+        out = self._out
+        if not out:
+            return
         with self._send_lock:
-            self._sendmsg_all(parts)
+            for i in range(0, len(out), _MAX_QUEUED_PARTS):
+                self._sendmsg_all(out[i : i + _MAX_QUEUED_PARTS])
+        out.clear()
 
     def _sendmsg_all(self, parts: list) -> None:
         sent = self.sock.sendmsg(parts)
