@@ -8,6 +8,7 @@ a socket, so every message and every error path is tested byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from collections.abc import Callable
@@ -181,6 +182,16 @@ class ServerHandshake:
     def _reply(self, option: int, reply_type: int, data: bytes = b"") -> None:
         self._out += option_reply(option, reply_type, data)
 
+    def _advertised(self, export: ExportInfo) -> ExportInfo:
+        """The export as this client sees it: DF only once structured replies are on.
+
+        The spec says SEND_DF MUST stay clear unless structured replies were
+        negotiated (nbdkit and qemu-nbd do the same).
+        """
+        if export.flags & c.TF_SEND_DF and not self._structured:
+            return dataclasses.replace(export, flags=export.flags & ~c.TF_SEND_DF)
+        return export
+
     def _finish(self, export: ExportInfo) -> None:
         self.negotiated = Negotiated(
             export=export,
@@ -192,12 +203,18 @@ class ServerHandshake:
 
     # -- options ---------------------------------------------------------------
     def _opt_export_name(self, option: int, data: bytes) -> None:
-        name, _ = _string(data, 0, len(data))
+        try:
+            name, _ = _string(data, 0, len(data))
+        except ValueError as exc:
+            # No option reply exists for EXPORT_NAME: hanging up is the only answer.
+            self._close(f"client asked for an export whose name is not valid: {exc}")
+            return
         export = self._lookup(name)
         if export is None:
             # EXPORT_NAME has no error reply: all the server can do is hang up.
             self._close(f"client asked for unknown export {name!r}")
             return
+        export = self._advertised(export)
         self._out += struct.pack(">QH", export.size, export.flags)
         if not self._no_zeroes:
             self._out += bytes(124)
@@ -233,6 +250,7 @@ class ServerHandshake:
         if export is None:
             self._reply(option, c.REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
             return
+        export = self._advertised(export)
         self._reply(option, c.REP_INFO, struct.pack(">HQH", c.INFO_EXPORT, export.size, export.flags))
         if c.INFO_NAME in requested:
             self._reply(option, c.REP_INFO, struct.pack(">H", c.INFO_NAME) + export.name.encode())

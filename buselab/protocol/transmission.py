@@ -144,9 +144,12 @@ def clip_extents(extents: list[tuple[int, int]], length: int, req_one: bool) -> 
     for n, f in merged:
         if remaining <= 0:
             break
-        n = min(n, remaining, 0xFFFFF000)  # keep lengths u32 and block-aligned
-        out.append((n, f))
-        remaining -= n
-        if req_one:
+        cut = min(n, remaining, 0xFFFFF000)  # keep lengths u32 and block-aligned
+        out.append((cut, f))
+        remaining -= cut
+        if req_one or cut < n:
+            # Stop at a cut: the next extent starts where this one really
+            # ends, not at the cut, so sending it would shift it (and could
+            # call data a hole). Fewer bytes than asked is allowed.
             break
     return out
