@@ -99,7 +99,9 @@ def _command_modules() -> list:
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     listen = [parse_listen(text) for text in args.listen or []]
     unix = list(args.unix or [])
-    device = getattr(args, "device", None)
+    device = getattr(args, "device", None) or getattr(args, "device_option", None)
+    if getattr(args, "connections", 1) < 1:
+        raise UserError("--connections must be at least 1")
     if not listen and not unix and not device:
         listen = [("127.0.0.1", DEFAULT_PORT)]
     return ServeOptions(
@@ -111,6 +113,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         filters=list(args.filter or []),
         control=args.control,
         record=args.record,
+        connections=getattr(args, "connections", 1),
+        use_ioctl=getattr(args, "ioctl", False),
+        timeout=getattr(args, "timeout", 0),
     )
 
 

@@ -30,6 +30,9 @@ class ServeOptions:
     filters: list[str] = field(default_factory=list)  # --filter specs, bottom first
     control: str | None = None  # control socket path (buselab ctl)
     record: str | None = None  # trace file (--record)
+    connections: int = 1  # kernel: sockets (hardware queues) for the device
+    use_ioctl: bool = False  # kernel: BUSE's ioctl path even where netlink exists
+    timeout: int = 0  # kernel: request timeout in seconds, 0 = never (pauses are safe)
 
 
 class Session:
@@ -54,7 +57,7 @@ class Session:
         """Device or addresses, for headers and the stats line."""
         places = []
         if self.kernel is not None:
-            places.append(str(self.options.device))
+            places.append(self.kernel.device)
         places.extend(self.network.addresses)
         return ", ".join(places) or "nowhere"
 
@@ -90,9 +93,12 @@ class Session:
             for path in self.options.unix:
                 self.network.listen_unix(path)
             if self.options.device:
-                from .transport.kernel import attach  # only needed (and only works) as root
+                from .transport.kernel import KernelOptions, attach  # only works as root
 
-                self.kernel = attach(self.options.device, self.engine, self.network)
+                kernel_options = KernelOptions(
+                    connections=self.options.connections, use_ioctl=self.options.use_ioctl, timeout=self.options.timeout
+                )
+                self.kernel = attach(self.options.device, self.engine, self.network, kernel_options)
             if self.options.control:
                 from .control.server import ControlServer
 
