@@ -9,8 +9,9 @@
         def write_zeroes(self, offset, length): ...# optional
 
 `buselab plugin mydisk.py[:MyDisk]` loads it. Without a class name the file
-must define exactly one class with `size`, `read` and `write`. Which optional
-methods exist decides what the server advertises.
+must define exactly one class with `read` and `write`; `size` may be a class
+attribute or set in `__init__`, and an `__init__` with a `size` parameter gets
+`--size`. Which optional methods exist decides what the server advertises.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import sys
 from typing import Any
 
 from ..errors import UserError
+from ..protocol import constants as c
 from .base import Backend, BackendError, Capabilities
 
 
 def _looks_like_disk(obj: Any) -> bool:
-    return inspect.isclass(obj) and all(hasattr(obj, name) for name in ("read", "write")) and hasattr(obj, "size")
+    # `size` is not required here: many disks set self.size in __init__.
+    return inspect.isclass(obj) and all(callable(getattr(obj, name, None)) for name in ("read", "write"))
 
 
 def load_plugin_class(spec: str) -> type:
@@ -47,7 +50,7 @@ def load_plugin_class(spec: str) -> type:
         raise UserError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
     if class_name:
         cls = getattr(module, class_name, None)
-        if cls is None:
+        if cls is None or not inspect.isclass(cls):
             raise UserError(f"plugin {path} has no class {class_name}")
         if not _looks_like_disk(cls):
             raise UserError(f"{class_name} in {path} needs size, read(offset, length) and write(offset, data)")
@@ -65,14 +68,19 @@ class PluginBackend(Backend):
     def __init__(self, spec: str, size: int | None = None) -> None:
         self.spec = spec
         cls = load_plugin_class(spec)
+        if size is not None and not _takes_size(cls):
+            raise UserError(f"plugin class {cls.__name__} takes no size argument: drop --size")
         try:
-            self.disk = cls(size) if size is not None and _takes_size(cls) else cls()
+            self.disk = cls(size=size) if size is not None else cls()
         except Exception as exc:
             raise UserError(f"plugin class {cls.__name__} failed to start: {type(exc).__name__}: {exc}") from exc
+        raw_size = getattr(self.disk, "size", None)
+        if raw_size is None:
+            raise UserError(f"plugin class {cls.__name__} has no size: set self.size to the disk's size in bytes")
         try:
-            self.size = int(self.disk.size)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"plugin {cls.__name__}.size must be a number of bytes, not {self.disk.size!r}") from exc
+            self.size = int(raw_size() if callable(raw_size) else raw_size)
+        except Exception as exc:
+            raise UserError(f"plugin {cls.__name__}.size must be a number of bytes, not {raw_size!r}") from exc
         if self.size <= 0:
             raise UserError(f"plugin {cls.__name__}.size is {self.size}: a disk needs at least one byte")
         self.name = cls.__name__
@@ -91,9 +99,10 @@ class PluginBackend(Backend):
 
     def read(self, offset: int, length: int) -> bytes:
         data = self.disk.read(offset, length)
-        if data is None or len(data) != length:
-            got = "None" if data is None else f"{len(data)} bytes"
-            raise BackendError(5, f"plugin read returned {got}, expected {length}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BackendError(c.EIO, f"plugin read returned {type(data).__name__}, not bytes")
+        if memoryview(data).nbytes != length:
+            raise BackendError(c.EIO, f"plugin read returned {memoryview(data).nbytes} bytes, expected {length}")
         return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
