@@ -1,0 +1,641 @@
+"""The server in-process: a Session on a Unix socket, driven by buselab.client and raw sockets.
+
+`RawClient` and `serve` here are also used by test_bad_input.py and
+test_durability.py: they speak exactly the bytes a test means to send.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from buselab.backends import Backend, open_backend
+from buselab.backends.ram import RamBackend
+from buselab.client import NBDClient, NBDError
+from buselab.protocol import constants as c
+from buselab.protocol.transmission import encode_request
+from buselab.session import ServeOptions, Session
+
+MiB = 1 << 20
+HOLE = c.STATE_HOLE | c.STATE_ZERO
+TIMEOUT = 15
+
+
+# --- helpers shared with other test files ---------------------------------------------------
+
+
+@contextmanager
+def serve(backend: Backend, tmp_path: Path, **options) -> Iterator[Session]:
+    """A started Session serving `backend` on tmp_path/nbd.sock; stopped afterwards."""
+    path = str(tmp_path / "nbd.sock")
+    session = Session(backend, ServeOptions(unix=[path], **options))
+    session.start()
+    session.socket = path  # type: ignore[attr-defined]
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+def connect(session: Session, export_name: str = "") -> NBDClient:
+    client = NBDClient.connect_unix(session.socket, export_name)  # type: ignore[attr-defined]
+    client.sock.settimeout(TIMEOUT)
+    return client
+
+
+class RawClient:
+    """An NBD client that sends exactly what it is told and parses replies by hand."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        structured: bool = False,
+        meta: bool = False,
+        export_name: str = "",
+        handshake: bool = True,
+    ) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect(path)
+        self.context_id: int | None = None
+        self.size = self.flags = 0
+        if handshake:
+            self.handshake(structured=structured, meta=meta, export_name=export_name)
+
+    # -- bytes -------------------------------------------------------------------------
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise ConnectionError(f"server closed the connection after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def closed_by_server(self, timeout: float = TIMEOUT) -> bool:
+        """True once the server has closed its end (EOF), after draining what it sent."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    # -- handshake -----------------------------------------------------------------------
+    def option(self, opt: int, data: bytes = b"") -> None:
+        self.send(struct.pack(">QII", c.IHAVEOPT, opt, len(data)) + data)
+
+    def option_reply(self) -> tuple[int, int, bytes]:
+        magic, opt, rtype, length = struct.unpack(">QIII", self.recv_exact(20))
+        assert magic == c.OPTION_REPLY_MAGIC
+        return opt, rtype, self.recv_exact(length)
+
+    def replies_until_final(self) -> list[tuple[int, int, bytes]]:
+        out = []
+        while True:
+            opt, rtype, payload = self.option_reply()
+            out.append((opt, rtype, payload))
+            if rtype == c.REP_ACK or rtype & c.REP_FLAG_ERROR:
+                return out
+
+    def greet(self, client_flags: int = 3) -> None:
+        greeting = self.recv_exact(18)
+        assert greeting == b"NBDMAGICIHAVEOPT\x00\x03"
+        self.send(struct.pack(">I", client_flags))
+
+    def handshake(self, *, structured: bool = False, meta: bool = False, export_name: str = "") -> None:
+        self.greet()
+        if structured:
+            self.option(c.OPT_STRUCTURED_REPLY)
+            assert self.replies_until_final()[-1][1] == c.REP_ACK
+        if meta:
+            query = b"base:allocation"
+            name = export_name.encode()
+            data = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(query)) + query
+            self.option(c.OPT_SET_META_CONTEXT, data)
+            replies = self.replies_until_final()
+            assert replies[-1][1] == c.REP_ACK, replies
+            contexts = [r for r in replies if r[1] == c.REP_META_CONTEXT]
+            assert len(contexts) == 1 and contexts[0][2][4:] == query
+            self.context_id = struct.unpack_from(">I", contexts[0][2])[0]
+        name = export_name.encode()
+        self.option(c.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        for _, rtype, payload in self.replies_until_final():
+            assert not rtype & c.REP_FLAG_ERROR, payload
+            if rtype == c.REP_INFO and struct.unpack_from(">H", payload)[0] == c.INFO_EXPORT:
+                _, self.size, self.flags = struct.unpack(">HQH", payload)
+
+    # -- transmission --------------------------------------------------------------------
+    def request(self, cmd: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0, payload=b"") -> None:
+        self.send(encode_request(cmd, handle, offset, length, flags) + bytes(payload))
+
+    def simple_reply(self) -> tuple[int, int]:
+        """(error, handle) of the next simple reply; READ data is left unread."""
+        magic, error, handle = struct.unpack(">IIQ", self.recv_exact(16))
+        assert magic == c.SIMPLE_REPLY_MAGIC, f"bad reply magic {magic:#x}"
+        return error, handle
+
+    def chunk(self) -> tuple[int, int, int, bytes]:
+        """(flags, type, handle, payload) of the next structured reply chunk."""
+        magic, flags, rtype, handle, length = struct.unpack(">IHHQI", self.recv_exact(20))
+        assert magic == c.STRUCTURED_REPLY_MAGIC, f"bad chunk magic {magic:#x}"
+        return flags, rtype, handle, self.recv_exact(length)
+
+    def read(self, offset: int, length: int, handle: int = 1) -> bytes:
+        self.request(c.CMD_READ, handle, offset, length)
+        error, got = self.simple_reply()
+        assert (error, got) == (0, handle)
+        return self.recv_exact(length)
+
+    def close(self) -> None:
+        try:
+            self.request(c.CMD_DISC, 0)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def wait_for(predicate, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+FAIL_AT = 1 << 20
+FAILING_PLUGIN = f"""
+import errno
+
+class Failing:
+    \"\"\"Reads reaching {FAIL_AT} raise a bug-like error; writes there fail with ENOSPC.\"\"\"
+
+    size = 2 << 20
+
+    def __init__(self):
+        self.data = bytearray(self.size)
+
+    def read(self, offset, length):
+        if offset + length > {FAIL_AT}:
+            raise RuntimeError("the disk is on fire")
+        return bytes(self.data[offset : offset + length])
+
+    def write(self, offset, data):
+        if offset + len(data) > {FAIL_AT}:
+            raise OSError(errno.ENOSPC, "full")
+        self.data[offset : offset + len(data)] = data
+"""
+
+
+def failing_backend(tmp_path: Path) -> Backend:
+    path = tmp_path / "failing.py"
+    path.write_text(FAILING_PLUGIN)
+    return open_backend("plugin", path=str(path))
+
+
+# --- basics -----------------------------------------------------------------------------------
+
+
+def test_round_trip_with_nbdclient(tmp_path):
+    with serve(RamBackend(16 * MiB), tmp_path) as session:
+        with connect(session) as client:
+            assert client.size == 16 * MiB
+            data = os.urandom(100_000)
+            client.write(12345, data)
+            assert client.read(12345, len(data)) == data
+            client.write(0, b"fua", fua=True)
+            client.flush()
+            client.trim(MiB, MiB)
+            client.write_zeroes(12345, 1000)
+            client.write_zeroes(2 * MiB, 4096, no_hole=True)
+            assert client.read(12345, 1000) == bytes(1000)
+            assert client.read(13345, 99_000) == data[1000:]
+            assert client.read(0, 3) == b"fua"
+
+
+def test_ram_flags_advertised(tmp_path):
+    with serve(RamBackend(MiB), tmp_path) as session, connect(session) as client:
+        flags = client.flags
+        for bit in (
+            c.TF_HAS_FLAGS,
+            c.TF_SEND_FLUSH,
+            c.TF_SEND_FUA,
+            c.TF_SEND_TRIM,
+            c.TF_SEND_WRITE_ZEROES,
+            c.TF_SEND_FAST_ZERO,
+            c.TF_SEND_CACHE,
+            c.TF_CAN_MULTI_CONN,
+        ):
+            assert flags & bit, f"bit {bit:#x} missing from {flags:#x}"
+        assert not flags & c.TF_READ_ONLY
+        assert not flags & c.TF_SEND_DF  # this client did not ask for structured replies
+
+
+def test_read_only_export(tmp_path):
+    with serve(RamBackend(MiB), tmp_path, readonly=True) as session, connect(session) as client:
+        assert client.flags & c.TF_READ_ONLY
+        assert not client.flags & (c.TF_SEND_TRIM | c.TF_SEND_WRITE_ZEROES)
+        with pytest.raises(NBDError) as info:
+            client.write(0, b"nope")
+        assert info.value.errno == c.EPERM
+        assert client.read(0, 4) == bytes(4)  # the connection goes on
+        client.flush()
+
+
+def test_minimal_plugin_advertises_nothing_optional(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(
+        "class Tiny:\n    size = 65536\n    def __init__(self):\n        self.d = bytearray(65536)\n"
+        "    def read(self, o, n):\n        return bytes(self.d[o:o+n])\n"
+        "    def write(self, o, b):\n        self.d[o:o+len(b)] = b\n"
+    )
+    with serve(open_backend("plugin", path=str(path)), tmp_path) as session, connect(session) as client:
+        assert not client.flags & (c.TF_SEND_FLUSH | c.TF_SEND_FUA | c.TF_SEND_TRIM | c.TF_CAN_MULTI_CONN)
+        with pytest.raises(NBDError) as info:
+            client.flush()
+        assert info.value.errno == c.EINVAL
+        with pytest.raises(NBDError):
+            client.trim(0, 4096)
+        with pytest.raises(NBDError) as info:
+            client.write(0, b"x", fua=True)
+        assert info.value.errno == c.EINVAL
+        client.write(0, b"plain")
+        assert client.read(0, 5) == b"plain"
+
+
+def test_export_name(tmp_path):
+    with serve(RamBackend(MiB), tmp_path, export_name="disk") as session:
+        connect(session, "disk").close()
+        connect(session, "").close()  # the default export is ours too
+        with pytest.raises(ConnectionError, match="refused"):
+            connect(session, "other")
+        raw = RawClient(session.socket, handshake=False)
+        raw.greet()
+        raw.option(c.OPT_LIST)
+        replies = raw.replies_until_final()
+        assert replies == [(c.OPT_LIST, c.REP_SERVER, b"\x00\x00\x00\x04disk"), (c.OPT_LIST, c.REP_ACK, b"")]
+        raw.sock.close()
+
+
+def test_tcp_listener(tmp_path):
+    backend = RamBackend(MiB)
+    session = Session(backend, ServeOptions())
+    session.start()
+    try:
+        host, port = session.network.listen_tcp("127.0.0.1", 0)
+        assert port > 0
+        assert f"nbd://127.0.0.1:{port}" in session.network.addresses
+        with NBDClient.connect_tcp(host, port) as client:
+            client.write(0, b"tcp")
+            assert client.read(0, 3) == b"tcp"
+    finally:
+        session.stop()
+
+
+def test_max_payload_read_and_write(tmp_path):
+    with serve(RamBackend(64 * MiB), tmp_path) as session, connect(session) as client:
+        data = os.urandom(c.MAX_PAYLOAD)
+        client.write(MiB, data)
+        assert client.read(MiB, c.MAX_PAYLOAD) == data
+
+
+def test_disc_closes_the_connection_after_answering(tmp_path):
+    with serve(RamBackend(MiB), tmp_path) as session:
+        raw = RawClient(session.socket)
+        raw.request(c.CMD_WRITE, 1, 0, 4, payload=b"disc")
+        raw.request(c.CMD_DISC, 2)
+        assert raw.simple_reply() == (0, 1)
+        assert raw.closed_by_server()
+        with connect(session) as client:
+            assert client.read(0, 4) == b"disc"
+
+
+# --- many requests in flight, many clients ---------------------------------------------------------
+
+
+def test_pipeline_64_requests_matched_by_handle(tmp_path):
+    with serve(RamBackend(16 * MiB), tmp_path) as session:
+        raw = RawClient(session.socket)
+        blocks = {i: os.urandom(4096 + 512 * (i % 5)) for i in range(64)}
+        handles = {(1 << 63) | (i * 0x0101010101 + 7): i for i in range(64)}  # 64-bit handles come back intact
+        burst = b"".join(
+            encode_request(c.CMD_WRITE, h, i * 65536, len(blocks[i])) + blocks[i] for h, i in handles.items()
+        )
+        raw.send(burst)  # all 64 before reading a single reply
+        answered = set()
+        for _ in range(64):
+            error, handle = raw.simple_reply()
+            assert error == 0
+            assert handle in handles and handle not in answered
+            answered.add(handle)
+        assert answered == set(handles)
+
+        lengths = {h: len(blocks[i]) for h, i in handles.items()}
+        raw.send(b"".join(encode_request(c.CMD_READ, h, i * 65536, lengths[h]) for h, i in handles.items()))
+        seen = set()
+        for _ in range(64):
+            error, handle = raw.simple_reply()
+            assert error == 0 and handle not in seen
+            seen.add(handle)
+            assert raw.recv_exact(lengths[handle]) == blocks[handles[handle]]
+        assert seen == set(handles)
+        raw.close()
+
+
+def test_pipelined_mix_with_errors_stays_in_sync(tmp_path):
+    with serve(RamBackend(MiB), tmp_path) as session:
+        raw = RawClient(session.socket)
+        raw.send(
+            encode_request(c.CMD_WRITE, 1, 0, 4)
+            + b"abcd"
+            + encode_request(c.CMD_READ, 2, MiB, 512)  # out of range: EINVAL, no data
+            + encode_request(c.CMD_WRITE, 3, MiB - 2, 4)  # past the end: ENOSPC, payload consumed
+            + b"wxyz"
+            + encode_request(c.CMD_WRITE, 4, 4, 4, flags=1 << 9)  # unknown flag: EINVAL, payload consumed
+            + b"1234"
+            + encode_request(c.CMD_FLUSH, 5, 4096, 0)  # flush with an offset: EINVAL
+            + encode_request(c.CMD_READ, 6, 0, 8)
+        )
+        assert raw.simple_reply() == (0, 1)
+        assert raw.simple_reply() == (c.EINVAL, 2)
+        assert raw.simple_reply() == (c.ENOSPC, 3)
+        assert raw.simple_reply() == (c.EINVAL, 4)
+        assert raw.simple_reply() == (c.EINVAL, 5)
+        assert raw.simple_reply() == (0, 6)
+        assert raw.recv_exact(8) == b"abcd" + bytes(4)
+        raw.close()
+
+
+def test_queued_replies_go_out_while_a_write_payload_is_awaited(tmp_path):
+    # The client must get its READ answer even though the server then blocks
+    # waiting for the rest of a large write's payload (no deadlock).
+    with serve(RamBackend(8 * MiB), tmp_path) as session:
+        raw = RawClient(session.socket)
+        for size in (2 * MiB, 8192):  # large payloads go straight in, small ones via the buffer
+            payload = os.urandom(size)
+            raw.send(encode_request(c.CMD_READ, 1, 0, 16) + encode_request(c.CMD_WRITE, 2, 0, size) + payload[:100])
+            assert raw.simple_reply() == (0, 1)
+            raw.recv_exact(16)
+            raw.send(payload[100:])
+            assert raw.simple_reply() == (0, 2)
+            assert raw.read(0, size, handle=3) == payload
+        raw.close()
+
+
+def test_several_clients_at_once(tmp_path):
+    with serve(RamBackend(32 * MiB), tmp_path) as session:
+        n_clients, region = 4, 4 * MiB
+        barrier = threading.Barrier(n_clients)
+        errors: list[BaseException] = []
+        written: dict[int, bytes] = {}
+
+        def work(k: int) -> None:
+            try:
+                with connect(session) as client:
+                    barrier.wait(TIMEOUT)
+                    data = os.urandom(region)
+                    for off in range(0, region, 256 * 1024):
+                        client.write(k * region + off, data[off : off + 256 * 1024])
+                    client.flush()
+                    assert client.read(k * region, region) == data
+                    written[k] = data
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(n_clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert len(written) == n_clients
+        with connect(session) as checker:
+            for k, data in written.items():
+                assert checker.read(k * region, region) == data
+
+
+# --- structured replies, block status ---------------------------------------------------------------
+
+
+def test_structured_read_is_one_offset_data_chunk(tmp_path):
+    with serve(RamBackend(4 * MiB), tmp_path) as session:
+        raw = RawClient(session.socket, structured=True, meta=True)
+        assert raw.flags & c.TF_SEND_DF  # DF is advertised once structured replies are on
+        data = os.urandom(5000)
+        raw.request(c.CMD_WRITE, 1, 777, len(data), payload=data)
+        assert raw.simple_reply() == (0, 1)  # non-read replies may stay simple
+        raw.request(c.CMD_READ, 2, 777, len(data), flags=c.CMD_FLAG_DF)
+        flags, rtype, handle, payload = raw.chunk()
+        assert (flags, rtype, handle) == (c.REPLY_FLAG_DONE, c.REPLY_TYPE_OFFSET_DATA, 2)
+        assert len(payload) == 8 + len(data)
+        assert struct.unpack_from(">Q", payload)[0] == 777
+        assert payload[8:] == data
+        raw.close()
+
+
+def test_structured_read_error_is_an_error_chunk_without_data(tmp_path):
+    with serve(RamBackend(MiB), tmp_path) as session:
+        raw = RawClient(session.socket, structured=True)
+        raw.request(c.CMD_READ, 5, MiB, 4096)  # out of range
+        raw.request(c.CMD_READ, 6, 0, 4)
+        flags, rtype, handle, payload = raw.chunk()
+        assert (flags, rtype, handle) == (c.REPLY_FLAG_DONE, c.REPLY_TYPE_ERROR, 5)
+        error, msg_len = struct.unpack_from(">IH", payload)
+        assert error == c.EINVAL
+        assert len(payload) == 6 + msg_len
+        flags, rtype, handle, payload = raw.chunk()
+        assert (rtype, handle, payload) == (c.REPLY_TYPE_OFFSET_DATA, 6, bytes(8) + bytes(4))
+        raw.close()
+
+
+def block_status(raw: RawClient, handle: int, offset: int, length: int, flags: int = 0) -> list[tuple[int, int]]:
+    raw.request(c.CMD_BLOCK_STATUS, handle, offset, length, flags)
+    cflags, rtype, got, payload = raw.chunk()
+    assert (cflags, rtype, got) == (c.REPLY_FLAG_DONE, c.REPLY_TYPE_BLOCK_STATUS, handle)
+    assert struct.unpack_from(">I", payload)[0] == raw.context_id
+    body = payload[4:]
+    return [struct.unpack_from(">II", body, i) for i in range(0, len(body), 8)]
+
+
+def test_block_status_shows_holes_of_the_ram_disk(tmp_path):
+    with serve(RamBackend(4 * MiB), tmp_path) as session:
+        raw = RawClient(session.socket, structured=True, meta=True)
+        assert raw.context_id is not None
+        assert block_status(raw, 1, 0, 4 * MiB) == [(4 * MiB, HOLE)]
+        raw.request(c.CMD_WRITE, 2, MiB, 8192, payload=b"\x01" * 8192)
+        assert raw.simple_reply() == (0, 2)
+        assert block_status(raw, 3, 0, 4 * MiB) == [(MiB, HOLE), (8192, 0), (3 * MiB - 8192, HOLE)]
+        assert block_status(raw, 4, 0, 4 * MiB, c.CMD_FLAG_REQ_ONE) == [(MiB, HOLE)]
+        raw.request(c.CMD_TRIM, 5, MiB, 4096)
+        assert raw.simple_reply() == (0, 5)
+        assert block_status(raw, 6, MiB, MiB) == [(4096, HOLE), (4096, 0), (MiB - 8192, HOLE)]
+        raw.close()
+
+
+def test_block_status_on_a_sparse_file(tmp_path):
+    disk = open_backend("file", path=str(tmp_path / "sparse.img"), size=8 * MiB)
+    with serve(disk, tmp_path) as session:
+        raw = RawClient(session.socket, structured=True, meta=True)
+        raw.request(c.CMD_WRITE, 1, 2 * MiB, MiB, payload=os.urandom(MiB))
+        assert raw.simple_reply() == (0, 1)
+        assert block_status(raw, 2, 0, 8 * MiB) == [(2 * MiB, HOLE), (MiB, 0), (5 * MiB, HOLE)]
+        raw.request(c.CMD_TRIM, 3, 2 * MiB, MiB)
+        assert raw.simple_reply() == (0, 3)
+        assert block_status(raw, 4, 0, 8 * MiB) == [(8 * MiB, HOLE)]
+        raw.close()
+
+
+def test_block_status_needs_meta_context_and_range(tmp_path):
+    with serve(RamBackend(MiB), tmp_path) as session:
+        raw = RawClient(session.socket, structured=True)  # no SET_META_CONTEXT
+        raw.request(c.CMD_BLOCK_STATUS, 1, 0, 4096)
+        _, rtype, handle, payload = raw.chunk()
+        assert (rtype, handle) == (c.REPLY_TYPE_ERROR, 1)
+        assert struct.unpack_from(">I", payload)[0] == c.EINVAL
+        raw.close()
+        raw = RawClient(session.socket, structured=True, meta=True)
+        raw.request(c.CMD_BLOCK_STATUS, 2, MiB - 512, 4096)  # past the end
+        _, rtype, handle, payload = raw.chunk()
+        assert (rtype, handle) == (c.REPLY_TYPE_ERROR, 2)
+        assert struct.unpack_from(">I", payload)[0] == c.EINVAL
+        assert block_status(raw, 3, 0, 4096) == [(4096, HOLE)]  # still serving
+        raw.close()
+
+
+def test_df_refused_without_structured_replies(tmp_path):
+    with serve(RamBackend(MiB), tmp_path) as session:
+        raw = RawClient(session.socket)
+        raw.request(c.CMD_READ, 1, 0, 512, flags=c.CMD_FLAG_DF)
+        assert raw.simple_reply() == (c.EINVAL, 1)
+        assert raw.read(0, 4, handle=2) == bytes(4)
+        raw.close()
+
+
+# --- telemetry ------------------------------------------------------------------------------------
+
+
+def test_telemetry_counts_what_was_sent(tmp_path):
+    with serve(RamBackend(4 * MiB), tmp_path) as session:
+        telemetry = session.engine.telemetry
+        with connect(session) as client:
+            for i in range(3):
+                client.write(i * 4096, bytes([65 + i]) * 4096)
+            client.read(0, 8192)
+            client.read(4096, 8192)
+            client.flush()
+            client.trim(MiB, 65536)
+            client.write_zeroes(2 * MiB, 16384)
+            with pytest.raises(NBDError):
+                client.read(4 * MiB, 512)  # out of range
+            snap = telemetry.snapshot()
+            assert snap.connections == 1
+        assert snap.count[c.CMD_WRITE] == 3
+        assert snap.bytes[c.CMD_WRITE] == 3 * 4096
+        assert snap.count[c.CMD_READ] == 3
+        assert snap.bytes[c.CMD_READ] == 2 * 8192  # the failed read moved no bytes
+        assert snap.errors[c.CMD_READ] == 1
+        assert snap.errors[c.CMD_WRITE] == 0
+        assert snap.count[c.CMD_FLUSH] == 1
+        assert (snap.count[c.CMD_TRIM], snap.bytes[c.CMD_TRIM]) == (1, 65536)
+        assert (snap.count[c.CMD_WRITE_ZEROES], snap.bytes[c.CMD_WRITE_ZEROES]) == (1, 16384)
+        assert snap.total_requests == 9
+        assert sum(sum(h) for h in snap.latency) == 9
+
+        records = telemetry.recent()
+        assert [r.op for r in records] == ["WRITE"] * 3 + ["READ", "READ", "FLUSH", "TRIM", "WRITE_ZEROES", "READ"]
+        assert [(r.offset, r.length) for r in records[:5]] == [
+            (0, 4096),
+            (4096, 4096),
+            (8192, 4096),
+            (0, 8192),
+            (4096, 8192),
+        ]
+        assert records[0].preview == b"A" * 1024  # first KiB of the data written
+        assert records[4].preview == b"B" * 1024  # ...and of the data read
+        assert records[-1].error == c.EINVAL and records[-1].offset == 4 * MiB
+        assert all(r.error == 0 for r in records[:-1])
+        assert all(r.latency >= 0 for r in records)
+        assert len({r.conn for r in records}) == 1
+        assert [r.seq for r in records] == sorted(r.seq for r in records)
+        # The heatmap saw the writes at the start of the disk.
+        assert snap.heat[1][0] >= 1
+        wait_for(lambda: telemetry.snapshot().connections == 0)
+
+
+def test_telemetry_counts_pipelined_requests_of_several_connections(tmp_path):
+    with serve(RamBackend(4 * MiB), tmp_path) as session:
+        raws = [RawClient(session.socket) for _ in range(3)]
+        for raw in raws:
+            raw.send(b"".join(encode_request(c.CMD_WRITE, i, i * 512, 512) + bytes(512) for i in range(20)))
+        for raw in raws:
+            for _ in range(20):
+                assert raw.simple_reply()[0] == 0
+        snap = session.engine.telemetry.snapshot()
+        assert snap.count[c.CMD_WRITE] == 60
+        assert snap.bytes[c.CMD_WRITE] == 60 * 512
+        assert snap.connections == 3
+        assert len({r.conn for r in session.engine.telemetry.recent()}) == 3
+        for raw in raws:
+            raw.close()
+
+
+# --- a backend that fails --------------------------------------------------------------------------
+
+
+def test_failed_read_sends_no_data_and_the_connection_goes_on(tmp_path):
+    with serve(failing_backend(tmp_path), tmp_path) as session:
+        raw = RawClient(session.socket)
+        raw.request(c.CMD_WRITE, 1, 0, 4, payload=b"good")
+        raw.request(c.CMD_READ, 2, FAIL_AT - 4096, 8192)  # the plugin raises
+        raw.request(c.CMD_READ, 3, 0, 4)
+        assert raw.simple_reply() == (0, 1)
+        assert raw.simple_reply() == (c.EIO, 2)
+        # If any data followed the error, this header would be garbage.
+        assert raw.simple_reply() == (0, 3)
+        assert raw.recv_exact(4) == b"good"
+        raw.request(c.CMD_WRITE, 4, FAIL_AT, 4, payload=b"full")
+        assert raw.simple_reply() == (c.ENOSPC, 4)
+        assert raw.read(0, 4, handle=5) == b"good"
+        raw.close()
+        with connect(session) as client:
+            with pytest.raises(NBDError) as info:
+                client.read(FAIL_AT, 512)
+            assert info.value.errno == c.EIO
+            assert client.read(0, 4) == b"good"
+        assert session.engine.telemetry.snapshot().errors[c.CMD_READ] == 2
+
+
+def test_failed_structured_read_is_an_error_chunk_only(tmp_path):
+    with serve(failing_backend(tmp_path), tmp_path) as session:
+        raw = RawClient(session.socket, structured=True)
+        raw.request(c.CMD_READ, 7, FAIL_AT, 4096)
+        raw.request(c.CMD_READ, 8, 0, 4)
+        flags, rtype, handle, payload = raw.chunk()
+        assert (flags, rtype, handle) == (c.REPLY_FLAG_DONE, c.REPLY_TYPE_ERROR, 7)
+        assert struct.unpack_from(">I", payload)[0] == c.EIO
+        assert raw.chunk() == (c.REPLY_FLAG_DONE, c.REPLY_TYPE_OFFSET_DATA, 8, bytes(12))
+        raw.close()
+
+
+def test_stop_closes_clients_and_removes_the_socket(tmp_path):
+    with serve(RamBackend(MiB), tmp_path) as session:
+        raw = RawClient(session.socket)
+        path = session.socket
+    assert not os.path.exists(path)
+    assert raw.closed_by_server(5)
