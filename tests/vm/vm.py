@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
-QEMU = "qemu-system-x86_64"
+QEMU = os.environ.get("BUSELAB_VM_QEMU", "qemu-system-x86_64")
 
 # Modules packed into the initramfs, with everything they depend on (from modules.dep).
 # crc32c_generic is only a soft dependency of ext4 (through the crypto API), so depmod does not
@@ -68,7 +68,6 @@ RECIPE_VERSION = "1"
 
 GUEST_CTL = "/run/buselab-vm/ctl"  # the control share, inside the chroot
 READY_MARKER = "buselab-vm: ready"
-DONE_MARKER = "buselab-vm: done"
 
 # 9p: a large msize makes reads of the host's files (Python imports) much faster.
 P9_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
@@ -92,9 +91,17 @@ halt_vm() {
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-# Modules the kernel asks for itself (request_module) are loaded by the usermode helper in
-# *this* root, where busybox modprobe and the initramfs modules live.
-echo /sbin/modprobe > /proc/sys/kernel/modprobe
+# Modules the kernel asks for itself (request_module: fs-ext4, char-major-10-237, ...) are
+# loaded by a usermode helper that runs in *this* root. Once the chroot is up, hand those to
+# the host's kmod there (it reads modules.alias); until then, busybox modprobe.
+cat > /sbin/kernel-modprobe <<'END'
+#!/bin/sh
+[ -x /newroot/run/buselab-vm/bin/modprobe ] &&
+    exec chroot /newroot /run/buselab-vm/bin/modprobe "$@"
+exec /sbin/modprobe "$@"
+END
+chmod 755 /sbin/kernel-modprobe
+echo /sbin/kernel-modprobe > /proc/sys/kernel/modprobe
 
 for m in @BOOT_MODULES@; do
     modprobe "$m" || say "cannot load module $m"
@@ -190,9 +197,7 @@ class VmResult:
     def check(self) -> VmResult:
         """Return self if the script exited 0, else raise VmError with its output."""
         if self.returncode != 0:
-            raise VmError(
-                f"script in VM exited with status {self.returncode}", self.console, self.output
-            )
+            raise VmError(f"script in VM exited with status {self.returncode}", self.console, self.output)
         return self
 
 
@@ -347,10 +352,7 @@ def _build(deb: Path, kver: str, busybox: Path, image: Path, work: Path) -> None
 
     (root / "bin").mkdir(parents=True)
     shutil.copy2(busybox, root / "bin" / "busybox")
-    init = (
-        INIT_SCRIPT.replace("@BOOT_MODULES@", " ".join(BOOT_MODULES))
-        .replace("@P9@", P9_OPTIONS)
-    )
+    init = INIT_SCRIPT.replace("@BOOT_MODULES@", " ".join(BOOT_MODULES)).replace("@P9@", P9_OPTIONS)
     (root / "init").write_text(init)
     (root / "init").chmod(0o755)
     for name in ("proc", "sys", "dev", "newroot", "tmp", "etc"):
@@ -492,7 +494,12 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "/run/buselab-vm/bin",  # the modprobe wrapper, see INIT_SCRIPT
         str(Path(sys.executable).parent),  # the very same interpreter, not a pyenv shim
         *os.environ.get("PATH", "").split(os.pathsep),
-        "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
     ]
     env["PATH"] = ":".join(dict.fromkeys(p for p in path if p))
     # The host root is read-only in the guest: no .pyc writing, and unbuffered so a killed
@@ -531,14 +538,16 @@ def _qemu_command(image: Image, ctl: Path, shared: Path | None, mem: str, cpus: 
         spec = f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"
         return ["-virtfs", spec + (",readonly=on" if readonly else "")]
 
-    append = " ".join((
-        "console=ttyS0",
-        "rdinit=/init",
-        "panic=-1",  # a dying init reboots at once, which -no-reboot turns into qemu exiting
-        "quiet",
-        "mitigations=off",  # nothing to protect in a throwaway guest; faster under emulation
-        "random.trust_cpu=on",
-    ))
+    append = " ".join(
+        (
+            "console=ttyS0",
+            "rdinit=/init",
+            "panic=-1",  # a dying init reboots at once, which -no-reboot turns into qemu exiting
+            "quiet",
+            "mitigations=off",  # nothing to protect in a throwaway guest; faster under emulation
+            "random.trust_cpu=on",
+        )
+    )
     cmd = [
         QEMU,
         # KVM exists on this host but the guest hangs with it; software emulation works.
@@ -563,8 +572,7 @@ def _qemu_command(image: Image, ctl: Path, shared: Path | None, mem: str, cpus: 
 
 def _boot(cmd: list[str], ctl: Path, timeout: float) -> VmResult:
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     console = _ConsoleReader(proc, start)
     try:
         proc.wait(timeout=timeout)
@@ -636,8 +644,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("build", help="build (or find in the cache) the kernel and initramfs")
     run = sub.add_parser("run", help="boot the VM and run a shell command in it")
     run.add_argument("script", help="shell commands, run by /bin/sh as root in the guest")
-    run.add_argument("--shared-dir", type=Path, default=Path.cwd(),
-                     help="host directory shared read-write, the cwd (default: current dir)")
+    run.add_argument(
+        "--shared-dir",
+        type=Path,
+        default=Path.cwd(),
+        help="host directory shared read-write, the cwd (default: current dir)",
+    )
     run.add_argument("--timeout", type=float, default=300.0)
     run.add_argument("--mem", default="1G")
     run.add_argument("--cpus", type=int, default=2)
@@ -647,12 +659,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         t0 = time.monotonic()
         image = build_image()
-        print(f"image: kernel {image.kernel_version} ({time.monotonic() - t0:.1f} s)\n"
-              f"  {image.kernel}\n  {image.initrd}", file=sys.stderr)
+        print(
+            f"image: kernel {image.kernel_version} ({time.monotonic() - t0:.1f} s)\n  {image.kernel}\n  {image.initrd}",
+            file=sys.stderr,
+        )
         if args.command == "build":
             return 0
-        result = run_in_vm(args.script, shared_dir=args.shared_dir, timeout=args.timeout,
-                           mem=args.mem, cpus=args.cpus, image=image)
+        result = run_in_vm(
+            args.script, shared_dir=args.shared_dir, timeout=args.timeout, mem=args.mem, cpus=args.cpus, image=image
+        )
     except VmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -660,8 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(result.console)
     sys.stdout.write(result.output)
     boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "?"
-    print(f"[vm: exit {result.returncode}, boot {boot}, total {result.elapsed:.1f} s]",
-          file=sys.stderr)
+    print(f"[vm: exit {result.returncode}, boot {boot}, total {result.elapsed:.1f} s]", file=sys.stderr)
     return result.returncode
 
 
