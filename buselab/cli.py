@@ -21,6 +21,7 @@ import sys
 
 from . import __version__
 from .backends import open_backend
+from .control import default_control_path
 from .errors import UserError
 from .session import ServeOptions, Session
 from .sizes import parse_size
@@ -111,7 +112,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         readonly=args.readonly,
         device=device,
         filters=list(args.filter or []),
-        control=args.control,
+        control=args.control or default_control_path(),
         record=args.record,
         connections=getattr(args, "connections", 1),
         use_ioctl=getattr(args, "ioctl", False),

@@ -73,6 +73,7 @@ class Engine:
         self.connections: weakref.WeakSet = weakref.WeakSet()
         self._closed = False
         self._close_lock = threading.Lock()
+        self.steering = None  # a buselab.engine.steering.Steering, once something steers
 
     # -- handshake -------------------------------------------------------------
     @property
@@ -145,7 +146,7 @@ class Engine:
         replaced; on exit the gate returns to how it was and held requests go on.
         """
         gate = self.gate
-        was_paused = gate.paused
+        was_paused = gate.halted
         gate.pause()
         deadline = time.monotonic() + timeout
         # Connections mark themselves busy before looking at the gate, so once
@@ -171,5 +172,7 @@ class Engine:
         self.gate.close()
         try:
             self.backend.flush()
+        except Exception as exc:  # noqa: BLE001 - e.g. an error filter: still close (a cache writes back)
+            log.warning("flush at shutdown failed: %s: %s", type(exc).__name__, exc)
         finally:
             self.backend.close()

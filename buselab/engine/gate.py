@@ -1,10 +1,11 @@
 """The gate between arriving requests and the backend: pause, resume, step.
 
-While the gate is closed (paused), requests are held: the client waits for
+While the gate is closed (halted), requests are held: the client waits for
 its reply, exactly as it would for a slow disk. `step` releases the oldest
-one, `resume` all of them in arrival order. Released requests run on the
-gate's own worker thread, so neither the UI nor a connection ever blocks on a
-backend because of the gate.
+one, `resume` all of them in arrival order. Breakpoints (a matcher that
+steering installs) halt the gate when a request matches, and hold that
+request. Released requests run on the gate's own worker thread, so neither
+the UI nor a connection ever blocks on a backend because of the gate.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,12 +38,20 @@ class HeldRequest:
     replier: Replier
     start: float  # perf_counter at arrival
     held_since: float = field(default_factory=time.monotonic)
+    breakpoint: object = None  # what stopped it, when a breakpoint did
+    action: tuple[str, float] | None = None  # set by step: ("fail", errno) or ("delay", seconds)
 
 
 class Gate:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        # Connections read `paused` for every request, so it stays one plain
+        # attribute: True while requests must go through `hold` -- the gate is
+        # halted (the user's pause), or breakpoints are armed, in which case
+        # `hold` lets every request that matches none of them run at once.
         self.paused = False
+        self.halted = False
+        self.matcher: Callable[[Request], object] | None = None
         self._held: deque[HeldRequest] = deque()
         self._lock = threading.Lock()
         self.worker_busy = False
@@ -51,35 +61,57 @@ class Gate:
 
     # -- called by connections ----------------------------------------------
     def hold(self, req: Request, replier: Replier, start: float) -> bool:
-        """Hold a request if the gate is closed; False means run it now."""
+        """Hold a request if the gate is halted or it hits a breakpoint; False means run it now."""
+        hit = None
+        if not self.halted:
+            matcher = self.matcher
+            if matcher is None:
+                return False
+            hit = matcher(req)
+            if not hit:
+                return False
         with self._lock:
-            if not self.paused:
+            if hit:
+                self.halted = self.paused = True
+            elif not self.halted:
                 return False
             if req.payload is not None:
                 # The connection reuses its receive buffer for the next request.
                 req.payload = bytes(req.payload)
-            self._held.append(HeldRequest(req, replier, start))
+            self._held.append(HeldRequest(req, replier, start, breakpoint=hit))
             return True
 
     # -- called by the UI / control socket -----------------------------------
     def pause(self) -> None:
         with self._lock:
-            self.paused = True
+            self.halted = self.paused = True
+
+    def set_matcher(self, matcher: Callable[[Request], object] | None) -> None:
+        """Arm breakpoints: `matcher(req)` returns what matched (truthy) or None."""
+        with self._lock:
+            self.matcher = matcher
+            self.paused = self.halted or matcher is not None
 
     def resume(self) -> int:
         with self._lock:
-            self.paused = False
+            self.halted = False
+            self.paused = self.matcher is not None
             released = list(self._held)
             self._held.clear()
         for item in released:
             self._work.put(item)
         return len(released)
 
-    def step(self) -> HeldRequest | None:
-        """Release the oldest held request; None if nothing is held."""
+    def step(self, action: tuple[str, float] | None = None) -> HeldRequest | None:
+        """Release the oldest held request; None if nothing is held.
+
+        `action` may fail it without running it, ("fail", errno), or run it
+        late, ("delay", seconds).
+        """
         with self._lock:
             item = self._held.popleft() if self._held else None
         if item is not None:
+            item.action = action
             self._work.put(item)
         return item
 
@@ -105,6 +137,7 @@ class Gate:
 
     def close(self, timeout: float = 10.0) -> None:
         """Answer everything held, then stop the worker once it has drained."""
+        self.set_matcher(None)
         self.resume()
         self._work.put(None)
         if self._worker is not threading.current_thread():
@@ -118,6 +151,12 @@ class Gate:
                 return
             self.worker_busy = True
             try:
+                action = item.action
+                if action is not None and action[0] == "fail":
+                    item.replier.complete(item.req, item.start, int(action[1]), None)
+                    continue
+                if action is not None and action[0] == "delay":
+                    time.sleep(action[1])
                 error, data = self._engine.execute(item.req)
                 item.replier.complete(item.req, item.start, error, data)
             finally:

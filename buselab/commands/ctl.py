@@ -1,0 +1,284 @@
+"""`buselab ctl`: steer a running buselab through its control socket.
+
+    buselab ctl [PATH|PID] status
+    buselab ctl [PATH|PID] pause | resume
+    buselab ctl [PATH|PID] step [--fail ERRNO | --delay MS] [--wait SECONDS]
+    buselab ctl [PATH|PID] held | wait [--count N] [--timeout SECONDS]
+    buselab ctl [PATH|PID] break add SPEC | break list | break rm ID|all | break enable|disable|toggle ID
+    buselab ctl [PATH|PID] filter add SPEC [--position N] | filter list | filter rm|enable|disable|toggle REF
+    buselab ctl [PATH|PID] switch ram|file|cow|null|plugin [PATH] [--size SIZE] [--no-copy]
+    buselab ctl [PATH|PID] powercut
+    buselab ctl [PATH|PID] cow commit | cow discard
+    buselab ctl [PATH|PID] events [--limit N]
+
+Without PATH, the one buselab this user runs is found by its default socket.
+`--json` prints the server's reply object as it came, for scripts. A command
+the server refuses prints one line and exits with 1; a usage or connection
+problem exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from ..errors import UserError
+from ..sizes import human_bytes
+
+COMMAND_WORDS = {
+    "status", "pause", "resume", "continue", "step", "held", "wait", "break", "filter",
+    "switch", "powercut", "cow", "events", "help",
+}  # fmt: skip
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ctl",
+        help="steer a running buselab: pause, step, breakpoints, filters, switch backends",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    p.add_argument("-h", "--help", action="store_true", dest="ctl_help", help="show this help")
+    p.add_argument("--json", action="store_true", dest="ctl_json", help="print the reply as JSON")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="[PATH|PID] COMMAND [ARGS]")
+    p.set_defaults(func=cmd_ctl)
+
+
+def build_ctl_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's default must not undo a --json given before it.
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the reply as JSON")
+    common.add_argument("--socket-timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="buselab ctl [PATH|PID]",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("status", parents=[common], help="backend, pause state, held requests, filters, breakpoints")
+    sub.add_parser("pause", parents=[common], help="hold every request that arrives")
+    sub.add_parser("resume", aliases=["continue"], parents=[common], help="release everything held, in order")
+    p = sub.add_parser("step", parents=[common], help="release the oldest held request")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--fail", metavar="ERRNO", help="fail it with ERRNO (EIO, ENOSPC, EPERM, ...) instead")
+    how.add_argument("--delay", metavar="MS", type=float, help="run it MS milliseconds late")
+    p.add_argument("--wait", metavar="SECONDS", type=float, default=0.0, help="wait for a request to be held")
+    sub.add_parser("held", parents=[common], help="list the held requests, oldest first")
+    p = sub.add_parser("wait", parents=[common], help="wait until requests are held")
+    p.add_argument("--count", type=int, default=1, help="how many (default 1)")
+    p.add_argument("--timeout", dest="wait_timeout", type=float, default=10.0, help="seconds (default 10)")
+    p = sub.add_parser("break", parents=[common], help="breakpoints: add SPEC | list | rm | enable | disable")
+    bsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = bsub.add_parser(
+        "add",
+        parents=[common],
+        help="e.g. op=flush | op=write+fua | range=0-1M | blocks=0-7 | pattern=53ef,at=1080 | ext4-sb",
+    )
+    b.add_argument("spec", nargs="+", metavar="SPEC")
+    bsub.add_parser("list", aliases=["ls"], parents=[common])
+    for name in ("rm", "enable", "disable", "toggle"):
+        b = bsub.add_parser(name, parents=[common], aliases=["remove"] if name == "rm" else [])
+        b.add_argument("ref", metavar="ID" + ("|all" if name == "rm" else ""))
+    p = sub.add_parser("filter", parents=[common], help="filters: add SPEC | list | rm | enable | disable | toggle")
+    fsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    f = fsub.add_parser("add", parents=[common], help="e.g. delay:read=5ms | error:rate=0.1,errno=EIO | cache")
+    f.add_argument("spec", metavar="SPEC")
+    f.add_argument("--position", type=int, help="0 is lowest (nearest the backend); default: on top")
+    fsub.add_parser("list", aliases=["ls"], parents=[common])
+    for name in ("rm", "enable", "disable", "toggle"):
+        f = fsub.add_parser(name, parents=[common], aliases=["remove"] if name == "rm" else [])
+        f.add_argument("ref", metavar="ID|NAME")
+    p = sub.add_parser("switch", parents=[common], help="switch the backend live, copying the disk into it")
+    p.add_argument("kind", metavar="BACKEND", help="ram, file (lo), cow, null or plugin")
+    p.add_argument("path", nargs="?", metavar="PATH", help="file for file/cow, FILE[:CLASS] for plugin")
+    p.add_argument("--size", help="size of a new ram/null/file backend (default: the disk's)")
+    p.add_argument("--no-copy", action="store_true", help="do not copy the current contents")
+    sub.add_parser("powercut", parents=[common], help="lose every write the cache filter holds since the last FLUSH")
+    p = sub.add_parser("cow", parents=[common], help="cow commit | cow discard")
+    p.add_argument("action", choices=["commit", "discard"])
+    p = sub.add_parser("events", parents=[common], help="recent events (switches, breakpoints, connections)")
+    p.add_argument("--limit", type=int, default=20)
+    return parser
+
+
+def _split_target(argv: list[str]) -> tuple[str | None, list[str]]:
+    """[PATH|PID] COMMAND ... -> (target, rest)."""
+    if argv and argv[0] not in COMMAND_WORDS and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from ..control.client import ControlClient, resolve_control_path
+
+    argv = list(args.argv)
+    if args.ctl_json:
+        argv.append("--json")
+    parser = build_ctl_parser()
+    if args.ctl_help or not argv or argv in (["-h"], ["--help"]):
+        parser.print_help()
+        return 0 if args.ctl_help or argv else 2
+    target, rest = _split_target(argv)
+    if not rest:
+        parser.print_usage(sys.stderr)
+        print("buselab ctl: error: give a COMMAND after the socket PATH", file=sys.stderr)
+        return 2
+    opts = parser.parse_args(rest)
+    cmd, params = _request(opts)
+    path = resolve_control_path(target)
+    as_json = getattr(opts, "json", False)
+    with ControlClient(path, timeout=getattr(opts, "socket_timeout", 600.0)) as client:
+        reply = client.request(cmd, **params)
+    if as_json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+        return 0 if reply.get("ok") else 1
+    if not reply.get("ok"):
+        print(f"buselab: error: {reply.get('error') or 'refused'}", file=sys.stderr)
+        return 1
+    print(render(cmd, reply.get("result")))
+    return 0
+
+
+def _request(opts: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    command = opts.command
+    if command in ("resume", "continue"):
+        return "resume", {}
+    if command == "step":
+        params: dict[str, Any] = {"wait": opts.wait}
+        if opts.fail:
+            params["fail"] = opts.fail
+        if opts.delay is not None:
+            params["delay"] = opts.delay
+        return "step", params
+    if command == "wait":
+        return "wait", {"count": opts.count, "timeout": opts.wait_timeout}
+    if command == "break":
+        action = {"ls": "list", "remove": "rm"}.get(opts.action, opts.action)
+        if action == "add":
+            return "break.add", {"spec": ",".join(opts.spec)}
+        if action == "list":
+            return "break.list", {}
+        return f"break.{action}", {"ref": opts.ref}
+    if command == "filter":
+        action = {"ls": "list", "remove": "rm"}.get(opts.action, opts.action)
+        if action == "add":
+            return "filter.add", {"spec": opts.spec, "position": opts.position}
+        if action == "list":
+            return "filter.list", {}
+        return f"filter.{action}", {"ref": opts.ref}
+    if command == "switch":
+        return "switch", {"kind": opts.kind, "path": opts.path, "size": opts.size, "copy": not opts.no_copy}
+    if command == "cow":
+        return f"cow.{opts.action}", {}
+    if command == "events":
+        return "events", {"limit": opts.limit}
+    return command, {}
+
+
+# -- human output -------------------------------------------------------------------------
+
+
+def _req(info: dict[str, Any]) -> str:
+    flags = f" {'|'.join(info['flags'])}" if info.get("flags") else ""
+    text = f"{info['op']} {info['offset']}+{info['length']}{flags}"
+    if "conn" in info:
+        text += f" (conn {info['conn']}, held {info.get('waited', 0):.1f} s"
+        if info.get("breakpoint"):
+            text += f", breakpoint {info['breakpoint']}"
+        text += ")"
+    return text
+
+
+def _filters(filters: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for f in filters:
+        stats = ", ".join(f"{k} {v}" for k, v in f.get("stats", {}).items() if not isinstance(v, dict))
+        state = "on" if f["enabled"] else "off"
+        lines.append(f"  {f['id']}: {f['spec']} [{state}]" + (f"  {stats}" if stats else ""))
+    return lines
+
+
+def _breakpoints(bps: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"  {b['id']}: {b['spec']} [{'on' if b['enabled'] else 'off'}] {b['hits']} hit{'s' if b['hits'] != 1 else ''}"
+        for b in bps
+    ]
+
+
+def render(cmd: str, result: Any) -> str:
+    """One line (or a short block for lists and status) for people."""
+    if cmd == "status":
+        r = result
+        state = "PAUSED" if r["paused"] else "running"
+        if r["held"]:
+            state += f", {len(r['held'])} held, oldest {r['oldest_wait']:.1f} s"
+        lines = [
+            f"backend: {r['backend']}, {human_bytes(r['size'])}" + (f" on {r['where']}" if r.get("where") else ""),
+            f"state: {state}; {r['connections']} client(s), {r['requests']} requests",
+        ]
+        if r.get("cow_changed_bytes") is not None:
+            lines.append(f"cow: {human_bytes(r['cow_changed_bytes'])} changed")
+        if r["held"]:
+            lines.append("held (oldest first):")
+            lines += [f"  {_req(h)}" for h in r["held"]]
+        lines.append("filters (lowest first):" if r["filters"] else "filters: none")
+        lines += _filters(r["filters"])
+        lines.append("breakpoints:" if r["breakpoints"] else "breakpoints: none")
+        lines += _breakpoints(r["breakpoints"])
+        if r.get("last_break"):
+            lines.append(f"last breakpoint hit: {_req(r['last_break'])} (breakpoint {r['last_break']['breakpoint']})")
+        if r.get("control"):
+            lines.append(f"control: {r['control']}")
+        return "\n".join(lines)
+    if cmd == "pause":
+        return f"paused ({result['held']} held)"
+    if cmd == "resume":
+        n = result["released"]
+        return f"resumed: released {n} held request{'s' if n != 1 else ''}"
+    if cmd == "step":
+        how = {"fail": f", failed with {result.get('errno')}", "delay": f", {result.get('delay_ms', 0):g} ms late"}
+        return f"stepped {_req(result)}{how.get(result['action'], '')}; {result['still_held']} still held"
+    if cmd in ("held", "wait"):
+        if not result:
+            return "nothing held"
+        return "\n".join(_req(h) for h in result)
+    if cmd == "break.add" or cmd.startswith("break.") and isinstance(result, dict) and "spec" in result:
+        return "\n".join(_breakpoints([result])).strip()
+    if cmd == "break.list":
+        return "\n".join(_breakpoints(result)) if result else "no breakpoints"
+    if cmd == "break.rm":
+        return "removed breakpoint " + ", ".join(str(i) for i in result["removed"]) if result["removed"] else "none"
+    if cmd == "filter.list":
+        return "\n".join(_filters(result)) if result else "no filters"
+    if cmd.startswith("filter."):
+        verb = {"filter.add": "added", "filter.rm": "removed"}.get(cmd, "now")
+        return f"{verb} filter {result['id']}: {result['spec']} [{'on' if result['enabled'] else 'off'}]"
+    if cmd == "switch":
+        copied = f"; copied {human_bytes(result['copied_bytes'])}" if result.get("copied_bytes") else ""
+        took = f" in {result['seconds']:.2f} s" if result.get("seconds") else ""
+        return f"switched: {result['from']} -> {result['to']}{copied}{took}"
+    if cmd == "powercut":
+        return f"power cut: {human_bytes(result['lost_bytes'])} of writes since the last FLUSH lost"
+    if cmd == "cow.commit":
+        return f"committed {human_bytes(result['committed_bytes'])} of changes into the base"
+    if cmd == "cow.discard":
+        return f"discarded {human_bytes(result['discarded_bytes'])} of changes"
+    if cmd == "events":
+        return "\n".join(f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['message']}" for e in result)
+    return json.dumps(result, indent=2, sort_keys=True)
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - for `python -m buselab.commands.ctl`
+    parser = argparse.ArgumentParser(prog="buselab")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["ctl", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return cmd_ctl(args)
+    except UserError as exc:
+        print(f"buselab: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,131 @@
+"""The control socket server: a Unix socket that speaks `protocol.py`.
+
+One thread accepts; each client gets a thread that reads request lines and
+writes reply lines, so a long `wait` or `step wait=` of one script never
+blocks another. Commands go through the engine's `Steering`, exactly what the
+lab's keys call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import threading
+from typing import TYPE_CHECKING
+
+from ..engine.steering import Steering
+from ..errors import UserError
+from . import control_dir, default_control_path, ensure_private_dir, socket_is_live
+from .protocol import MAX_LINE, encode_reply, handle_line
+
+if TYPE_CHECKING:
+    from ..session import Session
+
+__all__ = ["ControlServer", "default_control_path"]
+
+log = logging.getLogger("buselab")
+
+
+class ControlServer:
+    def __init__(self, session: Session, path: str | None = None) -> None:
+        self.session = session
+        self.path = path or default_control_path()
+        self.steering = Steering.attach(session.engine, session)
+        self._listener: socket.socket | None = None
+        self._clients: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        path = self.path
+        directory = os.path.dirname(os.path.abspath(path))
+        if directory == control_dir():
+            ensure_private_dir(directory)
+        elif not os.path.isdir(directory):
+            raise UserError(f"cannot make the control socket {path}: {directory} does not exist")
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise UserError(f"{path} exists and is not a socket: choose another --control path")
+            if socket_is_live(path):
+                raise UserError(f"{path} is in use by a running buselab: choose another --control path")
+            os.unlink(path)  # stale, left by a process that died
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is born 0600: it can destroy data
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise UserError(f"cannot listen on the control socket {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
+        self._listener = sock
+        self._thread = threading.Thread(target=self._accept_loop, name="buselab-control", daemon=True)
+        self._thread.start()
+        self.session.engine.telemetry.event(f"control socket on {path}")
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self._stopping:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._stopping:
+                    client.close()
+                    return
+                self._clients.add(client)
+            threading.Thread(target=self._serve, args=(client,), name="buselab-control-client", daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            reader = client.makefile("rb")
+            while True:
+                line = reader.readline(MAX_LINE + 1)
+                if not line:
+                    return
+                if len(line) > MAX_LINE:
+                    client.sendall(encode_reply({"ok": False, "error": f"request longer than {MAX_LINE} bytes"}))
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    reply = handle_line(self.steering, line)
+                except Exception as exc:  # noqa: BLE001 - a bug must cost one reply, not the socket
+                    log.exception("control command failed")
+                    reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+                client.sendall(encode_reply(reply))
+        except OSError:
+            pass  # the script went away
+        finally:
+            with self._lock:
+                self._clients.discard(client)
+            try:
+                client.close()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            clients = list(self._clients)
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        for client in clients:
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
