@@ -159,6 +159,7 @@ def test_qemu_img_convert_to_file_backend(buselab_server, tmp_path):
     source.write_bytes(os.urandom(8 * MiB))
     run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(source), served.uri)
     assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), served.uri, check=False).returncode == 0
+    assert "buselab: serving" in served.output()  # signal handlers are in place (see test_cli)
     assert served.stop() == 0
     assert sha256(disk) == sha256(source)
 

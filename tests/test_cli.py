@@ -1,0 +1,365 @@
+"""The `buselab` command line: sizes, one-line user errors, headless stats and clean stops."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from buselab.client import NBDClient
+from buselab.errors import UserError
+from buselab.sizes import human_bytes, parse_size
+
+MiB = 1 << 20
+
+
+# --- sizes --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("512K", 512 << 10),
+        ("128M", 128 << 20),
+        ("1G", 1 << 30),
+        ("1T", 1 << 40),
+        ("4096", 4096),
+        ("1.5K", 1536),
+        ("64m", 64 << 20),
+        ("64MiB", 64 << 20),
+        ("2GB", 2 << 30),
+        (" 8M ", 8 << 20),
+    ],
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "-1", "0", "0K", "1.3", "12Q", "1 2M", "M", "1e6"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UserError) as info:
+        parse_size(text)
+    assert "size" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_human_bytes():
+    assert human_bytes(64 * MiB) == "64.0 MiB"
+    assert human_bytes(1 << 40) == "1.0 TiB"
+
+
+# --- subprocess helpers ----------------------------------------------------------------------------
+
+
+def buselab(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "buselab", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("buselab: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# --- sizes end to end ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, expected", [("512K", 512 << 10), ("128M", 128 << 20), ("1G", 1 << 30), ("1T", 1 << 40)])
+def test_ram_sizes_served(buselab_server, size, expected):
+    served = buselab_server(["ram", "--size", size])
+    with NBDClient.connect_unix(served.socket) as client:
+        assert client.size == expected
+        client.write(expected - 4096, b"end!")
+        assert client.read(expected - 4096, 4) == b"end!"
+    wait_for_line(served.log, "buselab: serving")  # see test_signal_right_after_listening_...
+    assert served.stop() == 0
+
+
+def test_ram_default_is_128_mib(buselab_server):
+    served = buselab_server(["ram"])
+    with NBDClient.connect_unix(served.socket) as client:
+        assert client.size == 128 * MiB
+
+
+def test_file_created_at_size(buselab_server, tmp_path):
+    path = tmp_path / "new.img"
+    served = buselab_server(["lo", str(path), "--size", "2M"])
+    assert path.stat().st_size == 2 * MiB
+    with NBDClient.connect_unix(served.socket) as client:
+        assert client.size == 2 * MiB
+
+
+def test_tcp_listen(tmp_path):
+    port = free_port()
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "buselab", "ram", "--size", "1M", "--listen", f"127.0.0.1:{port}", "--headless"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client = NBDClient.connect_tcp("127.0.0.1", port)
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "buselab did not listen on TCP"
+                time.sleep(0.05)
+        with client:
+            assert client.size == MiB
+        wait_for_line(log, "serving")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert f"nbd://127.0.0.1:{port}" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- user errors: exit 2, one line, no traceback -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size, words",
+    [("12Q", ["bad size", "12Q"]), ("0", ["bad size"]), ("-5M", ["bad size"]), ("lots", ["bad size"])],
+)
+def test_bad_size(tmp_path, size, words):
+    assert_one_line_error(buselab("ram", f"--size={size}", "--unix", str(tmp_path / "s"), "--headless"), *words)
+
+
+def test_port_in_use(tmp_path):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+    try:
+        proc = buselab("ram", "--size", "1M", "--listen", f"127.0.0.1:{port}", "--headless")
+        assert_one_line_error(proc, "in use", str(port))
+    finally:
+        blocker.close()
+
+
+def test_missing_file_without_size(tmp_path):
+    path = tmp_path / "missing.img"
+    proc = buselab("file", str(path), "--unix", str(tmp_path / "s"), "--headless")
+    assert_one_line_error(proc, str(path), "--size")
+    assert not path.exists()
+
+
+def test_file_size_mismatch(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(1 << 20))
+    proc = buselab("file", str(path), "--size", "2M", "--unix", str(tmp_path / "s"), "--headless")
+    assert_one_line_error(proc, str(path), "--size")
+    assert path.stat().st_size == 1 << 20
+
+
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ("import definitely_not_a_module\n", ["failed to import", "ModuleNotFoundError"]),
+        ("def broken(:\n", ["failed to import", "SyntaxError"]),
+        ("raise RuntimeError('boom')\n", ["failed to import", "boom"]),
+        ("x = 1\n", ["0 disk classes"]),
+        ("class D:\n    size = 0\n    read = write = lambda *a: None\n", ["size is 0"]),
+    ],
+)
+def test_plugin_failures(tmp_path, source, words):
+    plugin = tmp_path / "bad.py"
+    plugin.write_text(source)
+    proc = buselab("plugin", str(plugin), "--unix", str(tmp_path / "s"), "--headless")
+    assert_one_line_error(proc, *words)
+
+
+def test_plugin_missing_file(tmp_path):
+    proc = buselab("plugin", str(tmp_path / "nope.py"), "--unix", str(tmp_path / "s"), "--headless")
+    assert_one_line_error(proc, "does not exist")
+
+
+def test_unix_path_that_is_a_file(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("not a socket")
+    proc = buselab("ram", "--size", "1M", "--unix", str(path), "--headless")
+    assert_one_line_error(proc, str(path))
+    assert path.read_text() == "not a socket"
+
+
+def test_unix_socket_in_use_by_a_running_server(buselab_server, tmp_path):
+    served = buselab_server(["ram", "--size", "1M"])
+    proc = buselab("ram", "--size", "1M", "--unix", served.socket, "--headless")
+    assert_one_line_error(proc, "in use")
+    with NBDClient.connect_unix(served.socket) as client:  # the first server is untouched
+        assert client.size == MiB
+
+
+def test_bad_listen_address(tmp_path):
+    assert_one_line_error(buselab("ram", "--listen", "127.0.0.1:http", "--headless"), "--listen")
+    assert_one_line_error(buselab("ram", "--listen", "127.0.0.1:99999", "--headless"), "out of range")
+
+
+def test_null_needs_size(tmp_path):
+    assert_one_line_error(buselab("null", "--unix", str(tmp_path / "s"), "--headless"), "--size")
+
+
+def test_ram_too_big_for_the_address_space(tmp_path):
+    assert_one_line_error(buselab("ram", "--size", "1024P", "--unix", str(tmp_path / "s"), "--headless"), "--size")
+
+
+# --- headless: stats lines, SIGINT / SIGTERM ----------------------------------------------------------------
+
+STATS_LINE = re.compile(
+    r"^\d\d:\d\d:\d\d ram 64\.0 MiB \| \d+ clients? \| [\d,]+ req/s read .+/s write .+/s"
+    r" \| flush \d+ trim \d+ \| p50 [\d.]+ ms p99 [\d.]+ ms \| errors \d+$",
+    re.MULTILINE,
+)
+
+
+def wait_for_line(log: Path, text: str, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = log.read_text(errors="replace")
+        if text in content:
+            return content
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in:\n{log.read_text(errors='replace')}")
+
+
+def test_headless_prints_stats_lines(buselab_server):
+    served = buselab_server(["ram", "--size", "64M"])
+    with NBDClient.connect_unix(served.socket) as client:
+        client.write(0, bytes(4096))
+        client.flush()
+        deadline = time.monotonic() + 10
+        while len(STATS_LINE.findall(served.output())) < 2:
+            assert time.monotonic() < deadline, served.output()
+            time.sleep(0.1)
+    out = served.output()
+    assert out.startswith("buselab: serving ram")
+    assert served.socket in out.splitlines()[0]
+    assert re.search(r"\| 1 client \|", out), out
+    assert re.search(r"flush 1 trim 0", out), out
+    assert served.stop() == 0
+
+
+FLUSH_MARKER_PLUGIN = """
+class Marked:
+    size = 1 << 20
+
+    def __init__(self):
+        self.data = bytearray(self.size)
+
+    def read(self, offset, length):
+        return bytes(self.data[offset : offset + length])
+
+    def write(self, offset, data):
+        self.data[offset : offset + len(data)] = data
+
+    def flush(self):
+        with open({marker!r}, "a") as f:
+            f.write("flush\\n")
+
+    def close(self):
+        with open({marker!r}, "a") as f:
+            f.write("close\\n")
+"""
+
+
+def marked_plugin(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "marker"
+    plugin = tmp_path / "marked.py"
+    plugin.write_text(FLUSH_MARKER_PLUGIN.format(marker=str(marker)))
+    return plugin, marker
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_cleanly_with_the_backend_flushed(buselab_server, tmp_path, sig):
+    plugin, marker = marked_plugin(tmp_path)
+    served = buselab_server(["plugin", str(plugin)])
+    wait_for_line(served.log, "buselab: serving")
+    with NBDClient.connect_unix(served.socket) as client:
+        client.write(0, b"x")
+    assert not marker.exists()
+    assert served.stop(sig) == 0
+    out = served.output()
+    assert "stopped cleanly" in out
+    assert "Traceback" not in out
+    lines = marker.read_text().splitlines()
+    assert "flush" in lines and lines[-1] == "close"
+    assert not os.path.exists(served.socket)  # no stale socket left behind
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_right_after_listening_still_stops_cleanly(tmp_path, sig):
+    # A supervisor may stop buselab the moment its socket appears. KNOWN BUG (cli.py /
+    # headless.py): the handlers are installed only after session.start(), so a signal in
+    # that window kills buselab (SIGINT: exit 130, SIGTERM: killed) without flushing.
+    plugin, marker = marked_plugin(tmp_path)
+    sock = str(tmp_path / "nbd.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "buselab", "plugin", str(plugin), "--unix", sock, "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, f"exit {proc.returncode}: {out!r}"
+    assert marker.read_text().splitlines()[-1] == "close"
+
+
+def test_file_backend_flushed_on_sigterm(buselab_server, tmp_path):
+    path = tmp_path / "disk.img"
+    served = buselab_server(["file", str(path), "--size", "4M"])
+    wait_for_line(served.log, "buselab: serving")
+    data = os.urandom(MiB)
+    with NBDClient.connect_unix(served.socket) as client:
+        client.write(MiB, data)
+    assert served.stop(signal.SIGTERM) == 0
+    assert path.read_bytes()[MiB : 2 * MiB] == data
+
+
+def test_version_and_help():
+    proc = buselab("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("buselab ")
+    proc = buselab("--help")
+    assert proc.returncode == 0
+    for command in ("ram", "file", "lo", "null", "plugin", "demo"):
+        assert command in proc.stdout
