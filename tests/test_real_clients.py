@@ -14,8 +14,8 @@ from conftest import require_tool
 MiB = 1 << 20
 
 
-def run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+def run(*args: str, timeout: float = 60, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args[0]} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -265,9 +265,11 @@ def test_fio_verify_crc32c_two_connections_iodepth_16(buselab_server, tmp_path, 
         "--verify=crc32c",
         "--verify_fatal=1",
         "--do_verify=1",
+        "--verify_state_save=0",  # no *.state files left in the working directory
         "--output-format=json",
         f"--output={report}",
         timeout=120,
+        cwd=tmp_path,
     )
     jobs = json.loads(report.read_text())["jobs"]
     assert len(jobs) == 2
