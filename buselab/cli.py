@@ -24,6 +24,7 @@ from .backends import open_backend
 from .control import default_control_path
 from .errors import UserError
 from .session import ServeOptions, Session
+from .signals import stop_on_signals
 from .sizes import parse_size
 from .transport.network import DEFAULT_PORT, parse_listen
 
@@ -32,6 +33,20 @@ def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> No
     if device:
         p.add_argument(
             "device", nargs="?", metavar="DEVICE", help="/dev/nbdN to attach (needs root); omit to serve over NBD"
+        )
+        p.add_argument(
+            "--device", dest="device_option", metavar="DEVICE", help="same as DEVICE; 'auto' picks a free /dev/nbdN"
+        )
+        p.add_argument(
+            "--connections", type=int, default=1, metavar="N", help="kernel: N sockets (queues) for the device"
+        )
+        p.add_argument("--ioctl", action="store_true", help="kernel: attach with ioctls (BUSE's way), not netlink")
+        p.add_argument(
+            "--timeout",
+            type=int,
+            default=0,
+            metavar="SECONDS",
+            help="kernel: fail requests unanswered this long (default 0: wait forever, so pauses are safe)",
         )
     p.add_argument("--size", help="disk size, e.g. 512K, 128M, 1G, 1T")
     p.add_argument(
@@ -122,7 +137,12 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 
 def run_session(session: Session, args: argparse.Namespace) -> int:
     """Start the session and run the lab, or headless if asked or no lab exists."""
-    session.start()
+    with stop_on_signals(session.stop_requested):
+        session.start()
+        return _run_frontend(session, args)
+
+
+def _run_frontend(session: Session, args: argparse.Namespace) -> int:
     if not args.headless:
         try:
             from .ui.lab import run_lab
@@ -150,24 +170,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     path = session.private_socket()
     session.options.unix.append(path)
     workload = DemoWorkload(path, pace=args.pace)
-    session.start()
-    workload.start()
     session.demo_workload = workload  # the lab shows its progress
-    try:
-        if not args.headless:
-            try:
-                from .ui.lab import run_lab
-            except ModuleNotFoundError as exc:
-                if not (exc.name or "").startswith("buselab.ui"):
-                    raise
-            else:
-                return run_lab(session, seconds=args.seconds)
-        from .headless import run_headless
-
-        return run_headless(session, seconds=args.seconds)
-    finally:
-        workload.stop()
-        session.stop()
+    with stop_on_signals(session.stop_requested):
+        session.start()
+        workload.start()
+        try:
+            return _run_frontend(session, args)
+        finally:
+            workload.stop()
+            session.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
 from typing import TextIO
 
@@ -37,12 +35,7 @@ def stats_line(session: Session, before: Snapshot, after: Snapshot) -> str:
 
 def run_headless(session: Session, *, out: TextIO = sys.stdout, seconds: float | None = None, on_tick=None) -> int:
     """Print stats until a signal (or `seconds`) ends the run, then stop cleanly."""
-    done = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        done.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    done = session.stop_requested
     print(
         f"buselab: serving {session.backend.describe()}, {human_bytes(session.engine.size)}, on {session.where}",
         file=out,
@@ -62,7 +55,5 @@ def run_headless(session: Session, *, out: TextIO = sys.stdout, seconds: float |
     finally:
         print("buselab: stopping: answering in-flight requests and flushing", file=out, flush=True)
         session.stop()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
     print("buselab: stopped cleanly", file=out, flush=True)
     return 0

@@ -45,6 +45,8 @@ class Session:
         self.recorder = None  # the trace recorder, while recording
         self.demo_workload = None  # set by `buselab demo`
         self._stopped = threading.Event()
+        # Set by SIGINT/SIGTERM (see signals.py); headless and the lab watch it.
+        self.stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self._private_dir: str | None = None
 
