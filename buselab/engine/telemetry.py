@@ -25,6 +25,8 @@ LATENCY_BUCKETS = 40  # bucket i holds latencies in [2**(i-1), 2**i) microsecond
 HEAT_READ, HEAT_WRITE, HEAT_TRIM = 0, 1, 2
 _HEAT_KIND = {c.CMD_READ: HEAT_READ, c.CMD_WRITE: HEAT_WRITE, c.CMD_WRITE_ZEROES: HEAT_WRITE, c.CMD_TRIM: HEAT_TRIM}
 PREVIEW_BYTES = 1024
+_LAST_BUCKET = LATENCY_BUCKETS - 1
+_new_tuple = tuple.__new__
 
 
 class RequestRecord(NamedTuple):
@@ -171,24 +173,29 @@ class Telemetry:
     ) -> RequestRecord:
         latency = end - start
         seq = next(self._seq)
-        record = RequestRecord(
-            seq,
-            start + self._clock_offset,
-            cmd,
-            flags,
-            offset,
-            length,
-            latency,
-            error,
-            conn,
-            handle,
-            bytes(payload[:PREVIEW_BYTES]) if payload is not None else None,
+        # tuple.__new__ skips the namedtuple's Python-level constructor: this
+        # runs once per request on the serving thread.
+        record = _new_tuple(
+            RequestRecord,
+            (
+                seq,
+                start + self._clock_offset,
+                cmd,
+                flags,
+                offset,
+                length,
+                latency,
+                error,
+                conn,
+                handle,
+                bytes(payload[:PREVIEW_BYTES]) if payload is not None else None,
+            ),
         )
         self.ring.append(record)
         self._last_seq = seq
         rec.count[cmd] += 1
         rec.latency_sum[cmd] += latency
-        rec.latency[cmd][min(int(latency * 1e6).bit_length(), LATENCY_BUCKETS - 1)] += 1
+        rec.latency[cmd][min(int(latency * 1e6).bit_length(), _LAST_BUCKET)] += 1
         if error:
             rec.errors[cmd] += 1
         else:
@@ -198,11 +205,15 @@ class Telemetry:
                 row = rec.heat[kind]
                 cell = self.cell_bytes
                 first = offset // cell
-                last = min((offset + length - 1) // cell, len(row) - 1)
-                for i in range(first, last + 1):
-                    row[i] += 1
-        for tap in self.taps:
-            tap(record, payload)
+                last = (offset + length - 1) // cell
+                if first == last:
+                    row[first] += 1
+                else:
+                    for i in range(first, min(last, len(row) - 1) + 1):
+                        row[i] += 1
+        if self.taps:
+            for tap in self.taps:
+                tap(record, payload)
         return record
 
     # -- connections and events -------------------------------------------
