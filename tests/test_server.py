@@ -639,3 +639,45 @@ def test_stop_closes_clients_and_removes_the_socket(tmp_path):
         path = session.socket
     assert not os.path.exists(path)
     assert raw.closed_by_server(5)
+
+
+def test_abort_is_acknowledged_then_closed(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="buselab")
+    with serve(RamBackend(MiB), tmp_path) as session:
+        raw = RawClient(session.socket, handshake=False)
+        raw.greet()
+        raw.option(c.OPT_ABORT)
+        assert raw.option_reply() == (c.OPT_ABORT, c.REP_ACK, b"")
+        assert raw.closed_by_server()
+        wait_for(lambda: session.engine.telemetry.snapshot().connections == 0)
+    assert [r for r in caplog.records if r.name == "buselab"] == []  # aborting is not an error
+
+
+def test_info_then_go_over_a_socket(tmp_path):
+    with serve(RamBackend(3 * MiB), tmp_path, export_name="d") as session:
+        raw = RawClient(session.socket, handshake=False)
+        raw.greet()
+        raw.option(c.OPT_INFO, struct.pack(">I", 1) + b"d" + struct.pack(">HH", 1, c.INFO_NAME))
+        replies = raw.replies_until_final()
+        infos = {struct.unpack_from(">H", p)[0]: p[2:] for _, t, p in replies if t == c.REP_INFO}
+        assert struct.unpack(">QH", infos[c.INFO_EXPORT])[0] == 3 * MiB
+        assert infos[c.INFO_NAME] == b"d"
+        assert struct.unpack(">III", infos[c.INFO_BLOCK_SIZE]) == (1, 4096, c.MAX_PAYLOAD)
+        raw.option(c.OPT_GO, struct.pack(">I", 1) + b"d" + struct.pack(">H", 0))
+        assert raw.replies_until_final()[-1][1] == c.REP_ACK
+        assert raw.read(0, 4) == bytes(4)
+        raw.close()
+
+
+def test_requests_sent_together_with_the_go_option(tmp_path):
+    # A client may send its first requests right behind NBD_OPT_GO, in one packet.
+    with serve(RamBackend(MiB), tmp_path) as session:
+        raw = RawClient(session.socket, handshake=False)
+        raw.greet()
+        go = struct.pack(">QII", c.IHAVEOPT, c.OPT_GO, 6) + struct.pack(">IH", 0, 0)
+        raw.send(go + encode_request(c.CMD_WRITE, 1, 0, 5) + b"early" + encode_request(c.CMD_READ, 2, 0, 5))
+        assert raw.replies_until_final()[-1][1] == c.REP_ACK
+        assert raw.simple_reply() == (0, 1)
+        assert raw.simple_reply() == (0, 2)
+        assert raw.recv_exact(5) == b"early"
+        raw.close()
