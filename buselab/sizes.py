@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import humanize
 
@@ -18,8 +19,8 @@ def parse_size(text: str) -> int:
     if not match:
         raise UserError(f"bad size {text!r}: use a number with an optional unit, like 512K, 128M, 1G or 1T")
     number, unit = match.groups()
-    value = float(number) * _UNITS[unit.upper()]
-    if value != int(value):
+    value = Fraction(number) * _UNITS[unit.upper()]  # exact: no float rounding of big sizes
+    if value.denominator != 1:
         raise UserError(f"bad size {text!r}: it is not a whole number of bytes")
     if value <= 0:
         raise UserError(f"bad size {text!r}: a disk needs at least one byte")

@@ -36,6 +36,8 @@ MiB = 1 << 20
         ("64MiB", 64 << 20),
         ("2GB", 2 << 30),
         (" 8M ", 8 << 20),
+        ("9007199254740993", 2**53 + 1),  # exact, no float rounding
+        ("0.5K", 512),
     ],
 )
 def test_parse_size(text, value):

@@ -129,6 +129,7 @@ def test_block_status_needs_a_meta_context():
     assert check(req(c.CMD_BLOCK_STATUS, 0, SIZE, c.CMD_FLAG_REQ_ONE), structured=True, meta=1) == 0
     assert check(r, structured=True, meta=0) == c.EINVAL
     assert check(r) == c.EINVAL
+    assert check(req(c.CMD_BLOCK_STATUS, 0, 0), structured=True, meta=1) == c.EINVAL
 
 
 def test_df_only_on_structured_reads():

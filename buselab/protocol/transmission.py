@@ -87,7 +87,9 @@ def check_request(req: Request, size: int, tflags: int, structured: bool, meta_c
     }.get(cmd)
     if needed and not tflags & needed:
         return c.EINVAL
-    if cmd == c.CMD_BLOCK_STATUS and not meta_contexts:
+    if cmd == c.CMD_BLOCK_STATUS and (not meta_contexts or req.length == 0):
+        # A block status reply must carry at least one non-empty extent, which
+        # a zero-length query cannot have.
         return c.EINVAL
     if cmd == c.CMD_FLUSH:
         return 0 if req.offset == 0 and req.length == 0 else c.EINVAL
