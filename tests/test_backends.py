@@ -5,10 +5,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import require_root, require_tool
 
 from buselab.backends import BackendError, open_backend, wire_errno
 from buselab.backends.file import FileBackend
@@ -558,3 +560,43 @@ def test_example_mydisk(tmp_path):
 def test_example_mydisk_takes_size():
     backend = open_backend("plugin", path=f"{EXAMPLE}:MyDisk", size=16 * MiB)
     assert backend.size == 16 * MiB
+
+
+# --- file backend on a block device (root: a loop device stands in for /dev/sdX or /dev/nbdN) -------
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    require_root()
+    require_tool("losetup")
+    image = tmp_path / "loop.img"
+    image.write_bytes(b"\x42" * (4 * MiB))
+    device = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True, timeout=30)
+
+
+def test_file_backend_on_a_block_device(loop_device):
+    with pytest.raises(UserError, match="block device"):
+        FileBackend(loop_device, 8 * MiB)  # a block device has its own size
+    disk = FileBackend(loop_device)
+    try:
+        assert disk.is_block_device
+        assert disk.size == 4 * MiB
+        assert not disk.caps.extents  # no SEEK_HOLE on block devices: report all as data
+        assert disk.read(0, 4) == b"\x42" * 4
+        data = os.urandom(8192)
+        disk.write(MiB, data, fua=True)
+        disk.flush()
+        assert disk.read(MiB, 8192) == data
+        disk.write_zeroes(2 * MiB, MiB, may_trim=False, fast=False)
+        assert disk.read(2 * MiB, MiB) == bytes(MiB)
+        disk.trim(3 * MiB, MiB)  # advisory; must not fail
+        assert disk.read(MiB - 1, 1) == b"\x42"
+        assert "block device" in disk.describe()
+    finally:
+        disk.close()
