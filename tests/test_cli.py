@@ -364,3 +364,36 @@ def test_version_and_help():
     assert proc.returncode == 0
     for command in ("ram", "file", "lo", "null", "plugin", "demo"):
         assert command in proc.stdout
+
+
+def test_demo_headless_drives_real_traffic(tmp_path):
+    proc = buselab("demo", "--headless", "--seconds", "2.5", "--pace", "0.0005", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if " | " in line]
+    assert lines, proc.stdout
+    rates = [float(m.group(1).replace(",", "")) for m in re.finditer(r"\| ([\d,]+) req/s", proc.stdout)]
+    assert max(rates) > 0, proc.stdout  # the built-in workload really sent requests
+    assert "errors 0" in lines[-1]
+    assert "stopped cleanly" in proc.stdout
+
+
+def test_null_backend_served(buselab_server):
+    served = buselab_server(["null", "--size", "1G"])
+    with NBDClient.connect_unix(served.socket) as client:
+        assert client.size == 1 << 30
+        client.write(0, b"forgotten")
+        assert client.read(0, 9) == bytes(9)
+
+
+def test_read_only_file(buselab_server, tmp_path):
+    path = tmp_path / "ro.img"
+    path.write_bytes(b"\x07" * MiB)
+    served = buselab_server(["file", str(path), "--readonly"])
+    with NBDClient.connect_unix(served.socket) as client:
+        assert client.flags & 2  # NBD_FLAG_READ_ONLY
+        assert client.read(0, 4) == b"\x07" * 4
+    assert served.stop() == 0
+    assert path.read_bytes() == b"\x07" * MiB
+    proc = buselab("file", str(tmp_path / "absent.img"), "--readonly", "--size", "1M", "--unix", str(tmp_path / "s"))
+    assert_one_line_error(proc, "readonly")
