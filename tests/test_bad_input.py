@@ -141,11 +141,11 @@ def test_disconnect_mid_write_payload_applies_nothing(tmp_path, length, sent):
         raw.send(encode_request(c.CMD_WRITE, 1, 4096, length) + b"\xee" * sent)
         time.sleep(0.05)  # let the server take what was sent
         raw.sock.close()
-        wait_for(lambda: session.engine.telemetry.snapshot().connections == 0)
+        events = session.engine.telemetry.events
+        wait_for(lambda: any("nothing of it was applied" in m for _, m in list(events)))
         with connect(session) as checker:
             assert checker.read(0, 4096 + length + 4096) == PATTERN[: 4096 + length + 4096]
         assert session.engine.telemetry.snapshot().count[c.CMD_WRITE] == writes_before
-        assert "nothing of it was applied" in " ".join(m for _, m in session.engine.telemetry.events) or sent == 0
 
 
 def test_overlong_write_gets_eoverflow_payload_skipped_connection_continues(tmp_path):
