@@ -279,3 +279,27 @@ def test_fio_verify_crc32c_two_connections_iodepth_16(buselab_server, tmp_path, 
         assert job["read"]["io_bytes"] == 16 * MiB  # the verify pass read everything back
     # Both regions really hold data now.
     assert nbd_map(served.uri) == [(0, 32 * MiB, DATA)]
+
+
+# --- the README's plugin example -----------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mydisk.py"
+
+
+def test_example_plugin_with_real_clients(buselab_server):
+    served = buselab_server(["plugin", str(EXAMPLE)])
+    info = nbdinfo_json(served.uri)
+    assert info["export-size"] == 64 * MiB
+    assert info["can_flush"] is True and info["can_trim"] is True and info["can_zero"] is True
+    out = qemu_io(
+        served.uri,
+        "write -P 0x3c 1000 100k",
+        "read -P 0x3c 1000 100k",
+        "discard 0 64k",
+        "read -P 0 0 64k",
+        "read -P 0x3c 64k 37864",  # up to 1000 + 100k
+        "write -z 1M 8k",
+        "read -P 0 1M 8k",
+        "flush",
+    ).stdout
+    assert "verification failed" not in out.lower()

@@ -681,3 +681,19 @@ def test_requests_sent_together_with_the_go_option(tmp_path):
         assert raw.simple_reply() == (0, 2)
         assert raw.recv_exact(5) == b"early"
         raw.close()
+
+
+def test_backend_errors_logged_only_for_bugs(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="buselab")
+    with serve(failing_backend(tmp_path), tmp_path) as session, connect(session) as client:
+        with pytest.raises(NBDError) as info:
+            client.write(FAIL_AT, b"x")  # OSError(ENOSPC): an expected failure, not logged
+        assert info.value.errno == c.ENOSPC
+        assert [r for r in caplog.records if r.name == "buselab"] == []
+        for _ in range(3):
+            with pytest.raises(NBDError) as info:
+                client.read(FAIL_AT, 512)  # RuntimeError: a bug in the plugin, logged
+            assert info.value.errno == c.EIO
+        messages = [r.getMessage() for r in caplog.records if r.name == "buselab"]
+        assert messages and all("RuntimeError: the disk is on fire" in m for m in messages)
+        assert client.read(0, 4) == bytes(4)
