@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 from ..protocol import constants as c
 
-N_CMDS = 8
+N_CMDS = 9  # the 8 NBD commands, and one slot for commands we do not know
+OTHER_CMD = 8
 LATENCY_BUCKETS = 40  # bucket i holds latencies in [2**(i-1), 2**i) microseconds
 HEAT_READ, HEAT_WRITE, HEAT_TRIM = 0, 1, 2
 _HEAT_KIND = {c.CMD_READ: HEAT_READ, c.CMD_WRITE: HEAT_WRITE, c.CMD_WRITE_ZEROES: HEAT_WRITE, c.CMD_TRIM: HEAT_TRIM}
@@ -173,6 +174,7 @@ class Telemetry:
     ) -> RequestRecord:
         latency = end - start
         seq = next(self._seq)
+        slot = cmd if cmd < OTHER_CMD else OTHER_CMD
         # tuple.__new__ skips the namedtuple's Python-level constructor: this
         # runs once per request on the serving thread.
         record = _new_tuple(
@@ -193,13 +195,13 @@ class Telemetry:
         )
         self.ring.append(record)
         self._last_seq = seq
-        rec.count[cmd] += 1
-        rec.latency_sum[cmd] += latency
-        rec.latency[cmd][min(int(latency * 1e6).bit_length(), _LAST_BUCKET)] += 1
+        rec.count[slot] += 1
+        rec.latency_sum[slot] += latency
+        rec.latency[slot][min(int(latency * 1e6).bit_length(), _LAST_BUCKET)] += 1
         if error:
-            rec.errors[cmd] += 1
+            rec.errors[slot] += 1
         else:
-            rec.bytes[cmd] += length
+            rec.bytes[slot] += length
             kind = _HEAT_KIND.get(cmd)
             if kind is not None and length:
                 row = rec.heat[kind]
