@@ -22,9 +22,11 @@ import fcntl
 import logging
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -60,6 +62,17 @@ KERNEL_FLAGS = (
     | c.TF_SEND_WRITE_ZEROES
     | c.TF_CAN_MULTI_CONN
 )
+
+# With timeout 0 and one connection the kernel waits for ever and only logs "Possible stuck
+# request" every 30 s. With several connections it does not: after its default 30 s it marks
+# the connection dead and requeues the request elsewhere, so a paused gate would kill every
+# connection in turn. There "for ever" has to be a long timeout instead. 30 days: tag_set.timeout
+# is an unsigned int of jiffies, and 30 days at HZ=1000 still fits.
+LONG_TIMEOUT = 30 * 24 * 3600
+
+# Signals that must reach the main thread, never interrupt NBD_DO_IT: the kernel treats an
+# interrupted DO_IT as "the server went away" and fails every request in flight.
+_MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
 
 
 @dataclass
@@ -155,23 +168,56 @@ def free_device() -> str:
     raise UserError("every nbd device is in use: detach one, or load more with `modprobe nbd nbds_max=N`")
 
 
+def _mount_points(device: str) -> list[str]:
+    """Where `device` is mounted (in this mount namespace)."""
+    try:
+        real = os.path.realpath(device)
+        with open("/proc/self/mounts") as f:
+            return [fields[1] for fields in (line.split() for line in f) if os.path.realpath(fields[0]) == real]
+    except OSError:
+        return []
+
+
+def _what_holds(device: str, index: int) -> str:
+    """A short phrase on what keeps `device` open, for error messages."""
+    mounts = _mount_points(device)
+    if mounts:
+        return f"it is mounted at {', '.join(mounts)}: unmount it (umount {device})"
+    try:
+        holders = os.listdir(f"/sys/block/nbd{index}/holders")
+    except OSError:
+        holders = []
+    if holders:
+        return f"{', '.join(holders)} sits on top of it: remove that first"
+    return f"something still has it open (see `fuser -vm {device}`): close that"
+
+
 def _release_stale(device: str, index: int, netlink: object | None) -> None:
-    """Free a device left attached by a process that no longer exists."""
+    """Free a device left attached by a process that no longer exists (kill -9).
+
+    An ioctl attach mostly cleans up after itself when its process dies; a netlink
+    attach keeps the device configured, with dead sockets, until someone disconnects it.
+    """
     pid = holder_pid(index)
     if pid is not None and _alive(pid):
         raise UserError(
-            f"{device} is in use by process {pid} ({_process_name(pid)}): stop it first, or pick another device with --device auto"
+            f"{device} is busy: process {pid} ({_process_name(pid)}) has attached it; stop that, or use --device auto"
         )
     if pid is None and device_size(index) == 0:
         return
-    log.warning("%s was left attached by process %s, which is gone: freeing it", device, pid if pid else "?")
-    print(f"buselab: {device} was left attached by a process that is gone (pid {pid}); freeing it", flush=True)
+    who = f"process {pid}, which is gone" if pid else "a process that is gone"
+    log.info("%s was left attached by %s: freeing it", device, who)
     if netlink is not None:
         try:
             netlink.disconnect(index)  # type: ignore[attr-defined]
-        except OSError:
-            pass
-    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        except Exception as exc:  # noqa: BLE001 - the ioctls below are the fallback
+            log.info("netlink disconnect of %s failed: %s", device, exc)
+    # NBD_CLEAR_SOCK also drops the reference a netlink connect holds, so this frees a
+    # device that either interface attached.
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UserError(f"cannot open {device} to free it: {exc.strerror}") from None
     try:
         for request in (NBD_DISCONNECT, NBD_CLEAR_QUE, NBD_CLEAR_SOCK):
             try:
@@ -180,39 +226,54 @@ def _release_stale(device: str, index: int, netlink: object | None) -> None:
                 pass
     finally:
         os.close(fd)
-    for _ in range(100):
-        if holder_pid(index) is None:
-            return
+    # The kernel lets go once the last opener is gone: a few ms, unless someone holds it.
+    deadline = time.monotonic() + 5.0
+    while holder_pid(index) is not None or device_size(index):
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"{device} is still held after its server died: {_what_holds(device, index)}, then run buselab again"
+            )
         time.sleep(0.05)
-    raise UserError(f"{device} is still held after trying to free it: run `sudo nbd-client -d {device}` and try again")
+    print(f"buselab: freed {device}, which was left attached by {who}", file=sys.stderr, flush=True)
 
 
 def _block_size(size: int, wanted: int | None) -> int:
+    if size <= 0:
+        raise UserError("the disk is empty: give it a --size")
     for bs in [wanted] if wanted else [4096, 1024, 512]:
         if size % bs == 0:
             return bs
     if wanted:
         raise UserError(f"the disk size {size} is not a multiple of the block size {wanted}")
-    raise UserError(f"the disk size {size} is not a multiple of 512: the kernel needs whole sectors")
+    raise UserError(f"the disk size {size} is not a multiple of 512: the kernel needs whole sectors (try --size 1M)")
+
+
+def _block_signals() -> None:
+    """Keep the signals meant for the main thread away from this thread."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
 
 
 class KernelAttachment:
     """An engine attached to /dev/nbdN; `detach` undoes everything."""
 
-    def __init__(self, device: str, index: int, method: str) -> None:
+    def __init__(self, device: str, index: int, method: str, engine: Engine | None = None) -> None:
         self.device = device
         self.index = index
         self.method = method  # "netlink" or "ioctl"
+        self.connections = 1
+        self._engine = engine
         self._fd: int | None = None  # ioctl: the open device
         self._do_it: threading.Thread | None = None
         self._do_it_error: OSError | None = None
         self._netlink = None
-        self._kernel_ends: list[socket.socket] = []
         self._connections: list = []
         self._detached = False
 
     def _flush_device(self) -> None:
-        """Push the block layer's dirty pages to us before we go."""
+        """Push dirty pages to us before we go (a mounted filesystem's too, with sync)."""
+        _block_signals()
+        if _mount_points(self.device):
+            os.sync()
         try:
             fd = os.open(self.device, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -225,29 +286,57 @@ class KernelAttachment:
             os.close(fd)
 
     def detach(self, timeout: float = 20.0) -> None:
+        """Answer what is held, flush, disconnect, and wait until the device is free."""
         if self._detached:
             return
         self._detached = True
-        flusher = threading.Thread(target=self._flush_device, daemon=True)
+        deadline = time.monotonic() + timeout
+        mounts = _mount_points(self.device)
+        if mounts:
+            print(
+                f"buselab: warning: {self.device} is still mounted at {', '.join(mounts)}; detaching anyway",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self._engine is not None:
+            # Requests held by a paused gate would otherwise wait for ever (the flush
+            # below among them): let them through, as Engine.close would.
+            self._engine.gate.set_matcher(None)
+            self._engine.gate.resume()
+        # The flush can hang on a device that is already broken: never wait for ever.
+        flusher = threading.Thread(target=self._flush_device, name="buselab-flush", daemon=True)
         flusher.start()
         flusher.join(timeout / 2)
+        if flusher.is_alive():
+            log.warning("flushing %s did not finish; detaching anyway", self.device)
         if self.method == "netlink":
             try:
+                # Sends DISC on every socket, shuts them down and waits for the kernel's
+                # receive threads; the device is cleared once the last opener is gone.
                 self._netlink.disconnect(self.index)  # type: ignore[union-attr]
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001
                 log.warning("netlink disconnect of %s failed: %s", self.device, exc)
         elif self._fd is not None:
             try:
+                # Sends DISC; our connection closes its end on DISC, which ends NBD_DO_IT.
                 fcntl.ioctl(self._fd, NBD_DISCONNECT)
             except OSError as exc:
                 log.warning("NBD_DISCONNECT on %s failed: %s", self.device, exc)
-        deadline = time.monotonic() + timeout
         if self._do_it is not None:
             self._do_it.join(max(0.0, deadline - time.monotonic()))
-        # Our serving threads end when the kernel sends DISC or drops the socket.
+            if self._do_it.is_alive():
+                log.warning("NBD_DO_IT on %s did not return; closing our sockets", self.device)
+        # Our serving threads end when the kernel sends DISC or shuts the socket down.
         for conn in self._connections:
             while conn.sock.fileno() != -1 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            if conn.sock.fileno() != -1:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if self._do_it is not None and self._do_it.is_alive():
+            self._do_it.join(max(1.0, deadline - time.monotonic()))
         if self._fd is not None:
             for request in (NBD_CLEAR_QUE, NBD_CLEAR_SOCK):
                 try:
@@ -256,15 +345,34 @@ class KernelAttachment:
                     pass
             os.close(self._fd)
             self._fd = None
-        for sock in self._kernel_ends:
-            sock.close()
         if self._netlink is not None:
             self._netlink.close()
+            self._netlink = None
         # The kernel clears the size once its last reference goes; wait for it.
-        while device_size(self.index) and time.monotonic() < deadline:
+        while (device_size(self.index) or holder_pid(self.index) is not None) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if device_size(self.index):
-            log.warning("%s still reports a size after detaching", self.device)
+        if device_size(self.index) or holder_pid(self.index) is not None:
+            log.warning("%s is still configured after detaching: %s", self.device, _what_holds(self.device, self.index))
+
+
+def _open_netlink(options: KernelOptions):
+    """The nbd netlink interface, or None to use ioctls (asked for, or not available)."""
+    if options.use_ioctl:
+        return None
+    try:
+        from .netlink import NbdNetlink  # pyroute2: an optional dependency, slow to import
+    except ImportError as exc:
+        if options.connections > 1:
+            raise UserError(
+                "--connections needs the nbd netlink interface, which needs pyroute2: pip install 'buselab[kernel]'"
+            ) from None
+        log.info("pyroute2 is not installed (%s); using ioctls", exc)
+        return None
+    try:
+        return NbdNetlink()
+    except Exception as exc:  # noqa: BLE001 - no family: old kernel, fall back to ioctls
+        log.info("nbd netlink unavailable (%s); using ioctls", exc)
+        return None
 
 
 def attach(
@@ -272,39 +380,69 @@ def attach(
 ) -> KernelAttachment:
     """Attach `engine` to `device` (/dev/nbdN, or "auto" / "/dev/nbd" for any free one)."""
     options = options or KernelOptions()
+    auto = device in ("auto", "/dev/nbd")
+    if not auto:
+        device_index(device)  # "not an nbd device" needs neither root nor the module
     if os.geteuid() != 0:
         raise UserError(f"attaching {device} needs root: run it with sudo (or leave DEVICE out to serve over NBD)")
-    ensure_module()
-    from .netlink import NbdNetlink
-
-    netlink = None
-    if not options.use_ioctl:
-        try:
-            netlink = NbdNetlink()
-        except Exception as exc:  # noqa: BLE001 - no family: old kernel, fall back to ioctls
-            log.info("nbd netlink unavailable (%s); using ioctls", exc)
-            netlink = None
-    if options.connections > 1 and netlink is None:
-        raise UserError("--connections needs the nbd netlink interface, which this kernel does not offer")
-    if device in ("auto", "/dev/nbd"):
-        device = free_device()
-        print(f"buselab: using {device}", flush=True)
-    index = check_device(device)
-    _release_stale(device, index, netlink)
+    if options.connections < 1:
+        raise UserError("--connections must be at least 1")
+    if options.timeout < 0:
+        raise UserError("--timeout must be 0 (wait for ever) or a number of seconds")
     size = engine.size
     block_size = _block_size(size, options.block_size)
     flags = engine.flags & KERNEL_FLAGS
-    if netlink is not None:
-        attachment = _attach_netlink(device, index, engine, network, netlink, size, block_size, flags, options)
-    else:
-        attachment = _attach_ioctl(device, index, engine, network, size, block_size, flags, options)
-    engine.telemetry.event(f"attached {device} via {attachment.method}")
+    if options.connections > 1 and not flags & c.TF_CAN_MULTI_CONN:
+        raise UserError(
+            f"--connections {options.connections} needs a backend that is safe with several connections"
+            f" ({engine.backend.kind} is not): use one connection"
+        )
+    ensure_module()
+    if not auto:
+        check_device(device)
+    netlink = _open_netlink(options)
+    try:
+        if options.connections > 1 and netlink is None:
+            if options.use_ioctl:
+                raise UserError("--connections needs netlink: drop --ioctl, or use one connection")
+            raise UserError("--connections needs the nbd netlink interface, which this kernel does not offer")
+        if auto:
+            device = free_device()
+            print(f"buselab: using {device}", flush=True)
+        index = check_device(device)
+        _release_stale(device, index, netlink)
+        if netlink is not None:
+            attachment = _attach_netlink(device, index, engine, network, netlink, size, block_size, flags, options)
+        else:
+            attachment = _attach_ioctl(device, index, engine, network, size, block_size, flags, options)
+    except BaseException:
+        if netlink is not None:
+            netlink.close()
+        raise
+    how = f"{attachment.method}, {options.connections} connections" if options.connections > 1 else attachment.method
+    engine.telemetry.event(f"attached {device} via {how}")
+    print(f"buselab: attached {device} via {how}", flush=True)
     return attachment
 
 
+def _kernel_timeout(options: KernelOptions) -> int:
+    if options.timeout == 0 and options.connections > 1:
+        return LONG_TIMEOUT
+    return options.timeout
+
+
+def _busy_message(device: str, index: int) -> str:
+    pid = holder_pid(index)
+    if pid is not None:
+        return (
+            f"{device} is busy: process {pid} ({_process_name(pid)}) has attached it; stop that, or use --device auto"
+        )
+    return f"{device} is busy: another program has it open or is attaching it; close that, or use --device auto"
+
+
 def _attach_netlink(device, index, engine, network, netlink, size, block_size, flags, options) -> KernelAttachment:
-    attachment = KernelAttachment(device, index, "netlink")
-    attachment._netlink = netlink
+    attachment = KernelAttachment(device, index, "netlink", engine)
+    attachment.connections = options.connections
     pairs = [socket.socketpair() for _ in range(options.connections)]
     try:
         netlink.connect(
@@ -313,24 +451,27 @@ def _attach_netlink(device, index, engine, network, netlink, size, block_size, f
             block_size,
             flags,
             index=index,
-            timeout=options.timeout,
+            timeout=_kernel_timeout(options),
         )
     except Exception as exc:
-        for ours, kernel_end in pairs:
+        for ours, _ in pairs:
             ours.close()
-            kernel_end.close()
-        netlink.close()
         if getattr(exc, "code", None) == errno.EBUSY:
-            raise UserError(f"{device} is busy: another program has attached it") from None
+            raise UserError(_busy_message(device, index)) from None
         raise UserError(f"the kernel refused to attach {device}: {exc}") from None
-    for ours, kernel_end in pairs:
-        attachment._kernel_ends.append(kernel_end)  # the kernel holds its own reference too
-        attachment._connections.append(network.serve_socket(ours, f"kernel {device}", kernel=True))
+    finally:
+        # The kernel took its own reference to each socket it was given.
+        for _, kernel_end in pairs:
+            kernel_end.close()
+    attachment._netlink = netlink
+    for number, (ours, _) in enumerate(pairs):
+        label = f"kernel {device}" if len(pairs) == 1 else f"kernel {device} #{number + 1}"
+        attachment._connections.append(network.serve_socket(ours, label, kernel=True))
     return attachment
 
 
 def _attach_ioctl(device, index, engine, network, size, block_size, flags, options) -> KernelAttachment:
-    attachment = KernelAttachment(device, index, "ioctl")
+    attachment = KernelAttachment(device, index, "ioctl", engine)
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
@@ -341,24 +482,27 @@ def _attach_ioctl(device, index, engine, network, size, block_size, flags, optio
         fcntl.ioctl(fd, NBD_SET_BLKSIZE, block_size)
         fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, size // block_size)
         fcntl.ioctl(fd, NBD_SET_FLAGS, flags)
-        fcntl.ioctl(fd, NBD_SET_TIMEOUT, options.timeout)
+        fcntl.ioctl(fd, NBD_SET_TIMEOUT, _kernel_timeout(options))
         fcntl.ioctl(fd, NBD_SET_SOCK, kernel_end.fileno())
     except OSError as exc:
         ours.close()
         kernel_end.close()
-        try:
-            fcntl.ioctl(fd, NBD_CLEAR_SOCK)
-        except OSError:
-            pass
+        # Nothing to undo: closing our fd drops what we configured (and an EBUSY device is
+        # someone else's, not ours to clear).
         os.close(fd)
         if exc.errno == errno.EBUSY:
-            raise UserError(f"{device} is busy: another program has attached it") from None
+            raise UserError(_busy_message(device, index)) from None
+        if exc.errno == errno.EINVAL and holder_pid(index) is not None:
+            raise UserError(_busy_message(device, index)) from None
         raise UserError(f"the kernel refused to attach {device}: {exc.strerror}") from None
+    kernel_end.close()  # the kernel holds its own reference
     attachment._fd = fd
-    attachment._kernel_ends.append(kernel_end)
     attachment._connections.append(network.serve_socket(ours, f"kernel {device}", kernel=True))
+    started = threading.Event()
 
     def do_it() -> None:
+        _block_signals()
+        started.set()
         try:
             fcntl.ioctl(fd, NBD_DO_IT)  # blocks (without the GIL) while attached
         except OSError as exc:
@@ -366,4 +510,24 @@ def _attach_ioctl(device, index, engine, network, size, block_size, flags, optio
 
     attachment._do_it = threading.Thread(target=do_it, name=f"buselab-do-it-{index}", daemon=True)
     attachment._do_it.start()
+    started.wait()
+    # NBD_DO_IT sets the size and the pid file, then blocks: wait for that, so that the
+    # device is usable once we return, and a failure is an error and not a silent exit.
+    deadline = time.monotonic() + 30.0
+    while holder_pid(index) is None:
+        if not attachment._do_it.is_alive() or time.monotonic() > deadline:
+            error = attachment._do_it_error
+            attachment._detached = True
+            ours.shutdown(socket.SHUT_RDWR)
+            try:
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+            except OSError:
+                pass
+            os.close(fd)
+            attachment._fd = None
+            if error is not None and error.errno == errno.EBUSY:
+                raise UserError(_busy_message(device, index))
+            reason = error.strerror if error is not None else "NBD_DO_IT did not start"
+            raise UserError(f"the kernel refused to attach {device}: {reason}")
+        time.sleep(0.01)
     return attachment

@@ -6,9 +6,14 @@ built and parsed by pyroute2 (a maintained netlink library) rather than by hand.
 
 from __future__ import annotations
 
+import logging
+
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
+
+# pyroute2 logs every message at DEBUG: `buselab -v` is about buselab, not netlink traffic.
+logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 FAMILY = "nbd"
 VERSION = 1

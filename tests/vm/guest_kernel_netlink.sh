@@ -1,0 +1,90 @@
+# Runs *inside* the test VM, nbd loaded with nbds_max=4 (tests/test_kernel_vm.py).
+# The netlink path: ext4 on /dev/nbd0 over 2 connections, chaining (lo /dev/nbd0 /dev/nbd1),
+# --device auto, a busy device, kill -9 recovery (by netlink and by the ioctls alone), and a
+# pause longer than the kernel's 30 s request timeout (guest_pause.py) unless PAUSE=0.
+. "$(dirname "$0")/guest_lib.sh"
+HERE=$(cd "$(dirname "$0")" && pwd)
+T0=$(now)
+
+echo "== ext4 on /dev/nbd0 via netlink, 2 connections"
+if start nl ram --size 64M /dev/nbd0 --connections 2; then
+    grep -q '^buselab: attached /dev/nbd0 via netlink, 2 connections' nl.log &&
+        ok "nl: attached via netlink with 2 connections" || fail "nl: not via netlink: $(head -3 nl.log | tr '\n' '|')"
+    queues=$(ls /sys/block/nbd0/mq | wc -l)
+    [ "$queues" = 2 ] && ok "nl: nbd0 has 2 hardware queues" || fail "nl: nbd0 has $queues hardware queues"
+    fs_roundtrip nl /dev/nbd0
+    expect_flush_trim nl
+    grep -q '| 2 clients |' nl.log && ok "nl: stats show 2 kernel connections" || fail "nl: stats do not show 2 clients"
+
+    echo "== busy device (netlink)"
+    expect_error "busy device (netlink)" "/dev/nbd0 is busy: process $PID_nl (buselab" ram --size 16M /dev/nbd0
+
+    echo "== chaining: lo /dev/nbd0 /dev/nbd1"
+    if start chain lo /dev/nbd0 /dev/nbd1; then
+        fs_roundtrip chain /dev/nbd1
+        expect_flush_trim chain
+        expect_stop chain INT 1
+    fi
+
+    echo "== --device auto"
+    if start auto ram --size 16M --device auto; then
+        grep -q '^buselab: using /dev/nbd1' auto.log && ok "auto: picked /dev/nbd1" ||
+            fail "auto: $(head -2 auto.log | tr '\n' '|')"
+        expect_dd "auto: write through nbd1" if=/dev/urandom of=/dev/nbd1 bs=64k count=16 oflag=direct
+        expect_stop auto TERM 1
+    fi
+
+    expect_stop nl INT 0
+fi
+
+echo "== kill -9 (netlink): the next run frees the device itself"
+if start k9 ram --size 16M /dev/nbd2; then
+    expect_dd "k9: write through nbd2" if=/dev/urandom of=/dev/nbd2 bs=64k count=16 oflag=direct
+    kill -9 "$PID_k9"
+    wait "$PID_k9"
+    note "after kill -9 (netlink): nbd2 size $(size_of 2) pid $(pid_of 2)"
+    if start k9b ram --size 16M /dev/nbd2; then
+        grep -q "^buselab: freed /dev/nbd2, which was left attached by process $PID_k9" k9b.log &&
+            ok "k9b: said it freed nbd2" || fail "k9b: no 'freed' line: $(head -3 k9b.log | tr '\n' '|')"
+        expect_dd "k9b: read through nbd2" if=/dev/nbd2 of=/dev/null bs=64k count=16 iflag=direct
+        kill -9 "$PID_k9b"
+        wait "$PID_k9b"
+        # The same leftover, freed by an --ioctl run (no netlink at all).
+        if start k9c ram --size 16M /dev/nbd2 --ioctl; then
+            grep -q "^buselab: freed /dev/nbd2" k9c.log && ok "k9c: --ioctl freed a netlink leftover" ||
+                fail "k9c: no 'freed' line: $(head -3 k9c.log | tr '\n' '|')"
+            expect_dd "k9c: write through nbd2" if=/dev/zero of=/dev/nbd2 bs=64k count=16 oflag=direct
+            expect_stop k9c TERM 2
+        fi
+    fi
+fi
+
+echo "== kill -9 (netlink) while mounted: the next run says it is held, and how to free it"
+mkdir -p /tmp/mnt-km
+if start km ram --size 16M /dev/nbd3; then
+    run "km: mkfs.ext4 and mount" sh -c "mkfs.ext4 -q -F /dev/nbd3 && mount /dev/nbd3 /tmp/mnt-km"
+    kill -9 "$PID_km"
+    wait "$PID_km"
+    note "after kill -9 (netlink, mounted): nbd3 size $(size_of 3) pid $(pid_of 3)"
+    expect_error "held after kill -9" "/dev/nbd3 is still held.*mounted at /tmp/mnt-km.*umount" ram --size 16M /dev/nbd3
+    run "km: umount the dead device" timeout -s KILL 60 umount /tmp/mnt-km
+    if start km2 ram --size 16M /dev/nbd3; then
+        expect_dd "km2: write through nbd3" if=/dev/zero of=/dev/nbd3 bs=64k count=16 oflag=direct
+        expect_stop km2 TERM 3
+    fi
+fi
+
+if [ "${PAUSE:-40}" != 0 ]; then
+    echo "== a ${PAUSE:-40} s pause does not kill the device"
+    t1=$(now)
+    if timeout -s KILL 300 python3 "$HERE/guest_pause.py" "${PAUSE:-40}" >pause.log 2>&1; then
+        ok "pause: guest_pause.py passed"
+    else
+        fail "pause: guest_pause.py failed"
+    fi
+    sed 's/^/pause: /' pause.log
+    note "pause check took $(echo "$(now) $t1" | awk '{printf "%.1f", $1 - $2}') s"
+fi
+
+echo "took $(echo "$(now) $T0" | awk '{printf "%.1f", $1 - $2}') s"
+finish

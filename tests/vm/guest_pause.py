@@ -1,0 +1,112 @@
+"""Runs *inside* the test VM: a paused device survives a pause longer than the kernel's 30 s.
+
+With timeout 0 the kernel's nbd driver waits for ever on a single connection (it only logs
+"Possible stuck request" every 30 s), but with several connections it marks a connection dead
+after 30 s and requeues its requests; buselab therefore asks for a very long timeout there.
+Two devices are paused at once: /dev/nbd0 (ioctl, one connection) and /dev/nbd1 (netlink, two
+connections). Reads are held by the gate for PAUSE seconds (argv[1], default 40), then released;
+they must complete with the right data and the kernel must not have failed anything.
+
+No CLI for pausing yet, so this drives the engine's gate through the library. Prints one
+``ok:`` or ``FAIL:`` line per check. ``nofix`` as argv[2] sends timeout 0 on the netlink device
+too, to show what the kernel does without the long timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from buselab.backends import open_backend
+from buselab.session import ServeOptions, Session
+from buselab.transport import kernel
+
+PAUSE = float(sys.argv[1]) if len(sys.argv) > 1 else 40.0
+SIZE = 16 << 20
+PATTERN = "/tmp/pause-pattern"
+failures = 0
+
+
+def check(ok: bool, what: str) -> None:
+    global failures
+    print(f"{'ok' if ok else 'FAIL'}: {what}", flush=True)
+    failures += not ok
+
+
+def dmesg() -> list[str]:
+    return subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[2] == "nofix":
+        kernel._kernel_timeout = lambda options: options.timeout
+    with open(PATTERN, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    devices = {
+        "/dev/nbd0": ServeOptions(device="/dev/nbd0", use_ioctl=True),
+        "/dev/nbd1": ServeOptions(device="/dev/nbd1", connections=2),
+    }
+    sessions = {dev: Session(open_backend("ram", size=SIZE), options) for dev, options in devices.items()}
+    kernel_log_start = len(dmesg())
+    for dev, session in sessions.items():
+        session.start()
+        print(f"attached {dev} via {session.kernel.method}, {session.options.connections} connection(s)", flush=True)
+    try:
+        for dev in sessions:
+            subprocess.run(["dd", f"if={PATTERN}", f"of={dev}", "bs=64k", "oflag=direct", "status=none"], check=True)
+        readers = {}
+        for dev, session in sessions.items():
+            session.engine.gate.pause()
+            out = f"/tmp/pause-out-{os.path.basename(dev)}"
+            # 16 reads of 64 KiB with O_DIRECT: several requests in flight, over both connections.
+            readers[dev] = (
+                subprocess.Popen(
+                    ["dd", f"if={dev}", f"of={out}", "bs=64k", "count=16", "iflag=direct", "status=none"],
+                ),
+                out,
+            )
+        start = time.monotonic()
+        time.sleep(PAUSE)
+        for dev, session in sessions.items():
+            held = len(session.engine.gate.held())
+            proc, _ = readers[dev]
+            check(proc.poll() is None and held > 0, f"{dev}: reads held for {PAUSE:.0f} s ({held} held, dd waiting)")
+        for session in sessions.values():
+            session.engine.gate.resume()
+        for dev, (proc, out) in readers.items():
+            try:
+                rc = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = "timeout"
+            with open(out, "rb") as f, open(PATTERN, "rb") as g:
+                same = f.read() == g.read()
+            check(rc == 0 and same, f"{dev}: after resume the reads completed (rc {rc}), data intact: {same}")
+            print(f"{dev}: waited {time.monotonic() - start:.1f} s in all", flush=True)
+            again = subprocess.run(
+                ["dd", f"if={dev}", "of=/dev/null", "bs=64k", "count=16", "iflag=direct", "status=none"],
+                timeout=60,
+            )
+            check(again.returncode == 0, f"{dev}: the device still works after the pause")
+        lines = [line for line in dmesg()[kernel_log_start:] if "nbd" in line]
+        for line in lines:
+            print(f"dmesg: {line}")
+        bad = [
+            line
+            for line in lines
+            if any(s in line for s in ("timed out", "Dead connection", "I/O error", "Receive control failed"))
+        ]
+        check(not bad, f"the kernel killed nothing ({len(bad)} bad kernel lines)")
+    finally:
+        for dev, session in sessions.items():
+            session.stop()
+            size = open(f"/sys/block/{os.path.basename(dev)}/size").read().strip()
+            check(size == "0", f"{dev}: detached, size {size}")
+    print(f"summary: {failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
