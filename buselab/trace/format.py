@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple
 
@@ -30,15 +31,27 @@ from ..protocol import constants as c
 
 FORMAT_NAME = "buselab-trace"
 FORMAT_VERSION = 1
-HASH_NAME = "blake2b-128"
+HASH_NAME = "crc32"  # the default: cheap enough to hash every request at 100k requests/s
+HASHES = {"crc32": 8, "blake2b-128": 32}  # name -> hex digits
 PAYLOAD_MODES = ("none", "writes", "all")
 OPS = {name: cmd for cmd, name in c.CMD_NAMES.items() if cmd != c.CMD_DISC}
 _READ_CHUNK = 1 << 20
 
 
-def data_hash(data: bytes | bytearray | memoryview) -> str:
-    """The hash a trace stores for data read or written: BLAKE2b, 16 bytes, hex."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def hasher(name: str) -> Callable[[bytes | bytearray | memoryview], str]:
+    """The function that gives a trace's `hash` field for some data (hex)."""
+    if name == "crc32":
+        crc32 = zlib.crc32
+        return lambda data: format(crc32(data), "08x")
+    if name == "blake2b-128":
+        blake2b = hashlib.blake2b
+        return lambda data: blake2b(data, digest_size=16).hexdigest()
+    raise UserError(f"unknown hash {name!r}: choose one of {', '.join(HASHES)}")
+
+
+def data_hash(data: bytes | bytearray | memoryview, name: str = HASH_NAME) -> str:
+    """The hash a trace stores for data read or written."""
+    return hasher(name)(data)
 
 
 def compression_of(path: str) -> str:
@@ -149,8 +162,8 @@ class TraceRecord(NamedTuple):
 
 
 # One line per request, built with % formatting: json.dumps costs several times
-# more and this runs for every request on the recorder's thread.
-_RECORD = (
+# more, and the trace writer runs this for every request.
+RECORD_FORMAT = (
     '{"seq":%d,"t":%.6f,"op":"%s","flags":%d,"offset":%d,"length":%d,"latency":%.9f,"error":%d,"conn":%d,"handle":%d'
 )
 
@@ -170,11 +183,14 @@ def encode_record(
     data: bytes | None,
 ) -> str:
     """One record line (with its newline)."""
-    line = _RECORD % (seq, t, op, flags, offset, length, latency, error, conn, handle)
+    line = RECORD_FORMAT % (seq, t, op, flags, offset, length, latency, error, conn, handle)
     if digest is not None:
         line += ',"hash":"' + digest + '"'
     if data is not None:
-        line += ',"data":"' + binascii.b2a_base64(data, newline=False).decode("ascii") + '"'
+        if data and not any(data):
+            line += ',"zeros":true'
+        else:
+            line += ',"data":"' + binascii.b2a_base64(data, newline=False).decode("ascii") + '"'
     return line + "}\n"
 
 
@@ -185,11 +201,12 @@ def encode_trailer(records: int, duration: float, **extra: Any) -> str:
 class TraceWriter:
     """A trace file open for writing: text lines in, (compressed) bytes out."""
 
-    def __init__(self, path: str, *, level: int | None = None) -> None:
+    def __init__(self, path: str, *, level: int | None = None, fd: int | None = None) -> None:
+        """Write `path` (or the file already open on `fd`, named `path`)."""
         self.path = path
         self.compression = compression_of(path)
         try:
-            self._raw: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed in close()
+            self._raw: IO[bytes] = open(path if fd is None else fd, "wb")  # noqa: SIM115 - closed in close()
         except OSError as exc:
             raise UserError(f"cannot write trace {path}: {exc.strerror or exc}") from exc
         self._zstd = None
@@ -208,6 +225,9 @@ class TraceWriter:
 
     def write(self, text: str) -> None:
         self._out.write(text.encode())
+
+    def write_bytes(self, data: bytes) -> None:
+        self._out.write(data)
 
     def flush(self) -> None:
         """Push what is written so far to the file, decodable (costs a little ratio)."""
@@ -317,8 +337,8 @@ def parse_header(path: str, text: bytes) -> TraceHeader:
         "buselab",
     }
     digest = obj.get("hash", HASH_NAME)
-    if digest != HASH_NAME:
-        raise UserError(f"trace {path} uses hash {digest!r}; this buselab knows only {HASH_NAME}")
+    if digest not in HASHES:
+        raise UserError(f"trace {path} uses hash {digest!r}; this buselab knows {', '.join(HASHES)}")
     return TraceHeader(
         size=size,
         start=float(obj.get("start", 0.0)),
@@ -338,7 +358,7 @@ def parse_header(path: str, text: bytes) -> TraceHeader:
     )
 
 
-def parse_record(path: str, obj: dict, line: int) -> TraceRecord:
+def parse_record(path: str, obj: dict, line: int, hash_digits: int = HASHES[HASH_NAME]) -> TraceRecord:
     op = _require(obj, "op", str, path, line)
     cmd = OPS.get(op)
     if cmd is None:
@@ -348,10 +368,12 @@ def parse_record(path: str, obj: dict, line: int) -> TraceRecord:
     if offset < 0 or length < 0:
         raise UserError(f"trace {path} is corrupt: line {line} has a negative offset or length")
     digest = obj.get("hash")
-    if digest is not None and (not isinstance(digest, str) or len(digest) != 32):
+    if digest is not None and (not isinstance(digest, str) or len(digest) != hash_digits):
         raise UserError(f"trace {path} is corrupt: line {line} has a bad 'hash' ({digest!r})")
     data = obj.get("data")
-    if data is not None:
+    if data is None and obj.get("zeros") is True:
+        data = bytes(length)
+    elif data is not None:
         try:
             data = binascii.a2b_base64(data)
         except (binascii.Error, TypeError) as exc:
@@ -426,6 +448,7 @@ class TraceReader:
         path = self.path
         number = 1
         loads = json.loads
+        digits = HASHES[self.header.hash]
         bad_line = 0  # a line that is not JSON: corrupt, unless nothing follows it (cut short)
         for text in self._lines:
             number += 1
@@ -448,7 +471,7 @@ class TraceReader:
                 self.trailer = obj
                 continue
             self.records_read += 1
-            yield parse_record(path, obj, number)
+            yield parse_record(path, obj, number, digits)
         if bad_line:
             self._cut_short(f"its last line ({bad_line}) is incomplete")
         elif self.trailer is None:
@@ -513,6 +536,8 @@ __all__ = [
     "TraceReader",
     "TraceWriter",
     "data_hash",
+    "hasher",
+    "HASHES",
     "encode_record",
     "encode_trailer",
     "open_trace",

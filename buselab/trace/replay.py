@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..protocol import constants as c
 from ..protocol.transmission import Request, check_request
 from ..sizes import human_bytes, parse_size
-from .format import TraceReader, TraceRecord, open_trace, read_trailer
+from .format import TraceReader, TraceRecord, hasher, open_trace, read_trailer
 
 BACKEND_SPECS = "ram[:SIZE], file:PATH, null[:SIZE] or plugin:FILE[:CLASS]"
 
@@ -104,10 +104,11 @@ class Divergence:
     kind: str  # "data" (a read's bytes) or "result" (OK vs an errno)
     expected: str
     got: str
+    hash: str = ""  # the hash expected and got are in, for "data"
 
     def describe(self) -> str:
         what = "read data differs" if self.kind == "data" else "result differs"
-        unit = "blake2b " if self.kind == "data" else ""
+        unit = f"{self.hash} " if self.kind == "data" else ""
         return (
             f"request {self.index} (line {self.line}, seq {self.seq}): {self.op} offset {self.offset}"
             f" length {self.length} (bytes {self.offset}..{self.offset + self.length - 1}):"
@@ -274,6 +275,8 @@ class Replayer:
         except BaseException:
             self.reader.close()
             raise
+        self._hash = hasher(header.hash)
+        self.hash_name = header.hash
         self.total = trailer.get("records") if trailer else None
         self.summary = ReplaySummary(
             trace=path,
@@ -461,11 +464,13 @@ class Replayer:
         if r.cmd != c.CMD_READ or error or not verify or r.hash is None or data is None:
             return
         summary.reads_compared += 1
-        got = hashlib.blake2b(data, digest_size=16).hexdigest()  # type: ignore[arg-type]
+        got = self._hash(data)  # type: ignore[arg-type]
         if got == r.hash:
             summary.reads_matched += 1
         else:
-            self._diverged(Divergence(index, r.line, r.seq, r.op, r.offset, r.length, "data", r.hash, got))
+            self._diverged(
+                Divergence(index, r.line, r.seq, r.op, r.offset, r.length, "data", r.hash, got, self.hash_name)
+            )
 
     def _diverged(self, divergence: Divergence) -> None:
         summary = self.summary

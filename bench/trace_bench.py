@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""What recording a trace costs: fio 4 KiB random I/O with and without --record.
+
+    python bench/trace_bench.py [--seconds 5] [--rounds 2] [--rw randread,randwrite]
+
+For each workload it runs `buselab ram --unix SOCK --headless`, once without
+and once with `--record /tmp/....jsonl.zst`, in the order A B A B ..., drives
+it with fio's nbd engine (4 jobs x iodepth 8, 4 KiB random), and prints the
+median IOPS of each and their ratio (target: recording >= 0.8x). The trace of
+each recorded run is checked to hold every request fio made, so a recorder
+that keeps up by dropping requests cannot look fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 15) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"buselab exited with {proc.returncode}")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            return
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            probe.close()
+    raise SystemExit(f"buselab did not listen on {path}")
+
+
+def serve(sock: str, record: str, payload: str) -> int:
+    """`buselab ram --unix SOCK --headless --record FILE`, with a payload mode the CLI does not offer."""
+    from buselab.backends import open_backend
+    from buselab.headless import run_headless
+    from buselab.session import ServeOptions, Session
+    from buselab.trace.recorder import TraceRecorder
+
+    session = Session(open_backend("ram", size=1 << 30), ServeOptions(unix=[sock]))
+    session.recorder = TraceRecorder.start(session.engine, record, payload=payload)
+    session.start()
+    with open(os.devnull, "w") as out:
+        return run_headless(session, out=out)
+
+
+def one_run(
+    rw: str, record: str | None, seconds: float, tmp: str, jobs: int, depth: int, payload: str = "writes"
+) -> tuple[float, int]:
+    """(IOPS, requests fio completed) for one server lifetime."""
+    sock = os.path.join(tmp, "nbd.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    cmd = [sys.executable, "-m", "buselab", "ram", "--size", "1G", "--unix", sock, "--headless"]
+    if record and payload != "writes":
+        cmd = [sys.executable, __file__, "--serve", sock, "--record", record, "--payload", payload]
+    elif record:
+        cmd += ["--record", record]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, server)
+        fio = subprocess.run(
+            [
+                "fio",
+                "--name=trace-bench",
+                "--ioengine=nbd",
+                f"--uri=nbd+unix:///?socket={sock}",
+                f"--rw={rw}",
+                "--bs=4k",
+                f"--numjobs={jobs}",
+                f"--iodepth={depth}",
+                "--size=1G",
+                "--time_based",
+                f"--runtime={seconds}",
+                "--ramp_time=1",
+                "--group_reporting",
+                "--randrepeat=0",
+                "--output-format=json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(120)
+    # fio's nbd engine may print notes before the JSON document.
+    job = json.loads(fio.stdout[fio.stdout.index("{") :])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side["iops"], side["total_ios"]
+
+
+def trace_records(path: str) -> int:
+    from buselab.trace.format import read_trailer
+
+    trailer = read_trailer(path) or {}
+    return int(trailer.get("records", -1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="fio runtime per run (after 1 s ramp)")
+    parser.add_argument("--rounds", type=int, default=2, help="A B pairs per workload")
+    parser.add_argument("--rw", default="randread,randwrite", help="fio workloads, comma separated")
+    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--iodepth", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument(
+        "--payload", default="writes", choices=("none", "writes", "all"), help="what the trace keeps (CLI: writes)"
+    )
+    parser.add_argument("--serve", metavar="SOCK", help=argparse.SUPPRESS)  # internal: the server for --payload
+    parser.add_argument("--record", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        return serve(args.serve, args.record, args.payload)
+    if shutil.which("fio") is None:
+        raise SystemExit("fio is not installed")
+    tmp = tempfile.mkdtemp(prefix="buselab-trace-bench-")
+    results = {}
+    try:
+        for rw in args.rw.split(","):
+            off: list[float] = []
+            on: list[float] = []
+            sizes: list[int] = []
+            for i in range(args.rounds):
+                iops, _ = one_run(rw, None, args.seconds, tmp, args.jobs, args.iodepth)
+                off.append(iops)
+                trace = os.path.join(tmp, f"{rw}-{i}.jsonl.zst")
+                iops, ios = one_run(rw, trace, args.seconds, tmp, args.jobs, args.iodepth, args.payload)
+                on.append(iops)
+                records = trace_records(trace)
+                sizes.append(os.path.getsize(trace))
+                # fio's total_ios leaves out the ramp; the trace has those too, so it must hold at least as many.
+                if records < ios:
+                    raise SystemExit(f"{rw}: the trace holds {records} requests but fio completed {ios}")
+                os.unlink(trace)
+                print(
+                    f"{rw} round {i + 1}: off {off[-1]:,.0f} IOPS, on {on[-1]:,.0f} IOPS"
+                    f" (trace {records:,} requests, {sizes[-1] / 1e6:.1f} MB)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            ratio = statistics.median(on) / statistics.median(off)
+            results[rw] = {
+                "payload": args.payload,
+                "off_iops": off,
+                "on_iops": on,
+                "median_off": statistics.median(off),
+                "median_on": statistics.median(on),
+                "ratio": ratio,
+            }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for rw, r in results.items():
+            verdict = "ok" if r["ratio"] >= 0.8 else "BELOW 0.8x"
+            print(
+                f"{rw} (payload {r['payload']}): recording off {r['median_off']:,.0f} IOPS, on {r['median_on']:,.0f} IOPS:"
+                f" {r['ratio']:.2f}x ({verdict})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The trace writer process: hashes, formats, compresses and writes records.
+
+`TraceRecorder` starts it as `python -m buselab.trace.writer FD` with the
+trace file already open on FD, and feeds it on stdin with frames
+
+    4-byte little-endian length + marshal.dumps(value)
+
+The first frame is a dict (the header line and the options), each later frame
+a list of (seq, time, cmd, flags, offset, length, latency, error, conn,
+handle) + (payload or None) pairs, and an empty frame (length 0) means "that
+was all": the writer writes the end line, closes the file, prints a JSON
+status line on stdout and exits 0. End of input without the empty frame (the
+server was killed) leaves the trace without an end line, which readers report
+as cut short. On an error it prints `error: ...` on stdout and exits 1.
+
+Why a process: at 100k requests a second every microsecond of Python per
+request costs the serving threads the GIL; here the hashing, formatting and
+compression run on their own interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import marshal
+import os
+import signal
+import sys
+import time
+from binascii import b2a_base64
+from operator import itemgetter
+from typing import Any
+
+from ..protocol import constants as c
+from .format import RECORD_FORMAT, TraceHeader, TraceWriter, encode_trailer, hasher
+
+_OP_NAMES = [c.CMD_NAMES.get(i, f"CMD{i}") for i in range(8)]
+_FRAME = 4
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    """n bytes from fd, or None at end of input (the parent went away)."""
+    parts = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 22))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+def _read_frame(fd: int) -> Any:
+    head = _read_exact(fd, _FRAME)
+    if head is None:
+        raise EOFError
+    n = int.from_bytes(head, "little")
+    if n == 0:
+        return None
+    body = _read_exact(fd, n)
+    if body is None:
+        raise EOFError
+    return marshal.loads(body)
+
+
+def run(trace_fd: int, inp: int) -> dict[str, Any]:
+    setup = _read_frame(inp)
+    header = TraceHeader(**setup["header"])
+    payload = header.payload
+    keep_reads = payload == "all"
+    keep_writes = payload in ("writes", "all")
+    digest_of = hasher(header.hash)
+    writer = TraceWriter(setup["path"], level=setup.get("level"), fd=trace_fd)
+    writer.write_header(header)
+    writer.flush()
+    flush_interval = float(setup.get("flush_interval", 1.0))
+    next_flush = time.monotonic() + flush_interval
+    start = header.start
+    ops = [0] * 8
+    records = 0
+    payload_bytes = 0
+    read_cmd, write_cmd = c.CMD_READ, c.CMD_WRITE
+    ended = False
+    first = itemgetter(0)
+    names = [name.encode() for name in _OP_NAMES]
+    # Lines are made as bytes: str lines would be joined, then encoded, copying every payload twice more.
+    fmt = RECORD_FORMAT.encode()
+    plain = fmt + b"}\n"
+    with_crc = fmt + b',"hash":"%08x"}\n'
+    with_hash = fmt + b',"hash":"%s"}\n'
+    with_data = fmt + b',"hash":"%s","data":"%s"}\n'
+    with_zeros = fmt + b',"hash":"%s","zeros":true}\n'
+    write = writer.write_bytes
+    while True:
+        try:
+            batch = _read_frame(inp)
+        except EOFError:
+            break  # the server died: leave the trace without its end line
+        if batch is None:
+            ended = True
+            break
+        # Serving threads append in nearly, not exactly, seq order.
+        batch.sort(key=first)
+        lines = []
+        add = lines.append
+        for (seq, t, cmd, flags, offset, length, latency, error, conn, handle), data in batch:
+            fields = (
+                seq,
+                t - start,
+                names[cmd] if cmd < 8 else b"CMD%d" % cmd,
+                flags,
+                offset,
+                length,
+                latency,
+                error,
+                conn,
+                handle,
+            )
+            if data is None:
+                add(plain % fields)
+            elif data.__class__ is int:  # a crc32 the server took itself
+                add(with_crc % (*fields, data))
+            elif (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
+                payload_bytes += len(data)
+                digest = digest_of(data).encode()
+                if data and not data[0] and not data[-1] and data == bytes(len(data)):
+                    add(with_zeros % (*fields, digest))  # file systems write a lot of these
+                else:
+                    add(with_data % (*fields, digest, b2a_base64(data, newline=False)))
+            else:
+                add(with_hash % (*fields, digest_of(data).encode()))
+            if cmd < 8:
+                ops[cmd] += 1
+        write(b"".join(lines))
+        records += len(batch)
+        now = time.monotonic()
+        if now >= next_flush:
+            writer.flush()
+            next_flush = now + flush_interval
+    status = {"records": records, "payload_bytes": payload_bytes, "ended": ended}
+    if ended:
+        counts = {_OP_NAMES[i]: n for i, n in enumerate(ops) if n}
+        writer.write(encode_trailer(records, time.time() - start, ops=counts))
+        writer.close()
+    else:
+        writer.close()
+    return status
+
+
+def main(argv: list[str]) -> int:
+    # Our own session already keeps the terminal's Ctrl-C away; be sure anyway:
+    # the server decides when recording ends, and tells us with the empty frame.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        status = run(int(argv[0]), sys.stdin.fileno())
+    except Exception as exc:  # noqa: BLE001 - reported to the server as one line
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        _say(f"error: {message}")
+        return 1
+    _say(json.dumps(status))
+    return 0
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, flush=True)
+    except OSError:
+        pass  # the server is gone and nobody is listening
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
