@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 
 from ..errors import UserError
@@ -91,7 +92,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         session.replayer = replayer  # the lab shows its progress (see docs/TRACE_FORMAT.md)
         if not args.quiet:
             speed = "as fast as possible" if args.fast else f"at {args.speed:g}x the recorded pace"
-            total = f"{replayer.total:,} requests" if replayer.total is not None else "a cut-short trace"
+            total = f"{replayer.total:,} requests" + (", cut short" if replayer.truncated else "")
             print(
                 f"buselab: replaying {args.trace} ({total}, recorded on {header.description or header.backend})"
                 f" on {backend.describe()}, {speed}",
@@ -123,11 +124,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             summary.checksum = device_checksum(session.engine.backend)
     finally:
         session.stop()
-    if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
-    else:
-        for line in summary.lines():
-            print(line)
+    text = json.dumps(summary.to_json(), indent=2) if args.json else "\n".join(summary.lines())
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # piped into `head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if interrupted:
         return 130
     return 0 if summary.ok else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -24,5 +25,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from ..trace.stats import format_text, summarize_trace, to_json
 
     summary = summarize_trace(args.trace, partial=args.partial, top=max(0, args.top))
-    print(to_json(summary) if args.json else format_text(summary), file=sys.stdout)
+    text = to_json(summary) if args.json else format_text(summary)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `buselab stats T | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -111,6 +111,7 @@ class TraceRecorder:
         header.hash = hash
         self.header = header
         self._started = time.monotonic()
+        self._ended: float | None = None
         self._proc = self._spawn(
             path,
             {
@@ -265,9 +266,8 @@ class TraceRecorder:
 
     def info(self) -> RecordingInfo:
         records = self.records if self._stopped else self.sent
-        return RecordingInfo(
-            self.path, records, self.payload_bytes, time.monotonic() - self._started, self.error, self.complete
-        )
+        duration = (self._ended or time.monotonic()) - self._started
+        return RecordingInfo(self.path, records, self.payload_bytes, duration, self.error, self.complete)
 
     def stop(self, timeout: float = 120.0) -> RecordingInfo:
         """Stop taking requests, write what is queued and the end line, close the file.
@@ -278,6 +278,7 @@ class TraceRecorder:
             if self._stopped:
                 return self.info()
             self._detach()
+            self._ended = time.monotonic()
             self._stopping.set()
             if self._thread.ident is not None:
                 self._thread.join(timeout)

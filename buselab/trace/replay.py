@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..protocol import constants as c
 from ..protocol.transmission import Request, check_request
 from ..sizes import human_bytes, parse_size
-from .format import TraceReader, TraceRecord, hasher, open_trace, read_trailer
+from .format import TraceReader, TraceRecord, hasher, open_trace
 
 BACKEND_SPECS = "ram[:SIZE], file:PATH, null[:SIZE] or plugin:FILE[:CLASS]"
 
@@ -74,6 +74,20 @@ def open_replay_backend(spec: str, trace_size: int) -> Backend:
             raise UserError(f"backend {spec!r} needs a file: plugin:FILE[:CLASS]")
         return open_backend("plugin", path=rest, size=trace_size)
     raise UserError(f"unknown backend {spec!r}: use {BACKEND_SPECS}")
+
+
+def check_trace(path: str, *, partial: bool = False) -> tuple[Counter, dict | None, bool]:
+    """Read a whole trace, raising UserError at its first fault: (records per op, end line, cut short)."""
+    counts: Counter = Counter()
+    with open_trace(path, partial=partial) as reader:
+        for r in reader:
+            counts[r.op] += 1
+            if r.cmd == c.CMD_WRITE and r.data is None and not r.error and reader.header.payload != "none":
+                raise UserError(
+                    f"trace {path} is corrupt: line {r.line} is a WRITE without its payload;"
+                    " pass --synthetic-writes to replay it with a pattern"
+                )
+        return counts, reader.trailer, reader.truncated
 
 
 def device_checksum(backend: Backend, chunk: int = 1 << 20) -> str:
@@ -123,7 +137,7 @@ class Divergence:
 class ReplaySummary:
     trace: str
     backend: str
-    total: int | None  # requests in the trace (from its end line), None if unknown
+    total: int | None  # requests in the trace
     requests: int = 0  # taken from the trace so far
     executed: int = 0  # run on the backend
     refused: int = 0  # refused before the backend (out of range, not supported), as a client would be
@@ -246,25 +260,20 @@ class Replayer:
         self._thread: threading.Thread | None = None
 
         # Everything that can be wrong with the trace is found before the first request.
-        trailer = read_trailer(path)
+        # Everything that can be wrong with the trace is found before the first request: one
+        # pass reads it all (a corrupt line 90% in must not leave a device 90% replayed).
+        counts, _trailer, truncated = check_trace(path, partial=partial)
         self.reader: TraceReader = open_trace(path, partial=partial)
         header = self.reader.header
         self.header = header
         try:
-            if trailer is None and not partial:
-                raise UserError(
-                    f"trace {path} is truncated: it has no end line (the recording was cut short);"
-                    " pass --partial to replay the complete records it holds"
-                )
             if header.size > engine.size:
                 raise UserError(
                     f"trace {path} is for a {human_bytes(header.size)} device ({header.size:,} bytes) but the"
                     f" backend has {human_bytes(engine.size)} ({engine.size:,} bytes): replay on a backend at"
                     f" least as big, e.g. --backend ram:{header.size}"
                 )
-            ops = (trailer or {}).get("ops") or {}
-            has_writes = trailer is None or ops.get("WRITE", 1) > 0
-            if header.payload == "none" and has_writes and not synthetic_writes:
+            if counts.get("WRITE") and header.payload == "none" and not synthetic_writes:
                 raise UserError(
                     f"trace {path} was recorded without write payloads, so its writes cannot be replayed"
                     " faithfully: record with payloads (the default), or pass --synthetic-writes to fill writes"
@@ -277,7 +286,8 @@ class Replayer:
             raise
         self._hash = hasher(header.hash)
         self.hash_name = header.hash
-        self.total = trailer.get("records") if trailer else None
+        self.total = sum(counts.values())
+        self.truncated = truncated
         self.summary = ReplaySummary(
             trace=path,
             backend=engine.backend.describe(),
@@ -326,6 +336,10 @@ class Replayer:
         began = time.perf_counter()
         try:
             self._loop(began)
+        except UserError as exc:
+            # Its traceback would keep the loop's last read alive: a RAM disk's read is a view of
+            # its mapping, and the backend cannot close while one exists. The message says it all.
+            raise exc.with_traceback(None) from None
         finally:
             summary.elapsed = time.perf_counter() - began
             summary.truncated = self.reader.truncated
@@ -405,6 +419,7 @@ class Replayer:
                 data if cmd == c.CMD_READ and not error else req.payload,
             )
             self._compare(index, r, error, data, verify)
+            data = None  # see run(): no view of the backend's memory outlives its request
             if self.stop_on_divergence and summary.divergences:
                 summary.stopped = True
                 break
@@ -494,7 +509,8 @@ class Replayer:
         # Engine.close resumes the gate, so this ends even if the lab quits while paused.
         self._completed.wait()
         self._completed.clear()
-        return self._result
+        result, self._result = self._result, (0, None)
+        return result
 
 
 def replay(path: str, backend_spec: str, *, checksum: bool = False, **options: Any) -> ReplaySummary:

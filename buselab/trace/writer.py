@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import marshal
 import os
+import select
 import signal
 import sys
 import time
@@ -90,7 +91,16 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
     with_data = fmt + b',"hash":"%s","data":"%s"}\n'
     with_zeros = fmt + b',"hash":"%s","zeros":true}\n'
     write = writer.write_bytes
+    dirty = False  # written to the compressor but not yet flushed to the file
     while True:
+        if dirty:
+            # Quiet now: flush within flush_interval anyway, so a server killed later leaves it all on disk.
+            ready, _, _ = select.select([inp], [], [], max(0.0, next_flush - time.monotonic()))
+            if not ready:
+                writer.flush()
+                dirty = False
+                next_flush = time.monotonic() + flush_interval
+                continue
         try:
             batch = _read_frame(inp)
         except EOFError:
@@ -132,9 +142,11 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
                 ops[cmd] += 1
         write(b"".join(lines))
         records += len(batch)
+        dirty = True
         now = time.monotonic()
         if now >= next_flush:
             writer.flush()
+            dirty = False
             next_flush = now + flush_interval
     status = {"records": records, "payload_bytes": payload_bytes, "ended": ended}
     if ended:
