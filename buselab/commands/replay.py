@@ -61,6 +61,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if args.filter and importlib.util.find_spec("buselab.filters") is None:
         raise UserError("--filter is not available in this buselab yet (no buselab.filters)")
+    if args.record and os.path.abspath(args.record) == os.path.abspath(args.trace):
+        raise UserError("--record names the trace being replayed: record the replay to another file")
     with open_trace(args.trace, partial=args.partial) as reader:
         header = reader.header
     backend = open_replay_backend(args.backend, header.size)
@@ -87,6 +89,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             synthetic_writes=args.synthetic_writes,
             partial=args.partial,
             stop_on_divergence=args.stop_on_divergence,
+            checksum=args.checksum,
             progress=progress,
         )
         session.replayer = replayer  # the lab shows its progress (see docs/TRACE_FORMAT.md)
@@ -118,10 +121,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 interrupted = True
                 summary = replayer.summary
                 summary.stopped = True
-        if args.checksum and not interrupted:
-            from ..trace.replay import device_checksum
-
-            summary.checksum = device_checksum(session.engine.backend)
     finally:
         session.stop()
     text = json.dumps(summary.to_json(), indent=2) if args.json else "\n".join(summary.lines())

@@ -239,6 +239,7 @@ class Replayer:
         synthetic_writes: bool = False,
         partial: bool = False,
         stop_on_divergence: bool = False,
+        checksum: bool = False,
         progress: Callable[[ReplaySummary], None] | None = None,
         progress_interval: float = 1.0,
     ) -> None:
@@ -249,6 +250,7 @@ class Replayer:
         self.speed = speed
         self.synthetic_writes = synthetic_writes
         self.stop_on_divergence = stop_on_divergence
+        self.checksum = checksum
         self.progress = progress
         self.progress_interval = progress_interval
         self.number = 0  # our connection number in the telemetry (the gate's Replier protocol)
@@ -336,6 +338,8 @@ class Replayer:
         began = time.perf_counter()
         try:
             self._loop(began)
+            if self.checksum and not summary.stopped:
+                summary.checksum = device_checksum(engine.backend)
         except UserError as exc:
             # Its traceback would keep the loop's last read alive: a RAM disk's read is a view of
             # its mapping, and the backend cannot close while one exists. The message says it all.
@@ -513,7 +517,7 @@ class Replayer:
         return result
 
 
-def replay(path: str, backend_spec: str, *, checksum: bool = False, **options: Any) -> ReplaySummary:
+def replay(path: str, backend_spec: str, **options: Any) -> ReplaySummary:
     """Replay a trace on a fresh engine over `backend_spec` (see open_replay_backend)."""
     from ..engine import Engine
 
@@ -521,9 +525,6 @@ def replay(path: str, backend_spec: str, *, checksum: bool = False, **options: A
         trace_size = reader.header.size
     engine = Engine(open_replay_backend(backend_spec, trace_size))
     try:
-        summary = Replayer(engine, path, **options).run()
-        if checksum:
-            summary.checksum = device_checksum(engine.backend)
+        return Replayer(engine, path, **options).run()
     finally:
         engine.close()
-    return summary
