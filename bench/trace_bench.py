@@ -154,6 +154,7 @@ def main() -> int:
                     flush=True,
                 )
             ratio = statistics.median(on) / statistics.median(off)
+            pairs = [b / a for a, b in zip(off, on)]
             results[rw] = {
                 "payload": args.payload,
                 "off_iops": off,
@@ -161,6 +162,8 @@ def main() -> int:
                 "median_off": statistics.median(off),
                 "median_on": statistics.median(on),
                 "ratio": ratio,
+                "pair_ratios": pairs,
+                "median_pair_ratio": statistics.median(pairs),
             }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,7 +174,9 @@ def main() -> int:
             verdict = "ok" if r["ratio"] >= 0.8 else "BELOW 0.8x"
             print(
                 f"{rw} (payload {r['payload']}): recording off {r['median_off']:,.0f} IOPS, on {r['median_on']:,.0f} IOPS:"
-                f" {r['ratio']:.2f}x ({verdict})"
+                f" {r['ratio']:.2f}x ({verdict}); per A-B pair: "
+                + ", ".join(f"{x:.2f}" for x in r["pair_ratios"])
+                + f" (median {r['median_pair_ratio']:.2f})"
             )
     return 0
 

@@ -487,3 +487,25 @@ def test_device_checksum_matches_a_plain_hash() -> None:
         assert device_checksum(backend) == image_digest(bytes(backend.read(0, 3 << 20)))
     finally:
         backend.close()
+
+
+def test_a_failing_recording_stops_but_serving_goes_on(tmp_path: Path) -> None:
+    if not os.path.exists("/dev/full"):
+        missing("/dev/full does not exist")
+    sock = str(tmp_path / "s.sock")
+    session = Session(open_backend("ram", size=1 << 20), ServeOptions(unix=[sock], record="/dev/full"))
+    session.start()
+    try:
+        with NBDClient.connect_unix(sock) as nbd:
+            deadline = time.monotonic() + 10
+            while session.recorder.error is None and time.monotonic() < deadline:
+                nbd.write(0, b"z" * 4096)
+                time.sleep(0.01)
+            assert session.engine.telemetry.taps == []  # detached: no more queueing
+            nbd.write(4096, b"w" * 4096)
+            assert nbd.read(4096, 4096) == b"w" * 4096
+    finally:
+        session.stop()
+    info = session.recorder.info()
+    assert info.error == "No space left on device" and not info.complete
+    assert any("recording to /dev/full failed" in message for _, message in session.engine.telemetry.events)

@@ -289,11 +289,13 @@ class TraceRecorder:
                 except OSError:
                     pass
             self._stopped = True
+            already_failed = self.error is not None  # and said so
             self._finish(timeout)
             if self.error is None:
                 self.engine.telemetry.event(f"recording stopped: {self.records:,} requests in {self.path}")
-            else:
+            elif not already_failed:
                 log.warning("recording to %s failed: %s", self.path, self.error)
+                self.engine.telemetry.event(f"recording to {self.path} failed: {self.error}")
         return self.info()
 
     def _finish(self, timeout: float) -> None:
