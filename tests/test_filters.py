@@ -1,0 +1,278 @@
+"""Filters (delay, error, throttle, readonly, cache), their specs, and the cow overlay."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from conftest import require_tool
+
+from buselab.backends.base import BackendError
+from buselab.backends.cow import CowBackend, Overlay
+from buselab.backends.ram import RamBackend
+from buselab.errors import UserError
+from buselab.filters import (
+    CacheFilter,
+    DelayFilter,
+    ErrorFilter,
+    ReadonlyFilter,
+    ThrottleFilter,
+    apply_filter_specs,
+    parse_filter_spec,
+)
+from buselab.protocol import constants as c
+
+MiB = 1 << 20
+
+
+def stacked(spec: str, size: int = 4 * MiB):
+    f = parse_filter_spec(spec, size)
+    f.inner = RamBackend(size)
+    return f
+
+
+# --- specs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "cls", "normal"),
+    [
+        ("delay:read=5ms,write=10ms", DelayFilter, "delay:read=5ms,write=10ms"),
+        ("delay:5ms", DelayFilter, None),
+        ("delay:random=1ms-20ms", DelayFilter, None),
+        ("error:rate=0.1,errno=EIO,op=read", ErrorFilter, "error:rate=0.1,errno=EIO,op=read"),
+        ("error:range=0-1M,errno=ENOSPC,op=write", ErrorFilter, "error:errno=ENOSPC,op=write,range=0-1048576"),
+        ("error:rate=10%,op=read+trim", ErrorFilter, "error:rate=0.1,errno=EIO,op=read+trim"),
+        ("throttle:mbps=10,iops=500", ThrottleFilter, "throttle:mbps=10,iops=500"),
+        ("rate:rate=1M", ThrottleFilter, None),
+        ("readonly", ReadonlyFilter, "readonly"),
+        ("cache", CacheFilter, "cache"),
+        ("cache:max=1M", CacheFilter, f"cache:max={MiB}"),
+    ],
+)
+def test_good_specs(spec, cls, normal):
+    f = parse_filter_spec(spec, 4 * MiB)
+    assert isinstance(f, cls)
+    if normal:
+        assert f.spec == normal
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("bogus:x=1", "unknown filter 'bogus'"),
+        ("error:errno=EFOO", "bad errno 'EFOO'"),
+        ("error:range=0-8M", "past the end"),
+        ("error:rate=2", "between 0 and 1"),
+        ("error:colour=red", "error does not know 'colour'"),
+        ("delay:read=fast", "bad duration 'fast'"),
+        ("delay", "delay needs a latency"),
+        ("delay:random=20ms-1ms", "must not be smaller"),
+        ("throttle", "throttle needs a cap"),
+        ("throttle:iops=0", "more than 0"),
+        ("readonly:yes", "takes no parameters"),
+        ("cache:max=lots", "bad size 'lots'"),
+    ],
+)
+def test_bad_specs_say_one_line(spec, words):
+    with pytest.raises(UserError) as info:
+        parse_filter_spec(spec, 4 * MiB)
+    message = str(info.value)
+    assert words in message
+    assert "\n" not in message
+
+
+def test_apply_filter_specs_stacks_first_lowest():
+    from buselab.engine import Engine
+
+    engine = Engine(RamBackend(MiB))
+    apply_filter_specs(engine, ["delay:read=1ms", "error:op=trim", "cache"])
+    top = engine.backend
+    assert [type(top), type(top.inner), type(top.inner.inner)] == [CacheFilter, ErrorFilter, DelayFilter]
+    assert isinstance(top.inner.inner.inner, RamBackend)
+    # Everything else passes through the stack.
+    assert top.size == MiB and top.kind == "ram" and top.allocated_bytes() == 0
+    with pytest.raises(UserError):  # a bad spec changes nothing
+        apply_filter_specs(engine, ["readonly", "error:errno=EFOO"])
+    assert engine.backend is top
+    engine.close()
+
+
+# --- each filter ---------------------------------------------------------------------------
+
+
+def test_delay_fixed_and_random():
+    f = stacked("delay:read=20ms")
+    t = time.perf_counter()
+    f.read(0, 512)
+    assert time.perf_counter() - t >= 0.019
+    waited = f.waited
+    f.write(0, b"x")  # writes are not delayed
+    assert f.waited == waited
+    f = stacked("delay:random=1ms-5ms")
+    for _ in range(20):
+        f.flush()
+    assert 0.02 <= f.waited <= 0.1  # each wait is drawn from 1..5 ms
+
+
+def test_error_by_op_rate_and_range():
+    f = stacked("error:op=read")
+    with pytest.raises(BackendError) as info:
+        f.read(0, 512)
+    assert info.value.errno == c.EIO
+    f.write(0, b"ok")  # other ops pass
+    f = stacked("error:range=0-1M,errno=ENOSPC,op=write")
+    with pytest.raises(BackendError) as info:
+        f.write(MiB - 1, b"xy")  # touches the range's last byte
+    assert info.value.errno == c.ENOSPC
+    f.write(MiB, b"fine")
+    assert bytes(f.read(MiB, 4)) == b"fine"
+    f.flush()  # FLUSH has no offset: a range never fails it
+    f = stacked("error:rate=0.25,seed=7,op=read")
+    failures = 0
+    for _ in range(2000):
+        try:
+            f.read(0, 1)
+        except BackendError:
+            failures += 1
+    assert 380 < failures < 620
+    assert f.stats()["injected"] == failures
+
+
+def test_throttle_iops_and_bandwidth():
+    f = stacked("throttle:iops=200,burst=0")
+    t = time.perf_counter()
+    for _ in range(21):
+        f.read(0, 512)
+    assert time.perf_counter() - t >= 0.095  # 20 intervals of 5 ms
+    f = stacked("throttle:mbps=10,burst=0")
+    t = time.perf_counter()
+    for _ in range(6):
+        f.write(0, bytes(100_000))  # 600 kB at 10 MB/s: the last waits ~50 ms
+    assert time.perf_counter() - t >= 0.045
+
+
+def test_readonly_refuses_writes_with_eperm():
+    f = stacked("readonly")
+    for call in (
+        lambda: f.write(0, b"x"),
+        lambda: f.trim(0, 4096),
+        lambda: f.write_zeroes(0, 4096, may_trim=True, fast=False),
+    ):
+        with pytest.raises(BackendError) as info:
+            call()
+        assert info.value.errno == c.EPERM
+    assert bytes(f.read(0, 4)) == bytes(4)
+    f.flush()
+
+
+def test_cache_keeps_writes_until_flush_and_powercut_loses_the_rest():
+    f = stacked("cache")
+    below = f.inner
+    assert f.caps.flush and f.caps.fua
+    f.write(0, b"A" * 4096)
+    assert bytes(f.read(0, 4)) == b"AAAA"  # the client sees its write
+    assert bytes(below.read(0, 4)) == bytes(4)  # the disk does not, yet
+    f.flush()
+    assert bytes(below.read(0, 4)) == b"AAAA"
+    f.write(0, b"B" * 100)  # partial block over flushed data
+    f.write(8192, b"C" * 4096)
+    f.write(16384, b"D" * 4096, fua=True)  # FUA: durable at once
+    f.trim(0, 4096)  # a trim after the flush is a change too
+    assert bytes(f.read(0, 4)) == bytes(4)
+    assert f.powercut() == 2 * 4096 + 4096  # blocks 0 (trim) and 2, and FUA block 4 was cached too
+    assert bytes(f.read(0, 4)) == b"AAAA"
+    assert bytes(f.read(8192, 4)) == bytes(4)
+    assert bytes(f.read(16384, 4)) == b"DDDD"
+
+
+def test_cache_close_writes_back():
+    f = stacked("cache")
+    below = f.inner
+    f.write(4096, b"keep")
+    written = []
+    below_close = below.close
+    below.close = lambda: (written.append(bytes(below.read(4096, 4))), below_close())
+    f.close()
+    assert written == [b"keep"]
+
+
+# --- the overlay behind cow and cache, against a model -----------------------------------------
+
+
+@pytest.mark.parametrize("size", [4 * MiB, 4 * MiB - 1000])
+def test_overlay_matches_a_model(size):
+    rng = random.Random(size)
+    base = RamBackend(size)
+    original = bytes(rng.getrandbits(8) for _ in range(4096)) * (size // 4096) + bytes(size % 4096)
+    base.write(0, original)
+    model = bytearray(original)
+    overlay = Overlay(size)
+    for step in range(400):
+        offset = rng.randrange(size)
+        length = min(rng.choice([1, 100, 4096, 5000, 40000, 300000]), size - offset)
+        kind = rng.random()
+        if kind < 0.5:
+            data = bytes([step % 251 + 1]) * length
+            overlay.write(base, offset, data)
+            model[offset : offset + length] = data
+        elif kind < 0.7:
+            overlay.zero(base, offset, length)
+            model[offset : offset + length] = bytes(length)
+        else:
+            assert bytes(overlay.read(base, offset, length)) == bytes(model[offset : offset + length]), step
+    assert bytes(overlay.read(base, 0, size)) == bytes(model)
+    assert bytes(base.read(0, size)) == original  # nothing reached the base
+    overlay.writeback(base)
+    assert not overlay
+    assert bytes(base.read(0, size)) == bytes(model)
+
+
+def test_cow_discard_and_commit():
+    base = RamBackend(MiB)
+    base.write(0, b"base" * 1024)
+    cow = CowBackend(base)
+    cow.write(0, b"new!")
+    cow.trim(8192, 8192)
+    assert bytes(cow.read(0, 4)) == b"new!" and bytes(base.read(0, 4)) == b"base"
+    assert cow.changed_bytes() == 3 * 4096
+    assert cow.discard() == 3 * 4096
+    assert bytes(cow.read(0, 8)) == b"basebase"
+    cow.write(4, b"XXXX")
+    cow.commit()
+    assert bytes(base.read(0, 8)) == b"baseXXXX"
+    assert cow.changed_bytes() == 0
+
+
+def test_cow_over_a_readonly_file_refuses_commit(tmp_path):
+    path = tmp_path / "base.img"
+    path.write_bytes(b"z" * MiB)
+    path.chmod(0o444)
+    cow = CowBackend.over_file(str(path))
+    try:
+        cow.write(0, b"a")
+        if cow.base.readonly:  # root can write anything, so only check when it is read-only
+            with pytest.raises(UserError, match="read-only"):
+                cow.commit()
+        assert path.read_bytes()[:1] == b"z"
+    finally:
+        cow.close()
+
+
+# --- a real client sees the error ----------------------------------------------------------
+
+
+def test_error_filter_gives_qemu_io_an_eio(buselab_server):
+    require_tool("qemu-io")
+    import subprocess
+
+    served = buselab_server(["ram", "--size", "8M", "--filter", "error:op=read,errno=EIO"])
+    write = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", served.uri], capture_output=True, text=True, timeout=30
+    )
+    assert write.returncode == 0, write.stderr
+    read = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "read 0 4k", served.uri], capture_output=True, text=True, timeout=30
+    )
+    assert "Input/output error" in read.stdout + read.stderr
