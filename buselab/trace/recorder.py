@@ -46,7 +46,7 @@ log = logging.getLogger("buselab")
 
 _F_SETPIPE_SZ = 1031  # Linux; a bigger pipe means fewer wake-ups of the writer
 _PIPE_SIZE = 1 << 20
-_FEED_INTERVAL = 0.002  # seconds between batches sent to the writer
+_FEED_INTERVAL = 0.01  # seconds between batches sent to the writer: fewer, bigger batches cost less
 _MAX_BATCH = 8192
 
 
@@ -130,9 +130,14 @@ class TraceRecorder:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise UserError(f"cannot write trace {path}: {exc.strerror or exc}") from exc
+        # The writer must import this very buselab, wherever it was imported from.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "buselab.trace.writer", str(fd)],
+                env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 pass_fds=(fd,),
