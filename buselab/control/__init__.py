@@ -15,7 +15,7 @@ import tempfile
 
 from ..errors import UserError
 
-__all__ = ["control_dir", "default_control_path", "ensure_private_dir", "find_control_sockets"]
+__all__ = ["control_dir", "default_control_path", "ensure_private_dir", "find_control_sockets", "prune_stale_sockets"]
 
 
 def control_dir() -> str:
@@ -73,24 +73,30 @@ def socket_is_live(path: str) -> bool:
         probe.close()
 
 
-def find_control_sockets() -> list[str]:
-    """Live default control sockets of this user, oldest pid first; stale ones are removed."""
-    directory = control_dir()
+def _default_sockets(directory: str) -> list[tuple[int, str]]:
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    found = []
+    out = []
     for name in names:
-        stem, dot, ext = name.partition(".")
-        if ext != "ctl" or not stem.isdigit():
-            continue
-        path = os.path.join(directory, name)
-        if socket_is_live(path):
-            found.append((int(stem), path))
-        elif not _pid_alive(int(stem)):
+        stem, _, ext = name.partition(".")
+        if ext == "ctl" and stem.isdigit():
+            out.append((int(stem), os.path.join(directory, name)))
+    return sorted(out)
+
+
+def prune_stale_sockets(directory: str | None = None) -> None:
+    """Remove default sockets whose buselab is gone (killed with SIGKILL, say)."""
+    for pid, path in _default_sockets(directory or control_dir()):
+        if not _pid_alive(pid):
             try:
-                os.unlink(path)  # left by a buselab that was killed
+                os.unlink(path)
             except OSError:
                 pass
-    return [path for _, path in sorted(found)]
+
+
+def find_control_sockets() -> list[str]:
+    """Live default control sockets of this user, oldest pid first; stale ones are removed."""
+    prune_stale_sockets()
+    return [path for _, path in _default_sockets(control_dir()) if socket_is_live(path)]

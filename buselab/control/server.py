@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..engine.steering import Steering
 from ..errors import UserError
-from . import control_dir, default_control_path, ensure_private_dir, socket_is_live
+from . import control_dir, default_control_path, ensure_private_dir, prune_stale_sockets, socket_is_live
 from .protocol import MAX_LINE, encode_reply, handle_line
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class ControlServer:
         directory = os.path.dirname(os.path.abspath(path))
         if directory == control_dir():
             ensure_private_dir(directory)
+            prune_stale_sockets(directory)
         elif not os.path.isdir(directory):
             raise UserError(f"cannot make the control socket {path}: {directory} does not exist")
         if os.path.lexists(path):

@@ -24,9 +24,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend, BackendError
@@ -96,6 +98,7 @@ class Breakpoint:
     at: int | None = None  # ... at this device offset (None: anywhere in the payload)
     enabled: bool = True
     hits: int = 0
+    _search: Callable | None = field(default=None, repr=False, compare=False)
 
     def matches(self, req: Request) -> bool:
         if self.cmds is not None and req.cmd not in self.cmds:
@@ -114,7 +117,9 @@ class Breakpoint:
                 if rel < 0 or rel + len(pattern) > len(payload):
                     return False
                 return payload[rel : rel + len(pattern)] == pattern
-            return pattern in bytes(payload)
+            if self._search is None:
+                self._search = re.compile(re.escape(pattern)).search
+            return self._search(payload) is not None  # searches the buffer in place, no copy
         return True
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,6 +270,7 @@ class Steering:
         self._filter_ids = itertools.count(1)
         self.last_break: dict[str, Any] | None = None  # the request that last hit a breakpoint
         self.last_step: dict[str, Any] | None = None  # the request last stepped, for the inspector
+        self.last_stepped: HeldRequest | None = None  # ... and the request itself (payload included)
         self.switching: dict[str, Any] | None = None  # progress of a switch while it copies
 
     @classmethod
@@ -381,6 +387,7 @@ class Steering:
         item = self.gate.step(gate_action)
         if item is None:
             raise SteeringError("nothing is held: no request has arrived since the pause (try step --wait 5)")
+        self.last_stepped = item
         info = describe_held(item)
         info["action"] = action
         if gate_action is not None:
