@@ -509,3 +509,21 @@ def test_a_failing_recording_stops_but_serving_goes_on(tmp_path: Path) -> None:
     info = session.recorder.info()
     assert info.error == "No space left on device" and not info.complete
     assert any("recording to /dev/full failed" in message for _, message in session.engine.telemetry.events)
+
+
+def test_a_slow_writer_slows_serving_rather_than_losing_requests(tmp_path: Path) -> None:
+    sock = str(tmp_path / "s.sock")
+    session = Session(open_backend("ram", size=4 << 20), ServeOptions(unix=[sock]))
+    session.start()
+    path = str(tmp_path / "tight.jsonl.gz")  # gzip: the slow compressor
+    session.recorder = TraceRecorder.start(session.engine, path, backlog_limit=64 << 10, level=9)
+    try:
+        with NBDClient.connect_unix(sock) as nbd:
+            for i in range(200):
+                nbd.write((i % 64) * 65536, os.urandom(65536))
+    finally:
+        session.stop()
+    info = session.recorder.info()
+    assert info.error is None and info.complete
+    assert info.records == 200 and info.payload_bytes == 200 * 65536
+    assert sum(1 for _ in open_trace(path)) == 200

@@ -48,6 +48,7 @@ _F_SETPIPE_SZ = 1031  # Linux; a bigger pipe means fewer wake-ups of the writer
 _PIPE_SIZE = 1 << 20
 _FEED_INTERVAL = 0.01  # seconds between batches sent to the writer: fewer, bigger batches cost less
 _MAX_BATCH = 8192
+_MAX_QUEUED = 1 << 20  # requests waiting for the writer before serving waits too
 
 
 @dataclass
@@ -181,6 +182,7 @@ class TraceRecorder:
         # release and retake the GIL, so the writer does that one.
         hash_here = self.header.hash == "crc32"
         limit = self.backlog_limit
+        queued = self._queue.__len__
         recorder = self
 
         def tap(record: RequestRecord, payload: bytes | bytearray | memoryview | None) -> None:
@@ -189,6 +191,8 @@ class TraceRecorder:
                 append((record[:10], None))
             elif hash_here and record[2] not in keep:
                 append((record[:10], crc32(payload)))
+                if queued() > _MAX_QUEUED:  # a writer starved of CPU: do not grow without end
+                    recorder._wait_for_writer()
             else:
                 data = bytes(payload)
                 append((record[:10], data))
@@ -201,7 +205,9 @@ class TraceRecorder:
         return tap
 
     def _wait_for_writer(self) -> None:
-        while self._backlog > self.backlog_limit // 2 and self._thread.is_alive():
+        while (
+            self._backlog > self.backlog_limit // 2 or len(self._queue) > _MAX_QUEUED // 2
+        ) and self._thread.is_alive():
             self._drained.wait(0.05)
 
     # -- the feeder thread --------------------------------------------------------------
