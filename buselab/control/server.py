@@ -31,7 +31,8 @@ log = logging.getLogger("buselab")
 class ControlServer:
     def __init__(self, session: Session, path: str | None = None) -> None:
         self.session = session
-        self.path = path or default_control_path()
+        self.path: str | None = path or default_control_path()  # None when it could not be made
+        self.error: str | None = None  # why not
         self.steering = Steering.attach(session.engine, session)
         self._listener: socket.socket | None = None
         self._clients: set[socket.socket] = set()
@@ -40,7 +41,21 @@ class ControlServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Listen. With an explicit path a failure is the user's to fix (UserError); the
+        default socket is a convenience, so failing to make it only costs a warning."""
+        try:
+            self._start()
+        except UserError as exc:
+            if self.path != default_control_path():
+                raise
+            self.error = str(exc)
+            log.warning("no control socket: %s", exc)
+            self.session.engine.telemetry.event(f"no control socket: {exc}")
+            self.path = None
+
+    def _start(self) -> None:
         path = self.path
+        assert path is not None
         directory = os.path.dirname(os.path.abspath(path))
         if directory == control_dir():
             ensure_private_dir(directory)
@@ -122,7 +137,7 @@ class ControlServer:
                 pass
             self._listener.close()
             try:
-                os.unlink(self.path)
+                os.unlink(self.path)  # type: ignore[arg-type]
             except OSError:
                 pass
         for client in clients:

@@ -757,6 +757,7 @@ class Steering:
             info["where"] = session.where
             control = getattr(session, "control", None)
             info["control"] = getattr(control, "path", None)
+            info["control_error"] = getattr(control, "error", None)
         return info
 
     def events(self, after: float = 0.0, limit: int = 50) -> list[dict[str, Any]]:
