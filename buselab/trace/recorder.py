@@ -35,6 +35,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass
+from itertools import repeat, starmap
 from typing import Any
 
 from ..engine.telemetry import RequestRecord
@@ -226,8 +227,10 @@ class TraceRecorder:
                     self._stopping.wait(_FEED_INTERVAL)
                     continue
                 self._drained.clear()
-                batch = [popleft() for _ in range(min(n, _MAX_BATCH))]
-                _send(proc, dumps(batch))
+                batch = list(starmap(popleft, repeat((), min(n, _MAX_BATCH))))  # a loop in C
+                # Version 2: no back-references. Versions 3+ put every object shared with the
+                # telemetry's ring into a table first, which costs 3-10x more per record.
+                _send(proc, dumps(batch, 2))
                 self.sent += len(batch)
                 if self._backlog:  # only payloads count; reads hashed in the tap do not
                     self._backlog -= sum(len(data) for _, data in batch if data.__class__ is bytes)
