@@ -1,0 +1,1 @@
+"""Screens pushed over the lab (help, and later the steering dialogs)."""

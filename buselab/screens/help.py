@@ -1,0 +1,92 @@
+"""`?`: what the lab shows and which keys do what."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from ..ui import format as fmt
+
+KEYS: list[tuple[str, str]] = [
+    ("q, ctrl+c", "quit: answer in-flight requests, flush, detach, exit"),
+    ("?", "this help (esc closes it)"),
+    ("tab / shift+tab", "move between the stream, the heatmap and the inspector"),
+    ("↑ ↓ pgup pgdn home", "stream: select a request (stops following) — the inspector decodes it"),
+    ("end, l", "stream: follow the newest requests again (l toggles)"),
+    ("click", "stream: select a request;  heatmap: hover a cell to see its range and counts"),
+    ("1 2 3 4 5", "show/hide READ, WRITE, FLUSH, TRIM, other ops in the stream"),
+    ("0", "show every op again"),
+    ("m", "heatmap: address-space grid ⇄ offset-by-time (iowatcher style)"),
+    ("← → ↑ ↓", "heatmap (focused): move the cell cursor"),
+]
+
+
+def help_text(extra_keys: list[tuple[str, str]] | None = None) -> Text:
+    text = Text()
+    text.append("buselab lab\n\n", style="bold #4fb3ff")
+    text.append(
+        "Every request a client or the kernel sends passes through buselab's engine; the lab reads its\n"
+        "telemetry ten times a second. Nothing here slows the disk down by waiting for the screen.\n\n",
+        style="#d8dee9",
+    )
+    text.append("Keys\n", style="bold #d8dee9")
+    for key, what in KEYS + (extra_keys or []):
+        text.append(f"  {key:<20}", style=f"bold {fmt.HELD_COLOUR}")
+        text.append(what + "\n", style="#d8dee9")
+    text.append("\nColours\n", style="bold #d8dee9")
+    for name, colour in (
+        ("READ", fmt.READ_COLOUR),
+        ("WRITE", fmt.WRITE_COLOUR),
+        ("FLUSH", fmt.OP_COLOURS[3]),
+        ("TRIM", fmt.TRIM_COLOUR),
+        ("ZERO (write zeroes)", fmt.OP_COLOURS[6]),
+    ):
+        text.append("  ■ ", style=colour)
+        text.append(name + "\n", style="#d8dee9")
+    text.append(
+        "\nThe stream\n"
+        "  One row per request: sequence number, arrival time, op, byte offset, length, flags (FUA:\n"
+        "  force unit access), latency and result. At very high rates it shows the newest rows of\n"
+        "  each tick and a '+N more' row for the rest rather than fall behind.\n"
+        "\nThe heatmap\n"
+        "  The disk's bytes laid out like a page, offset 0 at the top left. Each half-character cell\n"
+        "  covers the range of blocks the legend names; recent I/O lights it up and fades within\n"
+        "  seconds; a dim tint stays where data was ever written. Press m for offset against time.\n"
+        "\nThe graphs\n"
+        "  Throughput (MB/s, decimal like fio) and IOPS for reads and writes, one sample a second;\n"
+        "  latency p50/p99 on a log scale (power-of-two buckets, so the lines move in steps).\n",
+        style="#d8dee9",
+    )
+    return text
+
+
+class HelpScreen(ModalScreen[None]):
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll {
+        width: 100; max-width: 95%; height: auto; max-height: 90%;
+        border: round #4fb3ff; background: #151a21; padding: 0 2;
+    }
+    """
+
+    BINDINGS = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("question_mark", "dismiss", "Close", show=False),
+        Binding("q", "dismiss", "Close", show=False),
+    ]
+
+    def __init__(self, extra_keys: list[tuple[str, str]] | None = None) -> None:
+        super().__init__()
+        self.extra_keys = extra_keys
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll() as scroll:
+            scroll.border_title = "help"
+            yield Static(help_text(self.extra_keys))
+
+    def action_dismiss(self) -> None:  # type: ignore[override]
+        self.dismiss(None)

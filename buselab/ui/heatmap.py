@@ -1,0 +1,477 @@
+"""The heatmap: the device's address space, coloured by recent I/O.
+
+Two views of the same counters. The grid lays the disk out like a page, offset
+0 at the top left, one half-block cell per range of blocks, coloured by the
+decayed recent reads (blue), writes (orange) and trims (violet) in it, with a
+dim tint where anything was ever written. The time view plots offset
+(vertical) against time (horizontal), one column a second, as iowatcher does.
+Lines are rebuilt only when the model's heat changed, never per request.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import TYPE_CHECKING
+
+from rich.color import Color
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
+from textual.binding import Binding
+from textual.message import Message
+from textual.reactive import reactive
+from textual.strip import Strip
+
+from . import format as fmt
+from .model import LabModel
+from .pane import Pane
+
+if TYPE_CHECKING:
+    from textual.app import RenderResult  # noqa: F401
+
+RGB = tuple[int, int, int]
+
+PANEL = (16, 19, 25)  # past the end of the disk
+NEVER = (34, 39, 49)  # never touched
+EVER_WRITTEN = (74, 62, 52)
+EVER_READ = (40, 54, 72)
+EVER_TRIMMED = (58, 46, 70)
+CURSOR = (255, 255, 255)
+HEAT_SCALE = 24.0  # decayed touches at which a cell is at full brightness
+
+
+def _hex(colour: str) -> RGB:
+    colour = colour.lstrip("#")
+    return (int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16))
+
+
+READ_RGB = _hex(fmt.READ_COLOUR)
+WRITE_RGB = _hex(fmt.WRITE_COLOUR)
+TRIM_RGB = _hex(fmt.TRIM_COLOUR)
+
+_LABEL = Style.parse(fmt.DIM_COLOUR)
+_TEXT = Style.parse("#d8dee9")
+_KEY = Style.parse("bold #d8dee9")
+
+
+def _quant(rgb: tuple[float, float, float]) -> RGB:
+    return (int(rgb[0]) & 0xF8, int(rgb[1]) & 0xF8, int(rgb[2]) & 0xF8)
+
+
+def heat_colour(r: float, w: float, t: float, scale: float, base: RGB) -> RGB:
+    """Mix the op colours by share of recent touches; brighter the more there were."""
+    total = r + w + t
+    if total <= 0.02:
+        return base
+    mix = (
+        (r * READ_RGB[0] + w * WRITE_RGB[0] + t * TRIM_RGB[0]) / total,
+        (r * READ_RGB[1] + w * WRITE_RGB[1] + t * TRIM_RGB[1]) / total,
+        (r * READ_RGB[2] + w * WRITE_RGB[2] + t * TRIM_RGB[2]) / total,
+    )
+    k = min(1.0, 0.35 + 0.65 * math.log1p(total) / math.log1p(max(scale, 1.0)))
+    return _quant(tuple(b + (m - b) * k for b, m in zip(base, mix)))  # type: ignore[arg-type]
+
+
+def aggregate(values: list, group: int, n: int) -> list:
+    """Sum consecutive runs of `group` values: n results (C-speed strided adds)."""
+    if group == 1:
+        return values
+    padded = values + [0] * (n * group - len(values))
+    out = padded[0::group]
+    for k in range(1, group):
+        out = list(map(operator.add, out, padded[k::group]))
+    return out
+
+
+class Heatmap(Pane, can_focus=True):
+    """The address space as cells; `m` switches to offset-by-time."""
+
+    BINDINGS = [
+        Binding("left", "move(-1, 0)", "Left", show=False),
+        Binding("right", "move(1, 0)", "Right", show=False),
+        Binding("up", "move(0, -1)", "Up", show=False),
+        Binding("down", "move(0, 1)", "Down", show=False),
+    ]
+
+    mode: reactive[str] = reactive("grid")
+    """"grid" (address space) or "time" (offset vertical, time horizontal)."""
+
+    class CellInfo(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    def __init__(self, model: LabModel, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.model = model
+        self.cursor: int | None = None  # display cell, moved with the arrow keys
+        self.hover: int | None = None  # display cell under the mouse
+        self.hover_time: tuple[int, int] | None = None  # (column, band) in the time view
+        self._lines: list[Strip] = []
+        self._built_for: tuple | None = None
+        self._segments: dict[tuple[RGB, RGB], Segment] = {}
+        self._colour_cache: dict[tuple, RGB] = {}
+        self.group = 1
+        self.cells_shown = 0
+        self.grid_width = 1
+        self.builds = 0
+
+    # -- geometry ------------------------------------------------------------------
+    def _grid_geometry(self) -> tuple[int, int, int]:
+        """(group, display cells, grid columns) for the current size."""
+        width = self.inner_width
+        rows = max(1, self.inner_height - 2)
+        capacity = width * rows * 2
+        cells = self.model.cells
+        group = max(1, -(-cells // capacity))
+        shown = -(-cells // group)
+        return group, shown, width
+
+    def cell_range(self, index: int) -> tuple[int, int]:
+        """Byte range [start, end) of display cell `index`."""
+        per = self.group * self.model.cell_bytes
+        start = index * per
+        return start, min(self.model.size, start + per)
+
+    def cell_for_offset(self, offset: int) -> int:
+        return offset // (self.group * self.model.cell_bytes)
+
+    def cell_position(self, index: int) -> tuple[int, int, bool]:
+        """(x, char row, is the top half) of a display cell."""
+        row, x = divmod(index, self.grid_width)
+        return x, row // 2, row % 2 == 0
+
+    def cell_counts(self, index: int) -> tuple[list[int], list[float]]:
+        first = index * self.group
+        return self.model.cell_counts(first, first + self.group - 1)
+
+    # -- drawing ------------------------------------------------------------------------
+    def _half(self, top: RGB, bottom: RGB) -> Segment:
+        """The half-block segment showing `top` over `bottom` (cached)."""
+        key = (top, bottom)
+        cached = self._segments.get(key)
+        if cached is None:
+            if len(self._segments) > 4096:
+                self._segments.clear()
+            style = Style(color=Color.from_rgb(*top), bgcolor=Color.from_rgb(*bottom))
+            cached = self._segments[key] = Segment("▀", style)
+        return cached
+
+    def cell_colours(self) -> list[RGB]:
+        """The colour of every display cell of the grid view."""
+        model = self.model
+        group, shown = self.group, self.cells_shown
+        reads, writes, trims = (aggregate(model.activity[k], group, shown) for k in range(3))
+        t_reads, t_writes, t_trims = (aggregate(model.heat_prev[k], group, shown) for k in range(3))
+        cache = self._colour_cache
+        if len(cache) > 20000:
+            cache.clear()
+        colours: list[RGB] = []
+        append = colours.append
+        for i in range(shown):
+            base = EVER_WRITTEN if t_writes[i] else EVER_TRIMMED if t_trims[i] else EVER_READ if t_reads[i] else NEVER
+            r, w, t = reads[i], writes[i], trims[i]
+            if r < 0.05 and w < 0.05 and t < 0.05:
+                append(base)
+                continue
+            # Quantised inputs: under uniform load most cells share a colour.
+            key = (base, int(min(r, 63.0) * 2), int(min(w, 63.0) * 2), int(min(t, 63.0) * 2))
+            colour = cache.get(key)
+            if colour is None:
+                colour = cache[key] = heat_colour(key[1] / 2, key[2] / 2, key[3] / 2, HEAT_SCALE, base)
+            append(colour)
+        return colours
+
+    def _build_grid(self, width: int, height: int) -> list[Strip]:
+        self.group, self.cells_shown, self.grid_width = self._grid_geometry()
+        colours = self.cell_colours()
+        highlight = self.hover if self.hover is not None else self.cursor if self.has_focus else None
+        if highlight is not None and highlight < len(colours):
+            colours[highlight] = CURSOR
+        shown = self.cells_shown
+        gw = self.grid_width
+        lines: list[Strip] = []
+        display_rows = -(-shown // gw)
+        char_rows = -(-display_rows // 2)
+        for row in range(max(0, height - 2)):
+            if row >= char_rows:
+                lines.append(Strip.blank(width))
+                continue
+            top0 = row * 2 * gw
+            bottom0 = top0 + gw
+            half = self._half
+            if bottom0 + gw <= shown:
+                segments = [half(t, b) for t, b in zip(colours[top0:bottom0], colours[bottom0 : bottom0 + gw])]
+            else:
+                segments = [
+                    half(
+                        colours[top0 + x] if top0 + x < shown else PANEL,
+                        colours[bottom0 + x] if bottom0 + x < shown else PANEL,
+                    )
+                    for x in range(gw)
+                ]
+            lines.append(Strip(segments, gw).simplify().crop_extend(0, width, None))
+        lines.append(self._info_line(width))
+        lines.append(self._legend_line(width))
+        return lines
+
+    def _info_line(self, width: int) -> Strip:
+        index = self.hover if self.hover is not None else self.cursor
+        if self.mode == "time":
+            text = self._time_info()
+            return Strip([Segment(text, _TEXT)]).crop_extend(0, width, None)
+        if index is None or index >= self.cells_shown:
+            return Strip([Segment("hover a cell, or focus (tab) and use the arrows", _LABEL)]).crop_extend(
+                0, width, None
+            )
+        start, end = self.cell_range(index)
+        totals, recent = self.cell_counts(index)
+        segments = [
+            Segment(f"cell {index} ", _KEY),
+            Segment(f"{fmt.compact_size(start)}–{fmt.compact_size(end)} ", _TEXT),
+            Segment(f"bytes {start:,}–{end - 1:,} ", _LABEL),
+            Segment(f"blocks {start // 4096:,}–{(end - 1) // 4096:,}  ", _LABEL),
+            Segment(f"R {totals[0]:,} ", Style.parse(f"bold {fmt.READ_COLOUR}")),
+            Segment(f"W {totals[1]:,} ", Style.parse(f"bold {fmt.WRITE_COLOUR}")),
+            Segment(f"T {totals[2]:,}", Style.parse(f"bold {fmt.TRIM_COLOUR}")),
+        ]
+        return Strip(segments).crop_extend(0, width, None)
+
+    def _legend_line(self, width: int) -> Strip:
+        per = self.group * self.model.cell_bytes
+        if self.mode == "time":
+            band = self._band_bytes()
+            text = f"offset ↓ · time → · 1 column = {self.model.time_column:g} s · 1 row = {fmt.compact_size(band)}B"
+            segments = [
+                Segment("■", Style.parse(fmt.READ_COLOUR)),
+                Segment(" read "),
+                Segment("■", Style.parse(fmt.WRITE_COLOUR)),
+                Segment(" write "),
+                Segment("■", Style.parse(fmt.TRIM_COLOUR)),
+                Segment(" trim  "),
+                Segment(text, _LABEL),
+            ]
+        else:
+            segments = [
+                Segment("■", Style.parse(fmt.READ_COLOUR)),
+                Segment(" read "),
+                Segment("■", Style.parse(fmt.WRITE_COLOUR)),
+                Segment(" write "),
+                Segment("■", Style.parse(fmt.TRIM_COLOUR)),
+                Segment(" trim "),
+                Segment("■", Style(color=Color.from_rgb(*EVER_WRITTEN))),
+                Segment(" written  "),
+                Segment(f"1 cell = {fmt.compact_size(per)}B", _KEY),
+                Segment(f" ({per // 4096:,} blocks) · {self.cells_shown:,} cells", _LABEL),
+            ]
+        return Strip(segments).crop_extend(0, width, None)
+
+    # -- the time view ---------------------------------------------------------------
+    def _time_geometry(self, width: int, height: int) -> tuple[int, int, int]:
+        axis = 6
+        plot = max(1, width - axis - 1)
+        bands = max(2, (height - 3) * 2)
+        return axis, plot, bands
+
+    def _band_bytes(self) -> int:
+        width = self.inner_width
+        height = self.inner_height
+        _axis, _plot, bands = self._time_geometry(width, height)
+        return -(-self.model.size // bands)
+
+    def _time_columns(self, plot: int) -> list[dict[int, list[int]]]:
+        cols = list(self.model.columns)[-(plot - 1) :] if plot > 1 else []
+        cols.append(self.model.column_open)
+        return cols
+
+    def _build_time(self, width: int, height: int) -> list[Strip]:
+        model = self.model
+        axis, plot, bands = self._time_geometry(width, height)
+        columns = self._time_columns(plot)
+        rows = model.time_rows
+        grids: list[list[list[int]] | None] = []
+        peak = 1
+        for col in columns:
+            if not col:
+                grids.append(None)
+                continue
+            grid = [[0, 0, 0] for _ in range(bands)]
+            for bucket, counts in col.items():
+                band = min(bands - 1, bucket * bands // rows)
+                cell = grid[band]
+                cell[0] += counts[0]
+                cell[1] += counts[1]
+                cell[2] += counts[2]
+                peak = max(peak, cell[0] + cell[1] + cell[2])
+            grids.append(grid)
+        pad = plot - len(columns)
+        lines: list[Strip] = []
+        char_rows = bands // 2
+        labels = {
+            0: "0",
+            char_rows // 2: fmt.compact_size(model.size // 2),
+            char_rows - 1: fmt.compact_size(model.size),
+        }
+        hover = self.hover_time
+        for row in range(char_rows):
+            segments = [Segment(labels.get(row, "").rjust(axis) + "┤" if row in labels else " " * axis + "│", _LABEL)]
+            if pad > 0:
+                segments.append(Segment(" " * pad))
+            for ci, grid in enumerate(grids):
+                colours = []
+                for band in (row * 2, row * 2 + 1):
+                    if grid is None:
+                        colour = NEVER
+                    else:
+                        r, w, t = grid[band]
+                        colour = heat_colour(r, w, t, peak, NEVER) if r or w or t else NEVER
+                    if hover is not None and hover == (ci, band):
+                        colour = CURSOR
+                    colours.append(colour)
+                segments.append(self._half(colours[0], colours[1]))
+            lines.append(Strip(segments).simplify().crop_extend(0, width, None))
+        while len(lines) < height - 3:
+            lines.append(Strip.blank(width))
+        span = plot * model.time_column
+        axis_line = " " * (axis + 1)
+        marks = []
+        for frac in (1.0, 0.5):
+            seconds = span * frac
+            marks.append((axis + 1 + int(plot * (1 - frac)), f"−{seconds:.0f}s"))
+        marks.append((axis + plot + 1 - 3, "now"))
+        chars = list(axis_line + " " * plot)
+        for pos, label in marks:
+            for i, ch in enumerate(label):
+                if 0 <= pos + i < len(chars):
+                    chars[pos + i] = ch
+        lines.append(Strip([Segment("".join(chars), _LABEL)]).crop_extend(0, width, None))
+        lines.append(self._info_line(width))
+        lines.append(self._legend_line(width))
+        return lines[:height]
+
+    def _time_info(self) -> str:
+        if self.hover_time is None:
+            return "hover the plot to see a moment's offsets"
+        col, band = self.hover_time
+        width = self.inner_width
+        height = self.inner_height
+        _axis, plot, bands = self._time_geometry(width, height)
+        columns = self._time_columns(plot)
+        if col >= len(columns):
+            return ""
+        ago = (len(columns) - 1 - col) * self.model.time_column
+        band_bytes = -(-self.model.size // bands)
+        start = band * band_bytes
+        counts = [0, 0, 0]
+        rows = self.model.time_rows
+        for bucket, c3 in columns[col].items():
+            if min(bands - 1, bucket * bands // rows) == band:
+                counts = [a + b for a, b in zip(counts, c3)]
+        when = "now" if ago == 0 else f"{ago:.0f}s ago"
+        end = min(self.model.size, start + band_bytes)
+        return (
+            f"{when}: {fmt.compact_size(start)}–{fmt.compact_size(end)}  "
+            f"read {counts[0]:,} write {counts[1]:,} trim {counts[2]:,} cell touches"
+        )
+
+    # -- the line API ---------------------------------------------------------------
+    def refresh_heat(self) -> None:
+        """The model's heat changed: redraw on the next frame."""
+        self._built_for = None
+        self.refresh()
+
+    def _ensure_lines(self) -> None:
+        width = self.inner_width
+        height = self.inner_height
+        key = (
+            width,
+            height,
+            self.mode,
+            self.cursor,
+            self.hover,
+            self.hover_time,
+            self.has_focus,
+            self.model.heat_version,
+            self.model.cells,
+        )
+        if key == self._built_for:
+            return
+        self._built_for = key
+        self.builds += 1
+        if width <= 0 or height <= 0:
+            self._lines = []
+        elif self.mode == "time":
+            self._lines = self._build_time(width, height)
+        else:
+            self._lines = self._build_grid(width, height)
+
+    def render_inner(self, y: int, width: int) -> Strip:
+        self._ensure_lines()
+        if y < len(self._lines):
+            return self._lines[y]
+        return Strip.blank(width)
+
+    # -- interaction -------------------------------------------------------------------
+    def watch_mode(self, mode: str) -> None:
+        self.hover = None
+        self.hover_time = None
+        self.pane_title = "address space · heat" if mode == "grid" else "address space · offset by time"
+        self.refresh()
+
+    def action_toggle_mode(self) -> None:
+        self.mode = "time" if self.mode == "grid" else "grid"
+
+    def action_move(self, dx: int, dy: int) -> None:
+        if self.mode != "grid":
+            return
+        if self.cursor is None:
+            self.cursor = 0
+        else:
+            index = self.cursor + dx + dy * self.grid_width
+            if 0 <= index < self.cells_shown:
+                self.cursor = index
+        self.refresh()
+
+    def on_mouse_move(self, event: events.MouseMove) -> None:
+        offset = event.get_content_offset(self)
+        inner = offset and self.inner_offset(offset.x, offset.y)
+        if not inner:
+            self.on_leave(None)
+            return
+        x, y = inner
+        if self.mode == "grid":
+            index = (y * 2) * self.grid_width + x
+            self.hover = index if x < self.grid_width and index < self.cells_shown else None
+        else:
+            width = self.inner_width
+            height = self.inner_height
+            axis, plot, bands = self._time_geometry(width, height)
+            columns = self._time_columns(plot)
+            pad = plot - len(columns)
+            col = x - axis - 1 - pad
+            self.hover_time = (col, y * 2) if 0 <= col < len(columns) and y * 2 < bands else None
+        self.refresh()
+
+    def on_leave(self, event: events.Leave | None) -> None:
+        if self.hover is not None or self.hover_time is not None:
+            self.hover = None
+            self.hover_time = None
+            self.refresh()
+
+    def on_focus(self) -> None:
+        if self.cursor is None:
+            self.cursor = 0
+        super().on_focus()
+
+    def point_at(self, offset: int) -> int:
+        """Put the cursor on the cell holding byte `offset` (tests, the inspector)."""
+        self._ensure_lines()
+        self.cursor = self.cell_for_offset(offset)
+        self.refresh()
+        return self.cursor
+
+    def colour_at(self, offset: int) -> RGB:
+        """The colour the grid gives the cell holding byte `offset` (cursor aside)."""
+        self._ensure_lines()
+        return self.cell_colours()[self.cell_for_offset(offset)]

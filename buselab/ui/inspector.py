@@ -1,0 +1,190 @@
+"""The inspector: one request decoded, with a hexdump of its payload."""
+
+from __future__ import annotations
+
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual import events
+from textual.binding import Binding
+from textual.strip import Strip
+
+from ..engine.telemetry import PREVIEW_BYTES, RequestRecord
+from ..protocol import constants as c
+from . import format as fmt
+from .pane import Pane
+
+_THUMB = Style.parse("#4a5568")
+BLOCK = 4096
+SECTOR = 512
+
+_MEANING = {
+    c.CMD_READ: "data read from the disk",
+    c.CMD_WRITE: "data written to the disk",
+    c.CMD_FLUSH: "no data: makes every acknowledged write durable",
+    c.CMD_TRIM: "no data: the range is discarded (reads may return zeros)",
+    c.CMD_WRITE_ZEROES: "no data: the range becomes zeros",
+    c.CMD_CACHE: "no data: a hint that the range will be read soon",
+    c.CMD_BLOCK_STATUS: "no data: asks which parts of the range are holes",
+}
+
+
+def describe_record(record: RequestRecord, *, cell_bytes: int | None = None, hex_width: int = 16) -> Text:
+    """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it."""
+    text = Text()
+    colour = fmt.OP_COLOURS.get(record.cmd, "white")
+    label = "#ffffff"
+    text.append(f" {fmt.op_name(record.cmd)} ", style=f"bold #101418 on {colour}")
+    text.append(f"  request #{record.seq}", style="bold")
+    flags = fmt.flag_names(record.flags)
+    if flags:
+        text.append("  " + " ".join(flags), style=f"bold {fmt.HELD_COLOUR}")
+    if record.error:
+        text.append(f"  failed: {fmt.errno_name(record.error)} ({record.error})", style=f"bold {fmt.ERROR_COLOUR}")
+    else:
+        text.append("  ok", style="#8fbf7a")
+    text.append("\n")
+
+    def row(name: str, value: str, style: str = "") -> None:
+        text.append(f"{name:<9}", style=fmt.DIM_COLOUR)
+        text.append(value + "\n", style=style or label)
+
+    if record.cmd in fmt.RANGED_OPS:
+        end = record.offset + record.length
+        last = end - 1 if record.length else record.offset
+        row("bytes", f"{record.offset:,} – {last:,}  ({fmt.exact_bytes(record.length)})")
+        first_block, last_block = record.offset // BLOCK, last // BLOCK
+        blocks = f"{first_block:,}" if first_block == last_block else f"{first_block:,} – {last_block:,}"
+        aligned = "" if record.offset % BLOCK == 0 and record.length % BLOCK == 0 else "  (not 4 KiB aligned)"
+        row("blocks", f"{blocks} of 4 KiB   sectors {record.offset // SECTOR:,} – {last // SECTOR:,}{aligned}")
+        if cell_bytes:
+            first_cell, last_cell = record.offset // cell_bytes, last // cell_bytes
+            cells = f"{first_cell}" if first_cell == last_cell else f"{first_cell} – {last_cell}"
+            row("heat", f"telemetry cell {cells} ({fmt.compact_size(cell_bytes)}B each)")
+    row("handle", f"{record.handle:#018x}   connection {record.conn}")
+    row("arrived", f"{fmt.clock_text(record.time, micro=True)}   latency {fmt.latency_text(record.latency)}")
+    payload = record.preview
+    meaning = _MEANING.get(record.cmd, "")
+    if payload is None or record.error:
+        row("payload", meaning if not record.error else "none: the request failed, no data went back", fmt.DIM_COLOUR)
+        return text
+    shown = len(payload)
+    what = "read" if record.cmd == c.CMD_READ else "written"
+    if shown < record.length:
+        row("payload", f"first {shown:,} of {record.length:,} bytes {what}", fmt.DIM_COLOUR)
+    else:
+        row("payload", f"{record.length:,} bytes {what}", fmt.DIM_COLOUR)
+    if not any(payload):
+        text.append(f"          all zeros ({shown:,} bytes)\n", style=fmt.DIM_COLOUR)
+    for line in fmt.hexdump(payload, base=record.offset, width=hex_width):
+        if line == "*" or len(line) <= 10:
+            text.append(line + "\n", style=fmt.DIM_COLOUR)
+            continue
+        text.append(line[:10], style=fmt.DIM_COLOUR)
+        bar = line.index("|")
+        text.append(line[10:bar], style=colour)
+        text.append(line[bar:] + "\n", style="#aeb7c4")
+    return text
+
+
+class Inspector(Pane, can_focus=True):
+    """Shows the selected request, or the newest one while the stream follows.
+
+    A line-API widget with its own scroll position, like the stream: showing a
+    new request re-renders its own lines and never lays out the screen.
+    """
+
+    BINDINGS = [
+        Binding("up", "scroll_lines(-1)", "Up", show=False),
+        Binding("down", "scroll_lines(1)", "Down", show=False),
+        Binding("pageup", "scroll_lines(-10)", "Page up", show=False),
+        Binding("pagedown", "scroll_lines(10)", "Page down", show=False),
+        Binding("home", "scroll_lines(-100000)", "Top", show=False),
+        Binding("end", "scroll_lines(100000)", "Bottom", show=False),
+    ]
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.record: RequestRecord | None = None
+        self.cell_bytes: int | None = None
+        self.top = 0
+        self._text: Text = self._placeholder()
+        self._lines: list[Strip] = []
+        self._lines_for: tuple | None = None
+
+    @staticmethod
+    def _placeholder() -> Text:
+        return Text(
+            "No request yet. Select one in the stream (↑/↓ or click) to decode it here;\n"
+            "while the stream follows, this shows the newest request.\n"
+            f"Payloads show their first {PREVIEW_BYTES:,} bytes.",
+            style=fmt.DIM_COLOUR,
+        )
+
+    def show(self, record: RequestRecord | None, *, cell_bytes: int | None = None) -> None:
+        if record is self.record and cell_bytes == self.cell_bytes:
+            return
+        self.record = record
+        self.cell_bytes = cell_bytes
+        self.top = 0
+        self._lines_for = None
+        self.pane_subtitle = f"#{record.seq}" if record is not None else ""
+        self.refresh()
+
+    def _build(self, width: int) -> list[Strip]:
+        if self.record is None:
+            text = self._placeholder()
+        else:
+            text = describe_record(self.record, cell_bytes=self.cell_bytes, hex_width=16 if width >= 79 else 8)
+        self._text = text
+        console = self.app.console
+        lines = []
+        for line in text.split("\n", allow_blank=True):
+            line.no_wrap = True
+            line.overflow = "ellipsis"
+            lines.append(Strip(line.render(console)).crop_extend(0, width, None))
+        while lines and not lines[-1].cell_length:
+            lines.pop()
+        return lines
+
+    def _ensure(self) -> int:
+        width = max(1, self.inner_width - 1)
+        key = (width, self.record, self.cell_bytes)
+        if key != self._lines_for:
+            self._lines_for = key
+            self._lines = self._build(width)
+        return width
+
+    def render_inner(self, y: int, inner_width: int) -> Strip:
+        width = self._ensure()
+        height = self.inner_height
+        total = len(self._lines)
+        index = self.top + y
+        strip = self._lines[index] if index < total else Strip.blank(width)
+        if total > height:
+            size = max(1, height * height // total)
+            start = (height - size) * self.top // max(1, total - height)
+            bar = Segment("▐", _THUMB) if start <= y < start + size else Segment(" ")
+        else:
+            bar = Segment(" ")
+        return Strip([*strip, bar], width + 1)
+
+    def action_scroll_lines(self, delta: int) -> None:
+        self._ensure()
+        self.top = max(0, min(len(self._lines) - self.inner_height, self.top + delta))
+        self.refresh()
+
+    def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
+        event.stop()
+        self.action_scroll_lines(-3)
+
+    def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
+        event.stop()
+        self.action_scroll_lines(3)
+
+    @property
+    def text(self) -> str:
+        """Plain text of what is shown (for tests)."""
+        if self.record is None:
+            return self._placeholder().plain
+        return describe_record(self.record, cell_bytes=self.cell_bytes).plain

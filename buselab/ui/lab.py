@@ -1,0 +1,283 @@
+"""The lab app: header, request stream, inspector, heatmap, graphs, footer.
+
+One timer drives everything: every tick (12 a second) `LabModel.poll()` reads
+telemetry once and the widgets that changed are told so. The serve path never
+waits for the lab and never sends it a message.
+
+`run_lab(session)` runs the app and, however it ends (q, ctrl+c, SIGTERM, a
+crash, `seconds`), stops the session: in-flight requests are answered, the
+backend flushed, the device detached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.widgets import Footer
+
+from ..screens.help import HelpScreen
+from ..session import Session
+from ..sizes import human_bytes
+from .graphs import Graphs
+from .header import LabHeader
+from .heatmap import Heatmap
+from .inspector import Inspector
+from .model import LabModel, Tick
+from .stream import OP_GROUPS, RequestStream
+
+DEFAULT_HZ = 12.0
+LAB_GC_THRESHOLD = 50_000  # net allocations between young collections while the lab runs
+INSPECTOR_FOLLOW_EVERY = 0.25  # seconds between inspector updates while following
+INSPECTOR_FOLLOW_BUSY = 1.0  # ... and while requests pour in (it is unreadable faster anyway)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class LabApp(App[int]):
+    """The live lab over one Session."""
+
+    CSS_PATH = "lab.tcss"
+    TITLE = "buselab"
+    ENABLE_COMMAND_PALETTE = False
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("1", "toggle_ops(0)", "Ops", key_display="1-5"),
+        Binding("2", "toggle_ops(1)", "WRITE", show=False),
+        Binding("3", "toggle_ops(2)", "FLUSH", show=False),
+        Binding("4", "toggle_ops(3)", "TRIM", show=False),
+        Binding("5", "toggle_ops(4)", "other ops", show=False),
+        Binding("0", "all_ops", "All ops", show=False),
+        Binding("m", "heat_mode", "Heat/time"),
+    ]
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        seconds: float | None = None,
+        hz: float = DEFAULT_HZ,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        auto_poll: bool = True,
+        model: LabModel | None = None,
+    ) -> None:
+        # Every colour here is truecolor: no ANSI-to-truecolor filter pass per line.
+        super().__init__(ansi_color=True)
+        self.session = session
+        self.seconds = seconds
+        self.hz = hz
+        self.auto_poll = auto_poll
+        self.model = model or LabModel(session, clock=clock, wall=wall)
+        self.header_widget = LabHeader(self.model, id="header")
+        self.stream = RequestStream(id="stream")
+        self.inspector = Inspector(id="inspector")
+        self.heatmap = Heatmap(self.model, id="heatmap")
+        self.graphs = Graphs(self.model, id="graphs")
+        self.hidden_groups: set[int] = set()
+        self._inspector_shown_at = 0.0
+        # Measurements for bench/lab_bench.py (BUSELAB_LAB_STATS=path writes them at exit).
+        self.frames = 0
+        self.frame_times: list[float] = []
+        self.tick_times: list[float] = []
+        self.rss: list[tuple[float, int]] = []
+        self._started = time.monotonic()
+        self._cpu_started = time.thread_time()
+        self.freeze_gc = False  # run_lab: freeze the startup objects once the screen is up
+
+    # -- layout ------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        # No containers: the panes sit straight in the screen's grid, so a
+        # frame that redraws the stream composes only the stream over the
+        # screen, not two more container backgrounds as well.
+        yield self.header_widget
+        yield self.stream
+        yield self.heatmap
+        yield self.graphs
+        yield self.inspector
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.stream.pane_title = "requests"
+        self.inspector.pane_title = "inspector"
+        self.heatmap.pane_title = "address space · heat"
+        self.graphs.pane_title = "graphs · last minutes"
+        self.stream.focus()
+        self._fit_layout()
+        self.header_widget.update_from_model()
+        if self.freeze_gc:
+            self.call_after_refresh(gc.freeze)
+        if self.auto_poll:
+            self.set_interval(1.0 / self.hz, self.poll, name="telemetry")
+        if self.seconds is not None:
+            self.set_timer(self.seconds, self.action_quit, name="seconds")
+        if not self.is_headless:
+            # SIGTERM (systemd, kill, the tests) ends the lab the way q does.
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.exit, 0)
+            except (RuntimeError, NotImplementedError, ValueError):
+                pass  # not the main thread, or no signals here
+
+    def on_resize(self) -> None:
+        self._fit_layout()
+
+    def _fit_layout(self) -> None:
+        width, height = self.size
+        self.screen.set_class(width < 130, "narrow")
+        self.screen.set_class(height < 40, "short")
+
+    # -- the tick -------------------------------------------------------------------
+    def poll(self) -> Tick:
+        """Read telemetry once and hand each widget what changed."""
+        started = time.perf_counter()
+        tick = self.model.poll()
+        self.stream.add(tick.records, tick.gap, tick.held)
+        if tick.heat_changed:
+            self.heatmap.refresh_heat()
+        if tick.sampled:
+            self.graphs.refresh_graphs()
+        if tick.snapshot_taken or tick.held:
+            self.header_widget.update_from_model()
+        if self.stream.follow and tick.records:
+            now = time.monotonic()
+            every = INSPECTOR_FOLLOW_BUSY if len(tick.records) >= self.model.busy_rows else INSPECTOR_FOLLOW_EVERY
+            if now - self._inspector_shown_at >= every:
+                self._inspector_shown_at = now
+                self.inspector.show(self.stream.newest_record, cell_bytes=self.model.cell_bytes)
+        elapsed = time.perf_counter() - started
+        if len(self.tick_times) < 100_000:
+            self.tick_times.append(elapsed)
+        if self.model.ticks % 120 == 1:
+            self.rss.append((time.monotonic() - self._started, _rss_bytes()))
+        return tick
+
+    def _display(self, screen, renderable) -> None:  # type: ignore[no-untyped-def]
+        # Counted for the bench's refresh rate; Textual calls this once per frame written.
+        if renderable is not None:
+            self.frames += 1
+            if len(self.frame_times) < 200_000:
+                self.frame_times.append(time.time())
+        super()._display(screen, renderable)
+
+    # -- messages ----------------------------------------------------------------------
+    def on_request_stream_selected(self, message: RequestStream.Selected) -> None:
+        record = message.record
+        if record is None:
+            self.inspector.show(self.stream.newest_record, cell_bytes=self.model.cell_bytes)
+            return
+        self.inspector.show(record, cell_bytes=self.model.cell_bytes)
+        if record.length:
+            self.heatmap.cursor = self.heatmap.cell_for_offset(record.offset)
+            self.heatmap.refresh()
+
+    # -- actions ----------------------------------------------------------------------
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_toggle_ops(self, group: int) -> None:
+        if group in self.hidden_groups:
+            self.hidden_groups.discard(group)
+        else:
+            self.hidden_groups.add(group)
+        if len(self.hidden_groups) == len(OP_GROUPS):
+            self.hidden_groups.discard(group)  # hiding everything helps nobody
+        self._apply_op_filter()
+
+    def action_all_ops(self) -> None:
+        self.hidden_groups.clear()
+        self._apply_op_filter()
+
+    def _apply_op_filter(self) -> None:
+        hidden: frozenset[int] = frozenset()
+        for i in self.hidden_groups:
+            hidden |= OP_GROUPS[i][1]
+        self.stream.set_hidden_ops(hidden)
+        shown = [name for i, (name, _ops) in enumerate(OP_GROUPS) if i not in self.hidden_groups]
+        self.stream.pane_title = "requests" if not self.hidden_groups else "requests · only " + " ".join(shown)
+
+    def action_heat_mode(self) -> None:
+        self.heatmap.action_toggle_mode()
+
+    def action_quit(self) -> None:  # type: ignore[override]
+        self.exit(0)
+
+    # -- measurements ------------------------------------------------------------------
+    def stats(self) -> dict:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        ticks = sorted(self.tick_times)
+        return {
+            "elapsed": elapsed,
+            "ticks": self.model.ticks,
+            "tick_hz": self.model.ticks / elapsed,
+            "frames": self.frames,
+            "ui_cpu": (time.thread_time() - self._cpu_started) / elapsed,
+            "frame_hz": self.frames / elapsed,
+            "tick_ms_mean": 1e3 * sum(ticks) / len(ticks) if ticks else 0.0,
+            "tick_ms_p99": 1e3 * ticks[int(len(ticks) * 0.99)] if ticks else 0.0,
+            "tick_ms_max": 1e3 * ticks[-1] if ticks else 0.0,
+            "rows_added": self.stream.rows_added,
+            "gaps": self.stream.gaps_added,
+            "rows_skipped": self.model.rows_skipped,
+            "rss": self.rss + [(elapsed, _rss_bytes())],
+            "gc": gc.get_stats(),
+            "frame_times": self.frame_times,
+        }
+
+
+def run_lab(session: Session, seconds: float | None = None) -> int:
+    """Run the lab until q (or `seconds`), then stop the session cleanly."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        from ..headless import run_headless
+
+        print("buselab: no terminal for the lab; printing stats instead (--headless)", file=sys.stderr)
+        return run_headless(session, seconds=seconds)
+    app = LabApp(session, seconds=seconds)
+    threshold = gc.get_threshold()
+    # The serve path allocates and frees a record per request in balance, so
+    # headless it almost never triggers the cycle collector. The lab keeps
+    # rows and caches alive, which turns that into net growth: at the default
+    # threshold the collector then runs hundreds of times a second, each time
+    # walking every young record in the telemetry ring with the GIL held,
+    # which cost fio a third of its IOPS. Collect rarely while the lab runs,
+    # and (gc.freeze, once the screen is up) never walk the app's own widgets.
+    app.freeze_gc = True
+    gc.set_threshold(max(threshold[0], LAB_GC_THRESHOLD), *threshold[1:])
+    try:
+        app.run()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+        workload = session.demo_workload
+        if workload is not None:
+            workload.stop()  # before the server goes, so the demo client sees no errors
+        session.stop()
+        stats_path = os.environ.get("BUSELAB_LAB_STATS")
+        if stats_path:
+            Path(stats_path).write_text(json.dumps(app.stats(), indent=1))
+    if app.return_code not in (None, 0):
+        return app.return_code
+    snap = session.engine.telemetry.snapshot()
+    print(
+        f"buselab: stopped cleanly after {snap.total_requests:,} requests"
+        f" (read {human_bytes(snap.bytes[0])}, wrote {human_bytes(snap.bytes[1])})"
+    )
+    return 0

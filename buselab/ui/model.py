@@ -1,0 +1,288 @@
+"""What the lab knows, refreshed once per tick from telemetry.
+
+`LabModel.poll()` is the lab's only contact with the serve path: one
+`Telemetry.snapshot()` and one `Telemetry.recent(after_seq, limit)` per tick,
+whatever the request rate. From those it derives everything the widgets draw:
+new rows for the stream (with a `Gap` when there were more than a tick can
+show), decayed per-cell activity for the heatmap, offset-by-time columns, and
+one graph sample a second. No Textual here, so it is tested on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import TYPE_CHECKING, NamedTuple
+
+from ..engine.telemetry import LATENCY_BUCKETS, RequestRecord, Snapshot, percentile
+from ..protocol import constants as c
+
+if TYPE_CHECKING:
+    from ..engine.gate import HeldRequest
+    from ..session import Session
+
+TIME_ROWS = 128  # offset buckets kept per time column (the widget shows fewer)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Requests that happened but are not rows: the stream shows '+N more'."""
+
+    count: int
+    first_seq: int
+    last_seq: int
+    time: float  # wall time of the first row after the gap
+
+
+class Sample(NamedTuple):
+    """One point of the graphs: rates over one sample interval."""
+
+    t: float  # model clock at the end of the interval
+    read_bps: float
+    write_bps: float
+    read_iops: float
+    write_iops: float
+    other_iops: float  # flush, trim, write zeroes, cache, block status
+    p50: float  # seconds, over every op completed in the interval
+    p99: float
+    requests: int  # completed in the interval
+
+
+@dataclass
+class Tick:
+    """What changed in one poll."""
+
+    records: list[RequestRecord] = field(default_factory=list)
+    gap: Gap | None = None
+    heat_changed: bool = False
+    sampled: bool = False
+    snapshot_taken: bool = False
+    held: list[HeldRequest] = field(default_factory=list)
+
+
+def _zeros(n: int) -> list[float]:
+    return [0.0] * n
+
+
+class LabModel:
+    def __init__(
+        self,
+        session: Session,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rows_per_tick: int = 500,
+        sample_every: float = 1.0,
+        history: int = 900,
+        half_life: float = 1.5,
+        time_column: float = 1.0,
+        time_columns: int = 600,
+        busy_rows: int = 200,
+        busy_snapshot_every: float = 0.3,
+    ) -> None:
+        self.session = session
+        self.telemetry = session.engine.telemetry
+        self.gate = session.engine.gate
+        self.clock = clock
+        self.wall = wall
+        self.rows_per_tick = rows_per_tick
+        self.sample_every = sample_every
+        self.half_life = half_life
+        self.time_column = time_column
+        self.time_columns = time_columns
+        self.started = clock()
+        self.busy_rows = busy_rows
+        self.busy_snapshot_every = busy_snapshot_every
+        self.last_seq = 0
+        self.ticks = 0
+        self.rows_seen = 0
+        self.rows_skipped = 0
+        self.snapshot: Snapshot = self.telemetry.snapshot()
+        self._sample_base = self.snapshot
+        self._sample_base_t = self.started
+        self.samples: deque[Sample] = deque(maxlen=history)
+        self.held: list[HeldRequest] = []
+        self._last_snapshot = self.started
+        self._reset_heat(self.snapshot)
+
+    # -- heat ------------------------------------------------------------------
+    def _reset_heat(self, snap: Snapshot) -> None:
+        cells = len(snap.heat[0])
+        self.cells = cells
+        self.cell_bytes = snap.cell_bytes
+        self.size = snap.size
+        self.heat_prev = [list(row) for row in snap.heat]
+        # Decayed recent touches per telemetry cell: [read, write, trim].
+        self.activity = [_zeros(cells) for _ in range(3)]
+        self.activity_peak = 0.0
+        self.bucket_cells = max(1, -(-cells // TIME_ROWS))
+        self.time_rows = -(-cells // self.bucket_cells)
+        # Offset-by-time: one sparse column per interval {bucket: [r, w, t]}.
+        self.columns: deque[dict[int, list[int]]] = deque(maxlen=self.time_columns)
+        self.column_open: dict[int, list[int]] = {}
+        self.column_started = self.clock()
+        self.heat_version = 0
+
+    def _update_heat(self, snap: Snapshot, dt: float) -> bool:
+        if len(snap.heat[0]) != self.cells or snap.cell_bytes != self.cell_bytes:
+            self._reset_heat(snap)
+        decay = 0.5 ** (dt / self.half_life) if self.half_life > 0 else 0.0
+        changed = False
+        column = self.column_open
+        per = self.bucket_cells
+        for kind in range(3):
+            now = snap.heat[kind]
+            prev = self.heat_prev[kind]
+            act = self.activity[kind]
+            if now != prev:
+                delta = [a - b for a, b in zip(now, prev)]
+                self.activity[kind] = [x * decay + d for x, d in zip(act, delta)]
+                self.heat_prev[kind] = now
+                for i, d in enumerate(delta):
+                    if d:
+                        slot = column.get(i // per)
+                        if slot is None:
+                            slot = column[i // per] = [0, 0, 0]
+                        slot[kind] += d
+                changed = True
+            elif self.activity_peak > 0:
+                self.activity[kind] = [x * decay for x in act]
+        if changed:
+            self.activity_peak = max(max(row) for row in self.activity)
+        elif self.activity_peak > 0:
+            self.activity_peak *= decay
+            if self.activity_peak < 0.02:  # faded out: stop decaying zeros every tick
+                self.activity = [_zeros(self.cells) for _ in range(3)]
+                self.activity_peak = 0.0
+            changed = True
+        now_t = self.clock()
+        while now_t - self.column_started >= self.time_column:
+            self.columns.append(self.column_open)
+            self.column_open = column = {}
+            self.column_started += self.time_column
+            changed = True
+        if changed:
+            self.heat_version += 1
+        return changed
+
+    # -- graphs ---------------------------------------------------------------
+    def _take_sample(self, snap: Snapshot, now: float) -> Sample:
+        base = self._sample_base
+        dt = max(now - self._sample_base_t, 1e-6)
+        count = [a - b for a, b in zip(snap.count, base.count)]
+        nbytes = [a - b for a, b in zip(snap.bytes, base.bytes)]
+        window = [0] * LATENCY_BUCKETS
+        for cmd in range(len(snap.latency)):
+            if count[cmd]:
+                for i, (a, b) in enumerate(zip(snap.latency[cmd], base.latency[cmd])):
+                    window[i] += a - b
+        reads = count[c.CMD_READ]
+        writes = count[c.CMD_WRITE]
+        total = sum(count)
+        return Sample(
+            t=now,
+            read_bps=nbytes[c.CMD_READ] / dt,
+            write_bps=nbytes[c.CMD_WRITE] / dt,
+            read_iops=reads / dt,
+            write_iops=writes / dt,
+            other_iops=(total - reads - writes) / dt,
+            p50=percentile(window, 0.5),
+            p99=percentile(window, 0.99),
+            requests=total,
+        )
+
+    @property
+    def latest(self) -> Sample | None:
+        return self.samples[-1] if self.samples else None
+
+    # -- the tick ---------------------------------------------------------------
+    def poll(self) -> Tick:
+        """Read telemetry once and work out what changed since the last poll.
+
+        The stream's new records are read every tick. The snapshot (counters,
+        histograms and the heat matrix, summed over every serving thread) costs
+        more, so under load it is taken only every `busy_snapshot_every` seconds.
+        """
+        now = self.clock()
+        self.ticks += 1
+        tick = Tick()
+        records = self.new_records()
+        if records:
+            first = records[0].seq
+            skipped = first - self.last_seq - 1
+            if skipped > 0:
+                # More arrived than a tick shows (or they came before the lab opened).
+                tick.gap = Gap(skipped, self.last_seq + 1, first - 1, records[0].time)
+                if self.last_seq:
+                    self.rows_skipped += skipped
+            self.last_seq = max(self.last_seq, records[-1].seq, first)
+            self.rows_seen += len(records)
+            tick.records = records
+        busy = len(records) >= self.busy_rows
+        if not busy or now - self._last_snapshot >= self.busy_snapshot_every:
+            snap = self.telemetry.snapshot()
+            self.snapshot = snap
+            tick.snapshot_taken = True
+            tick.heat_changed = self._update_heat(snap, max(now - self._last_snapshot, 0.0))
+            self._last_snapshot = now
+            if now - self._sample_base_t >= self.sample_every:
+                self.samples.append(self._take_sample(snap, now))
+                self._sample_base = snap
+                self._sample_base_t = now
+                tick.sampled = True
+        gate = self.gate
+        if gate.paused or self.held:
+            self.held = gate.held()
+        tick.held = self.held
+        return tick
+
+    def new_records(self) -> list[RequestRecord]:
+        """Records after `last_seq`, at most `rows_per_tick` of them, oldest first.
+
+        Like `Telemetry.recent(after_seq, limit)`, but it touches only the tail
+        of the ring: recent() copies all of it and walks every new record in
+        Python, which under 100k requests a second is most of a tick.
+        """
+        ring = self.telemetry.ring
+        after = self.last_seq
+        if not ring or ring[-1].seq <= after:
+            return []
+        try:
+            # One C-level call: no other thread runs (or appends) in the middle.
+            tail = list(islice(reversed(ring), self.rows_per_tick))
+        except RuntimeError:  # mutated anyway (a finalizer ran during the copy)
+            tail = list(ring)[-self.rows_per_tick :][::-1]
+        # The ring is in completion order, which is nearly seq order: stop at
+        # the first record already shown.
+        for i, record in enumerate(tail):
+            if record.seq <= after:
+                tail = tail[:i]
+                break
+        tail.reverse()
+        return tail
+
+    # -- questions widgets ask ---------------------------------------------------
+    def cell_counts(self, first_cell: int, last_cell: int) -> tuple[list[int], list[float]]:
+        """Totals and recent (decayed) [read, write, trim] over telemetry cells first..last."""
+        totals = [sum(self.heat_prev[k][first_cell : last_cell + 1]) for k in range(3)]
+        recent = [sum(self.activity[k][first_cell : last_cell + 1]) for k in range(3)]
+        return totals, recent
+
+    def uptime(self) -> float:
+        return self.wall() - self.telemetry.started
+
+
+def nice_ceiling(value: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k at or above value (axis tops)."""
+    if value <= 0:
+        return 1.0
+    exp = math.floor(math.log10(value))
+    for m in (1, 2, 5, 10):
+        top = m * 10**exp
+        if top >= value * 0.999:
+            return float(top)
+    return float(10 ** (exp + 1))  # pragma: no cover

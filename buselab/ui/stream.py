@@ -1,0 +1,509 @@
+"""The request stream: one row per request, drawn with the line API.
+
+Like toolong's log view, the widget keeps its rows (plain `RequestRecord`s, no
+widgets and no text) in a bounded deque and renders only the lines on screen,
+caching each rendered row. At tens of thousands of requests a second the model
+hands over at most `rows_per_tick` records per tick and a `Gap` for the rest,
+which becomes one "+N more" row: the stream coalesces instead of falling behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple
+
+from rich.segment import Segment
+from rich.style import Style
+from textual import events
+from textual.binding import Binding
+from textual.message import Message
+from textual.reactive import reactive
+from textual.strip import Strip
+
+from ..engine.telemetry import RequestRecord
+from ..protocol import constants as c
+from . import format as fmt
+from .model import Gap
+from .pane import Pane
+
+if TYPE_CHECKING:
+    from ..engine.gate import HeldRequest
+
+Row = RequestRecord | Gap
+
+# Filterable op groups, in the order of the 1..5 keys.
+OP_GROUPS: tuple[tuple[str, frozenset[int]], ...] = (
+    ("READ", frozenset({c.CMD_READ})),
+    ("WRITE", frozenset({c.CMD_WRITE})),
+    ("FLUSH", frozenset({c.CMD_FLUSH})),
+    ("TRIM", frozenset({c.CMD_TRIM})),
+    ("OTHER", frozenset({c.CMD_WRITE_ZEROES, c.CMD_CACHE, c.CMD_BLOCK_STATUS, c.CMD_DISC})),
+)
+GROUP_COLOURS = {
+    "READ": fmt.OP_COLOURS[c.CMD_READ],
+    "WRITE": fmt.OP_COLOURS[c.CMD_WRITE],
+    "FLUSH": fmt.OP_COLOURS[c.CMD_FLUSH],
+    "TRIM": fmt.OP_COLOURS[c.CMD_TRIM],
+    "OTHER": fmt.OP_COLOURS[c.CMD_WRITE_ZEROES],
+}
+
+
+class Column(NamedTuple):
+    name: str
+    title: str
+    width: int
+    right: bool
+
+
+ALL_COLUMNS = (
+    Column("seq", "seq", 7, True),
+    Column("time", "time", 12, False),
+    Column("op", "op", 5, False),
+    Column("offset", "offset", 13, True),
+    Column("length", "length", 6, True),
+    Column("flags", "flags", 7, False),
+    Column("latency", "latency", 9, True),
+    Column("result", "result", 9, False),
+)
+# Dropped first when the stream is narrow.
+DROP_ORDER = ("time", "flags", "seq", "result")
+
+
+def columns_for_width(width: int) -> tuple[Column, ...]:
+    columns = list(ALL_COLUMNS)
+    for name in DROP_ORDER:
+        if sum(col.width + 1 for col in columns) <= width:
+            break
+        columns = [col for col in columns if col.name != name]
+    return tuple(columns)
+
+
+_STYLE_CACHE: dict[str, Style] = {}
+
+
+def style(spec: str) -> Style:
+    cached = _STYLE_CACHE.get(spec)
+    if cached is None:
+        cached = _STYLE_CACHE[spec] = Style.parse(spec)
+    return cached
+
+
+OP_STYLES = {cmd: style(f"bold {colour}") for cmd, colour in fmt.OP_COLOURS.items()}
+DIM = style(fmt.DIM_COLOUR)
+PLAIN = style("#d8dee9")
+OK_STYLE = style("#6c8a5e")
+ERR_STYLE = style(f"bold {fmt.ERROR_COLOUR}")
+HELD_STYLE = style(f"bold {fmt.HELD_COLOUR}")
+GAP_STYLE = style(f"italic {fmt.DIM_COLOUR}")
+HEADER_STYLE = style("bold #aeb7c4 underline")
+CURSOR_BG = Style(bgcolor="#2e4a6e")
+CURSOR_BG_BLUR = Style(bgcolor="#2a3342")
+SCROLL_THUMB = style("#4a5568")
+SCROLL_TRACK = style("#1f2530")
+SLOW_STYLE = style("#ffd75f")
+VERY_SLOW_STYLE = style(f"bold {fmt.ERROR_COLOUR}")
+
+
+def _cell(text: str, col: Column) -> str:
+    if len(text) > col.width:
+        text = text[: col.width - 1] + "…"
+    return text.rjust(col.width) if col.right else text.ljust(col.width)
+
+
+def join_cells(parts: list[tuple[str, Style]], width: int) -> Strip:
+    """One row from (text, style) cells: same-style neighbours share a segment.
+
+    Every character the stream prints is one cell wide, so len() is the cell
+    length and the strip is built at its final width without measuring.
+    """
+    segments: list[Segment] = []
+    acc: list[str] = []
+    acc_style: Style | None = None
+    used = 0
+    for text, st in parts:
+        if st is not acc_style and acc:
+            segments.append(Segment("".join(acc), acc_style))
+            acc = []
+        acc_style = st
+        acc.append(text)
+        acc.append(" ")
+        used += len(text) + 1
+    if acc:
+        segments.append(Segment("".join(acc), acc_style))
+    if used < width:
+        # Pad inside the last segment rather than adding one more.
+        last = segments.pop()
+        segments.append(Segment(last.text + " " * (width - used), last.style))
+        return Strip(segments, width)
+    return Strip(segments, used).crop(0, width)
+
+
+def record_cells(record: RequestRecord, columns: Iterable[Column]) -> list[tuple[str, Style]]:
+    """The (text, style) cells of one request row."""
+    ranged = record.cmd in fmt.RANGED_OPS
+    parts: list[tuple[str, Style]] = []
+    for col in columns:
+        name = col.name
+        if name == "seq":
+            part = (_cell(str(record.seq), col), DIM)
+        elif name == "time":
+            part = (_cell(fmt.clock_text(record.time), col), DIM)
+        elif name == "op":
+            part = (_cell(fmt.op_short(record.cmd), col), OP_STYLES.get(record.cmd, PLAIN))
+        elif name == "offset":
+            part = (_cell(str(record.offset) if ranged else "", col), PLAIN)
+        elif name == "length":
+            part = (_cell(fmt.compact_size(record.length) if ranged else "", col), PLAIN)
+        elif name == "flags":
+            # Unflagged rows keep the plain style so the row stays a few segments long.
+            part = (_cell(fmt.flags_short(record.flags), col), HELD_STYLE) if record.flags else (" " * col.width, PLAIN)
+        elif name == "latency":
+            latency = record.latency
+            lat_style = VERY_SLOW_STYLE if latency >= 0.1 else SLOW_STYLE if latency >= 0.01 else PLAIN
+            part = (_cell(fmt.latency_text(latency), col), lat_style)
+        elif record.error:  # result
+            part = (_cell(fmt.errno_name(record.error), col), ERR_STYLE)
+        else:
+            part = (_cell("ok", col), OK_STYLE)
+        parts.append(part)
+    return parts
+
+
+def held_cells(held: HeldRequest, columns: Iterable[Column], now: float) -> list[tuple[str, Style]]:
+    """A request the gate is holding: it has no seq yet, only a wait."""
+    req = held.req
+    ranged = req.cmd in fmt.RANGED_OPS
+    wait = now - held.held_since
+    arrived = time.time() - wait
+    parts: list[tuple[str, Style]] = []
+    for col in columns:
+        name = col.name
+        if name == "seq":
+            part = (_cell("held", col), HELD_STYLE)
+        elif name == "time":
+            part = (_cell(fmt.clock_text(arrived), col), DIM)
+        elif name == "op":
+            part = (_cell(fmt.op_short(req.cmd), col), OP_STYLES.get(req.cmd, PLAIN))
+        elif name == "offset":
+            part = (_cell(str(req.offset) if ranged else "", col), PLAIN)
+        elif name == "length":
+            part = (_cell(fmt.compact_size(req.length) if ranged else "", col), PLAIN)
+        elif name == "flags":
+            part = (_cell(fmt.flags_short(req.flags), col), HELD_STYLE)
+        elif name == "latency":
+            part = (_cell(fmt.latency_text(wait), col), HELD_STYLE)
+        else:
+            part = (_cell("waiting", col), HELD_STYLE)
+        parts.append(part)
+    return parts
+
+
+class RequestStream(Pane, can_focus=True):
+    """Every request, newest at the bottom; follows unless you scroll or select.
+
+    A plain line-API widget that keeps its own scroll position: changing a
+    ScrollView's virtual size or offset makes Textual lay out the whole screen,
+    and at 12 ticks a second under load that costs the server real throughput.
+    """
+
+    BINDINGS = [
+        Binding("up", "cursor_up", "Up", show=False),
+        Binding("down", "cursor_down", "Down", show=False),
+        Binding("pageup", "page_up", "Page up", show=False),
+        Binding("pagedown", "page_down", "Page down", show=False),
+        Binding("home", "first", "First", show=False),
+        Binding("end", "follow", "Follow", show=False),
+        Binding("l", "toggle_follow", "Live"),
+    ]
+
+    follow: reactive[bool] = reactive(True)
+    """Keep the newest request in view (and in the inspector)."""
+
+    class Selected(Message):
+        """The cursor moved to a request (None: following the newest)."""
+
+        def __init__(self, record: RequestRecord | None) -> None:
+            super().__init__()
+            self.record = record
+
+    def __init__(self, *, capacity: int = 10_000, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.capacity = capacity
+        self._all: deque[Row] = deque(maxlen=capacity)
+        self._view: deque[Row] = deque(maxlen=capacity)
+        self._dropped = 0  # rows that fell off the front of _view (keeps indexes absolute)
+        self._total_appended = 0
+        self.top = 0  # index in _view of the first row on screen
+        self.hidden_ops: frozenset[int] = frozenset()
+        self.cursor: int | None = None  # absolute index into the view
+        self.held: list[HeldRequest] = []
+        self._cache: dict[int, Strip] = {}
+        self._columns: tuple[Column, ...] = ALL_COLUMNS
+        self._width = 0
+        self._held_now = time.monotonic()
+        self.rows_added = 0
+        self.gaps_added = 0
+
+    # -- data ------------------------------------------------------------------
+    def add(self, records: list[RequestRecord], gap: Gap | None = None, held: list | None = None) -> None:
+        """Append one tick's rows; called by the app's timer, never per request."""
+        held = held if held is not None else self.held
+        if not records and gap is None and not held and not self.held:
+            return
+        view = self._view
+        appended = 0
+        if gap is not None:
+            self._all.append(gap)
+            view.append(gap)
+            appended += 1
+            self.gaps_added += 1
+        if records:
+            self._all.extend(records)
+            hidden = self.hidden_ops
+            shown = [r for r in records if r.cmd not in hidden] if hidden else records
+            view.extend(shown)
+            appended += len(shown)
+            self.rows_added += len(records)
+        # Rows that fell off the front keep absolute indexes (the cursor) stable.
+        dropped = max(0, self._total_appended + appended - self._dropped - len(view))
+        self._total_appended += appended
+        self._dropped += dropped
+        self.held = held
+        self._held_now = time.monotonic()
+        if not self.follow and dropped:
+            self.top = max(0, self.top - dropped)
+        self._after_change()
+
+    @property
+    def page(self) -> int:
+        """Rows that fit under the column header."""
+        return max(1, self.inner_height - 1)
+
+    @property
+    def total_rows(self) -> int:
+        return len(self._view) + len(self.held)
+
+    @property
+    def max_top(self) -> int:
+        return max(0, self.total_rows - self.page)
+
+    def _after_change(self) -> None:
+        if self.follow:
+            self.top = self.max_top
+        else:
+            self.top = min(self.top, self.max_top)
+        self.refresh()
+
+    def set_hidden_ops(self, hidden: frozenset[int]) -> None:
+        """Show only the ops not in `hidden`; rebuilds the view from the kept rows."""
+        if hidden == self.hidden_ops:
+            return
+        selected = self.selected_record
+        self.hidden_ops = hidden
+        self._view = deque(
+            (row for row in self._all if isinstance(row, Gap) or row.cmd not in hidden), maxlen=self.capacity
+        )
+        self._dropped = 0
+        self._total_appended = len(self._view)
+        self._cache.clear()
+        self.cursor = None
+        if selected is not None and not self.follow:
+            for i, row in enumerate(self._view):
+                if row is selected:
+                    self.cursor = i
+                    break
+        self._after_change()
+        if self.cursor is not None:
+            self._scroll_to_cursor()
+
+    def clear(self) -> None:
+        self._all.clear()
+        self._view.clear()
+        self._dropped = 0
+        self._total_appended = 0
+        self.cursor = None
+        self.top = 0
+        self._cache.clear()
+        self._after_change()
+
+    # -- questions -----------------------------------------------------------------
+    @property
+    def rows(self) -> list[Row]:
+        return list(self._view)
+
+    def visible_rows(self) -> list[Row]:
+        """The rows on screen now (tests use it)."""
+        return list(self._view)[self.top : self.top + self.page]
+
+    @property
+    def selected_record(self) -> RequestRecord | None:
+        if self.cursor is None:
+            return None
+        i = self.cursor - self._dropped
+        if 0 <= i < len(self._view):
+            row = self._view[i]
+            return row if isinstance(row, RequestRecord) else None
+        return None
+
+    @property
+    def newest_record(self) -> RequestRecord | None:
+        for row in reversed(self._view):
+            if isinstance(row, RequestRecord):
+                return row
+        return None
+
+    # -- rendering -------------------------------------------------------------------
+    def on_resize(self, event: events.Resize) -> None:
+        width = max(1, self.inner_width - 1)  # the last column is the scrollbar
+        if width != self._width:
+            self._width = width
+            self._columns = columns_for_width(width)
+            self._cache.clear()
+        self._after_change()
+
+    def header_strip(self) -> Strip:
+        return join_cells([(_cell(col.title, col), HEADER_STYLE) for col in self._columns], self._width or 1)
+
+    def _scrollbar(self, y: int) -> Segment:
+        total = self.total_rows
+        page = self.page
+        if total <= page or y == 0:
+            return Segment(" ")
+        size = max(1, page * page // total)
+        start = (page - size) * self.top // max(1, total - page)
+        if start <= y - 1 < start + size:
+            return Segment("▐", SCROLL_THUMB)
+        return Segment(" ")
+
+    def render_inner(self, y: int, inner_width: int) -> Strip:
+        width = max(1, inner_width - 1)
+        if width != self._width:
+            self._width = width
+            self._columns = columns_for_width(width)
+            self._cache.clear()
+        bar = self._scrollbar(y)
+        if y == 0:
+            return Strip([*self.header_strip(), bar], width + 1)
+        index = self.top + y - 1
+        n = len(self._view)
+        if index >= n:
+            h = index - n
+            if h < len(self.held):
+                strip = join_cells(held_cells(self.held[h], self._columns, self._held_now), width)
+                return Strip([*strip, bar], width + 1)
+            return Strip([Segment(" " * width), bar], width + 1)
+        row = self._view[index]
+        selected = self.cursor is not None and index == self.cursor - self._dropped
+        if selected:
+            strip = self._render_row(row, width, True)
+        else:
+            key = row.seq if isinstance(row, RequestRecord) else -row.first_seq
+            strip = self._cache.get(key)
+            if strip is None:
+                strip = self._render_row(row, width, False)
+                if len(self._cache) > 2000:
+                    self._cache.clear()
+                self._cache[key] = strip
+        return Strip([*strip, bar], width + 1)
+
+    def _render_row(self, row: Row, width: int, selected: bool) -> Strip:
+        if isinstance(row, Gap):
+            text = f"  ⋯ +{row.count:,} more requests not shown (seq {row.first_seq}–{row.last_seq})"
+            strip = Strip([Segment(text, GAP_STYLE)]).crop_extend(0, width, None)
+        else:
+            strip = join_cells(record_cells(row, self._columns), width)
+        if selected:
+            strip = strip.apply_style(CURSOR_BG if self.has_focus else CURSOR_BG_BLUR)
+        return strip
+
+    # -- moving around --------------------------------------------------------------
+    def _select(self, index: int | None) -> None:
+        n = len(self._view)
+        if index is None or n == 0:
+            self.cursor = None
+        else:
+            index = max(0, min(n - 1, index))
+            self.cursor = index + self._dropped
+            self.follow = False
+            self._scroll_to_cursor()
+        self.refresh()
+        self.post_message(self.Selected(self.selected_record))
+
+    def _scroll_to_cursor(self) -> None:
+        if self.cursor is None:
+            return
+        i = self.cursor - self._dropped
+        if i < self.top:
+            self.top = i
+        elif i >= self.top + self.page:
+            self.top = i - self.page + 1
+        self.refresh()
+
+    def scroll_rows(self, delta: int) -> None:
+        """Move the view without moving the cursor (the mouse wheel)."""
+        if delta < 0 and self.follow:
+            self.follow = False
+        self.top = max(0, min(self.max_top, self.top + delta))
+        if delta > 0 and self.cursor is None and self.top >= self.max_top:
+            self.follow = True
+        self.refresh()
+
+    def _current_index(self) -> int:
+        if self.cursor is not None:
+            return self.cursor - self._dropped
+        # No selection yet: start from the bottom row on screen.
+        return min(len(self._view), self.top + self.page) - 1
+
+    def action_cursor_up(self) -> None:
+        i = self._current_index()
+        self._select(i - 1 if self.cursor is not None else i)
+
+    def action_cursor_down(self) -> None:
+        i = self._current_index()
+        if self.cursor is not None and i >= len(self._view) - 1:
+            return
+        self._select(i + 1 if self.cursor is not None else i)
+
+    def action_page_up(self) -> None:
+        self._select(self._current_index() - max(1, self.page - 1))
+
+    def action_page_down(self) -> None:
+        self._select(self._current_index() + max(1, self.page - 1))
+
+    def action_first(self) -> None:
+        self._select(0)
+
+    def action_follow(self) -> None:
+        self.follow = True
+
+    def action_toggle_follow(self) -> None:
+        if self.follow:
+            self._select(self._current_index())
+        else:
+            self.follow = True
+
+    def watch_follow(self, follow: bool) -> None:
+        if follow:
+            self.cursor = None
+            self._after_change()
+            self.post_message(self.Selected(None))
+        self.pane_subtitle = "following · l to stop" if follow else "scrollback · end/l to follow"
+
+    def on_click(self, event: events.Click) -> None:
+        offset = event.get_content_offset(self)
+        inner = offset and self.inner_offset(offset.x, offset.y)
+        if not inner or inner[1] == 0:
+            return
+        index = self.top + inner[1] - 1
+        if 0 <= index < len(self._view):
+            self._select(index)
+
+    def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
+        event.stop()
+        self.scroll_rows(-3)
+
+    def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
+        event.stop()
+        self.scroll_rows(3)
