@@ -105,7 +105,8 @@ class TraceRecorder:
         self.complete = False
         self._queue: deque[tuple[tuple, bytes | None]] = deque()
         self._backlog = 0  # payload bytes queued, not yet sent (approximate: see _tap)
-        self._drained = threading.Event()
+        self._drained = threading.Event()  # the queue is empty
+        self._progress = threading.Event()  # a batch went to the writer
         self._stopping = threading.Event()
         self._stopped = False
         self._stop_lock = threading.Lock()
@@ -209,7 +210,8 @@ class TraceRecorder:
         while (
             self._backlog > self.backlog_limit // 2 or len(self._queue) > _MAX_QUEUED // 2
         ) and self._thread.is_alive():
-            self._drained.wait(0.05)
+            self._progress.wait(0.01)
+            self._progress.clear()
 
     # -- the feeder thread --------------------------------------------------------------
     def _feed(self) -> None:
@@ -234,6 +236,7 @@ class TraceRecorder:
                 self.sent += len(batch)
                 if self._backlog:  # only payloads count; reads hashed in the tap do not
                     self._backlog -= sum(len(data) for _, data in batch if data.__class__ is bytes)
+                self._progress.set()
                 if n <= _MAX_BATCH:
                     self._stopping.wait(_FEED_INTERVAL)  # let a batch build up
             _send(proc, b"")  # the end
@@ -246,6 +249,7 @@ class TraceRecorder:
             self.engine.telemetry.event(f"recording to {self.path} failed: {self.error}")
         finally:
             self._drained.set()
+            self._progress.set()
             try:
                 proc.stdin.close()
             except OSError:

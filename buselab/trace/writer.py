@@ -38,33 +38,43 @@ _OP_NAMES = [c.CMD_NAMES.get(i, f"CMD{i}") for i in range(8)]
 _FRAME = 4
 
 
-def _read_exact(fd: int, n: int) -> bytes | None:
-    """n bytes from fd, or None at end of input (the parent went away)."""
-    parts = []
-    while n:
-        chunk = os.read(fd, min(n, 1 << 22))
-        if not chunk:
+class FrameReader:
+    """Frames from a pipe, read into one reused buffer (no joining of chunks)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray(1 << 20)
+
+    def _fill(self, view: memoryview) -> bool:
+        """Fill view completely; False at end of input (the server went away)."""
+        pos = 0
+        n = len(view)
+        while pos < n:
+            got = os.readv(self.fd, [view[pos:]])
+            if not got:
+                return False
+            pos += got
+        return True
+
+    def read(self) -> Any:
+        """The next frame's value; None for the empty (last) frame; EOFError at end of input."""
+        head = bytearray(_FRAME)
+        if not self._fill(memoryview(head)):
+            raise EOFError
+        n = int.from_bytes(head, "little")
+        if n == 0:
             return None
-        parts.append(chunk)
-        n -= len(chunk)
-    return b"".join(parts) if len(parts) != 1 else parts[0]
-
-
-def _read_frame(fd: int) -> Any:
-    head = _read_exact(fd, _FRAME)
-    if head is None:
-        raise EOFError
-    n = int.from_bytes(head, "little")
-    if n == 0:
-        return None
-    body = _read_exact(fd, n)
-    if body is None:
-        raise EOFError
-    return marshal.loads(body)
+        if n > len(self.buffer):
+            self.buffer = bytearray(max(n, 2 * len(self.buffer)))
+        with memoryview(self.buffer) as whole, whole[:n] as view:
+            if not self._fill(view):
+                raise EOFError
+            return marshal.loads(view)
 
 
 def run(trace_fd: int, inp: int) -> dict[str, Any]:
-    setup = _read_frame(inp)
+    frames = FrameReader(inp)
+    setup = frames.read()
     header = TraceHeader(**setup["header"])
     payload = header.payload
     keep_reads = payload == "all"
@@ -88,7 +98,7 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
     plain = fmt + b"}\n"
     with_crc = fmt + b',"hash":"%08x"}\n'
     with_hash = fmt + b',"hash":"%s"}\n'
-    with_data = fmt + b',"hash":"%s","data":"%s"}\n'
+    data_head = fmt + b',"hash":"%s","data":"'
     with_zeros = fmt + b',"hash":"%s","zeros":true}\n'
     write = writer.write_bytes
     dirty = False  # written to the compressor but not yet flushed to the file
@@ -102,7 +112,7 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
                 next_flush = time.monotonic() + flush_interval
                 continue
         try:
-            batch = _read_frame(inp)
+            batch = frames.read()
         except EOFError:
             break  # the server died: leave the trace without its end line
         if batch is None:
@@ -134,8 +144,10 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
                 digest = digest_of(data).encode()
                 if data and not data[0] and not data[-1] and data == bytes(len(data)):
                     add(with_zeros % (*fields, digest))  # file systems write a lot of these
-                else:
-                    add(with_data % (*fields, digest, b2a_base64(data, newline=False)))
+                else:  # in pieces: formatting the payload into the line would copy it once more
+                    add(data_head % (*fields, digest))
+                    add(b2a_base64(data, newline=False))
+                    add(b'"}\n')
             else:
                 add(with_hash % (*fields, digest_of(data).encode()))
             if cmd < 8:
