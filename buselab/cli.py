@@ -166,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .workload import DemoWorkload
 
     backend = open_backend("ram", size=parse_size(args.size))
-    session = Session(backend, ServeOptions())
+    session = Session(backend, ServeOptions(control=default_control_path()))
     path = session.private_socket()
     session.options.unix.append(path)
     workload = DemoWorkload(path, pace=args.pace)

@@ -22,7 +22,7 @@ def stats_line(session: Session, before: Snapshot, after: Snapshot) -> str:
         for i, (a, b) in enumerate(zip(after.latency[cmd], before.latency[cmd])):
             window[i] += a - b
     errors = sum(after.errors)
-    paused = " PAUSED" if session.engine.gate.paused else ""
+    paused = " PAUSED" if session.engine.gate.halted else ""
     return (
         f"{time.strftime('%H:%M:%S')} {session.backend.kind} {human_bytes(session.engine.size)}{paused}"
         f" | {after.connections} client{'s' if after.connections != 1 else ''}"
