@@ -1,10 +1,13 @@
 """The demo's built-in workload: a file-system-like story told over real NBD.
 
-It formats (metadata spread over the disk, as mkfs writes superblock copies and
-inode tables), writes files and reads them back, commits a journal with FUA
-and FLUSH, deletes (TRIM), and throws bursts of random reads, then starts
-again. It is a real NBD client, so the server, telemetry and lab see exactly
-what they would see from a kernel.
+Each round formats (superblock copies, bitmaps and zeroed inode tables spread
+over the disk in block groups, as mkfs.ext4 lays them out, and a journal in the
+middle), writes files and fsyncs them (journal blocks, FLUSH, a commit block
+with FUA), reads them back and checks them, throws a burst of random reads,
+deletes half the files (TRIM, and a journal commit), then starts again. It is
+a real NBD client, so the server, telemetry and lab see exactly what they
+would see from a kernel. Between steps it waits `pace` seconds, so the story
+can be watched; with pace=0 it runs flat out (tests, traces).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
-import time
 
 from .client import NBDClient
 
 BLOCK = 4096
+GROUPS = 16  # block groups the "format" lays out (fewer on tiny disks)
+INODE_TABLE_BLOCKS = 8
+JOURNAL_BLOCKS = 64
+SUPERBLOCK_MAGIC = b"\x53\xef"  # ext4's, at offset 56 of the superblock
 
 
 class DemoWorkload:
@@ -26,6 +32,7 @@ class DemoWorkload:
         self.random = random.Random(seed)
         self.stop_event = threading.Event()
         self.rounds = 0
+        self.phase = "starting"  # the step of the story running now (the lab shows it)
         self.errors: list[str] = []
         self._thread: threading.Thread | None = None
 
@@ -39,6 +46,9 @@ class DemoWorkload:
             self._thread.join(5)
 
     def _sleep(self, factor: float = 1.0) -> bool:
+        """Wait between requests; True when asked to stop."""
+        if self.pace <= 0:
+            return self.stop_event.is_set()
         return self.stop_event.wait(self.pace * factor)
 
     def _run(self) -> None:
@@ -46,7 +56,8 @@ class DemoWorkload:
             with NBDClient.connect_unix(self.socket_path) as nbd:
                 while not self.stop_event.is_set():
                     self.run_round(nbd)
-                    self.rounds += 1
+                    if not self.stop_event.is_set():
+                        self.rounds += 1
         except (OSError, ConnectionError) as exc:
             if not self.stop_event.is_set():
                 self.errors.append(str(exc))
@@ -55,50 +66,101 @@ class DemoWorkload:
 
     def run_round(self, nbd: NBDClient) -> None:
         """One pass of the story; each step checks the stop flag."""
-        size = nbd.size
-        blocks = size // BLOCK
+        blocks = nbd.size // BLOCK
         rnd = self.random
-        steps = [self._format, self._write_files, self._journal, self._random_reads, self._delete]
-        files: list[tuple[int, bytes]] = []
-        for step in steps:
+        files: list[tuple[int, bytes, int]] = []
+        steps = [
+            ("format", self._format),
+            ("write files", self._write_files),
+            ("read back", self._read_back),
+            ("random reads", self._random_reads),
+            ("delete", self._delete),
+        ]
+        for name, step in steps:
             if self.stop_event.is_set():
                 return
+            self.phase = name
             step(nbd, blocks, rnd, files)
+            if self._sleep(100):  # a breath between steps, so each is visible
+                return
 
-    def _format(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
-        groups = max(1, min(16, blocks // 8192))
+    # -- the layout -----------------------------------------------------------
+    @staticmethod
+    def groups(blocks: int) -> int:
+        return max(1, min(GROUPS, blocks // 256))
+
+    def journal_start(self, blocks: int) -> int:
+        """First block of the journal: inside the middle group, clear of its metadata."""
+        groups = self.groups(blocks)
+        per_group = blocks // groups
+        return (groups // 2) * per_group + max(4 + INODE_TABLE_BLOCKS, per_group // 2 - JOURNAL_BLOCKS // 2)
+
+    def data_slots(self, blocks: int) -> list[int]:
+        """Start blocks of 32-block file slots clear of metadata and the journal."""
+        groups = self.groups(blocks)
+        per_group = blocks // groups
+        journal = self.journal_start(blocks)
+        slots = []
         for g in range(groups):
-            base = g * (blocks // groups)
-            nbd.write(base * BLOCK, b"\x53\xef" + bytes(BLOCK - 2))  # superblock copy
-            for i in range(1, 5):  # bitmaps and inode table
+            first = g * per_group + 4 + INODE_TABLE_BLOCKS
+            last = (g + 1) * per_group - 32
+            for start in range(first, last + 1, 32):
+                if start + 32 <= journal or start >= journal + JOURNAL_BLOCKS:
+                    slots.append(start)
+        return slots
+
+    # -- the steps --------------------------------------------------------------
+    def _format(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
+        groups = self.groups(blocks)
+        per_group = blocks // groups
+        for g in range(groups):
+            base = g * per_group
+            superblock = bytearray(BLOCK)
+            superblock[1024 + 56 : 1024 + 58] = SUPERBLOCK_MAGIC
+            superblock[1024 + 90 : 1024 + 92] = g.to_bytes(2, "little")  # block group number
+            nbd.write(base * BLOCK, bytes(superblock))
+            if self._sleep():
+                return
+            for i in (1, 2):  # block and inode bitmaps
+                nbd.write((base + i) * BLOCK, bytes([0xFF]) * 16 + bytes(BLOCK - 16))
                 if self._sleep():
                     return
-                nbd.write((base + i) * BLOCK, bytes([g % 256]) * BLOCK)
+            # The inode table is zeroed, not written: WRITE_ZEROES.
+            nbd.write_zeroes((base + 4) * BLOCK, INODE_TABLE_BLOCKS * BLOCK)
+            if self._sleep():
+                return
+        journal = self.journal_start(blocks)
+        nbd.write_zeroes(journal * BLOCK, JOURNAL_BLOCKS * BLOCK)
         nbd.flush()
 
+    def _commit(self, nbd: NBDClient, blocks: int, rnd: random.Random, count: int) -> None:
+        """A journal transaction: descriptor and data blocks, FLUSH, then the commit block with FUA."""
+        journal = self.journal_start(blocks)
+        slot = rnd.randrange(JOURNAL_BLOCKS - count - 1)
+        for i in range(count):
+            nbd.write((journal + slot + i) * BLOCK, b"\xc0\x3b\x39\x98" + rnd.randbytes(BLOCK - 4))
+            if self._sleep():
+                return
+        nbd.flush()
+        nbd.write((journal + slot + count) * BLOCK, b"\xc0\x3b\x39\x98commit" + bytes(BLOCK - 10), fua=True)
+
     def _write_files(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
-        for _ in range(8):
-            start = rnd.randrange(blocks // 4, max(blocks // 4 + 1, blocks - 64))
-            count = rnd.choice([1, 2, 4, 16, 32])
+        slots = self.data_slots(blocks)
+        for start in rnd.sample(slots, min(8, len(slots))):
+            count = rnd.choice([1, 2, 4, 8, 16, 32])
             data = rnd.randbytes(count * BLOCK)
             nbd.write(start * BLOCK, data)
             files.append((start * BLOCK, hashlib.sha256(data).digest(), len(data)))
             if self._sleep(4):
                 return
+        self._commit(nbd, blocks, rnd, 4)
+
+    def _read_back(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
         for offset, digest, length in files:
             if hashlib.sha256(nbd.read(offset, length)).digest() != digest:
                 self.errors.append(f"read back of {length} bytes at {offset} did not match")
             if self._sleep():
                 return
-
-    def _journal(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
-        journal = blocks // 2
-        for i in range(4):
-            nbd.write((journal + i) * BLOCK, rnd.randbytes(BLOCK))
-            if self._sleep():
-                return
-        nbd.flush()
-        nbd.write((journal + 4) * BLOCK, b"commit" + bytes(BLOCK - 6), fua=True)
 
     def _random_reads(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
         for _ in range(64):
@@ -111,5 +173,4 @@ class DemoWorkload:
             nbd.trim(offset, length)
             if self._sleep():
                 return
-        nbd.flush()
-        time.sleep(0)  # let other threads run between rounds
+        self._commit(nbd, blocks, rnd, 2)

@@ -91,6 +91,14 @@ def compact_size(n: int) -> str:
     return str(n)  # pragma: no cover
 
 
+def iec_size(n: int) -> str:
+    """32768 -> '32 KiB', 1536 -> '1.5 KiB', 512 -> '512 B'."""
+    compact = compact_size(n)
+    if compact[-1].isdigit():
+        return f"{compact} B"
+    return f"{compact[:-1]} {compact[-1]}iB"
+
+
 def exact_bytes(n: int) -> str:
     """'4 KiB' when that is exact, else '1,234 B (1.2 KiB)'."""
     if n < 1024:

@@ -126,26 +126,32 @@ class Graphs(Pane):
     def build(self, width: int, height: int) -> list[Strip]:
         samples: list[Sample] = list(self.model.samples)
         plot = max(4, width - AXIS_WIDTH)
-        charts = 3 if height >= 10 else 2 if height >= 6 else 1
+        # Three charts need room for a few rows each; short panes fold IOPS
+        # into the throughput title and keep latency.
+        charts = 3 if height >= 16 else 2 if height >= 6 else 1
         chart_h = max(2, (height - 1) // charts)
         rows = chart_h - 1
         latest = samples[-1] if samples else None
         window = samples[-plot * 2 :]
         lines: list[Strip] = []
 
+        folded = charts == 2
         read = Series(
-            "read", fmt.READ_COLOUR, [s.read_bps for s in samples], fmt.rate_text(latest.read_bps) if latest else "–"
+            "read",
+            fmt.READ_COLOUR,
+            [s.read_bps for s in samples],
+            (fmt.rate_text(latest.read_bps) + (f" {latest.read_iops:,.0f}/s" if folded else "")) if latest else "–",
         )
         write = Series(
             "write",
             fmt.WRITE_COLOUR,
             [s.write_bps for s in samples],
-            fmt.rate_text(latest.write_bps) if latest else "–",
+            (fmt.rate_text(latest.write_bps) + (f" {latest.write_iops:,.0f}/s" if folded else "")) if latest else "–",
         )
         top = nice_ceiling(max([s.read_bps for s in window] + [s.write_bps for s in window] + [1e6]))
         lines += self._chart("throughput", "MB/s", [read, write], rows, plot, top, _rate_label, width)
 
-        if charts >= 2:
+        if charts >= 3:
             r_iops = Series(
                 "read", fmt.READ_COLOUR, [s.read_iops for s in samples], f"{latest.read_iops:,.0f}/s" if latest else "–"
             )
@@ -161,7 +167,7 @@ class Graphs(Pane):
             top = nice_ceiling(max([max(s.read_iops, s.write_iops, s.other_iops) for s in window] + [10]))
             lines += self._chart("IOPS", "req/s", [r_iops, w_iops, o_iops], rows, plot, top, _iops_label, width)
 
-        if charts >= 3:
+        if charts >= 2:
             p50 = Series(
                 "p50",
                 P50_COLOUR,
@@ -183,11 +189,18 @@ class Graphs(Pane):
         return lines
 
     def _title(self, title: str, unit: str, series: list[Series], width: int) -> Strip:
-        segments = [Segment(f"{title} ", _TITLE), Segment(f"({unit})  ", _AXIS)]
-        for s in series:
-            segments.append(Segment("━ ", s.style))
-            segments.append(Segment(f"{s.name} ", _AXIS))
-            segments.append(Segment(f"{s.latest}  ", _VALUE))
+        """Title, unit and the latest values; the unit and names go first when short of room."""
+        for with_unit, with_names in ((True, True), (False, True), (False, False)):
+            segments = [Segment(f"{title} ", _TITLE)]
+            if with_unit:
+                segments.append(Segment(f"({unit}) ", _AXIS))
+            for s in series:
+                segments.append(Segment(" ━ " if with_names else " ━", s.style))
+                if with_names:
+                    segments.append(Segment(f"{s.name} ", _AXIS))
+                segments.append(Segment(s.latest + " ", _VALUE))
+            if sum(len(seg.text) for seg in segments) <= width:
+                break
         return Strip(segments).crop_extend(0, width, None)
 
     def _plot_lines(
@@ -253,24 +266,23 @@ class Graphs(Pane):
         )
 
     def _time_axis(self, plot: int, width: int) -> Strip:
-        seconds_per_dot = self.model.sample_every
-        span = plot * 2 * seconds_per_dot
-        step = 60 if span >= 180 else 30 if span >= 60 else 10
+        seconds_per_char = 2 * self.model.sample_every
+        span = plot * seconds_per_char
+        # Ticks at least 9 characters apart, at a round number of seconds.
+        step = next((s for s in (10, 15, 30, 60, 120, 300, 600) if s / seconds_per_char >= 9), 900)
         chars = list(" " * (AXIS_WIDTH - 1) + "└" + "─" * plot)
-        labels = []
+        end = len(chars)
+        for i, ch in enumerate("now"):
+            chars[end - 3 + i] = ch
         ago = step
         while ago < span:
-            x = AXIS_WIDTH + (plot * 2 - 1 - int(ago / seconds_per_dot)) // 2
+            x = AXIS_WIDTH + plot - 1 - int(ago / seconds_per_char)
             text = f"-{ago // 60}m" if ago % 60 == 0 else f"-{ago}s"
-            labels.append((x, text))
-            ago += step
-        labels.append((AXIS_WIDTH + plot - 3, "now"))
-        for x, text in labels:
-            if x - 1 < AXIS_WIDTH:
+            if x - 1 <= AXIS_WIDTH or x + 1 + len(text) > end - 4:
+                ago += step
                 continue
             chars[x] = "┴"
-            start = x - len(text) if x + len(text) >= len(chars) else x + 1
             for i, ch in enumerate(text):
-                if AXIS_WIDTH <= start + i < len(chars):
-                    chars[start + i] = ch
+                chars[x + 1 + i] = ch
+            ago += step
         return Strip([Segment("".join(chars), _AXIS)]).crop_extend(0, width, None)

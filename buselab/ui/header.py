@@ -13,20 +13,15 @@ from .model import LabModel
 
 
 def header_text(model: LabModel, width: int = 160) -> Text:
+    """Two lines: what and where (state first, so it survives truncation), then totals."""
     session = model.session
     engine = session.engine
     snap = model.snapshot
     gate = engine.gate
+    compact = width < 130
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(" buselab ", style="bold #101418 on #4fb3ff")
-    text.append(f" {session.backend.describe()} ", style="bold #d8dee9")
-    text.append(human_bytes(engine.size), style="#d8dee9")
-    text.append("  on ", style=fmt.DIM_COLOUR)
-    text.append(session.where, style="#d8dee9")
-    text.append(f"  ({session.transport})", style=fmt.DIM_COLOUR)
-    if engine.readonly or session.backend.readonly:
-        text.append("  read-only", style=f"bold {fmt.HELD_COLOUR}")
-    text.append("   ")
+    text.append(" ")
     if session.stopped:
         text.append(" STOPPED ", style="bold #101418 on #9aa5b1")
     elif gate.paused:
@@ -42,35 +37,48 @@ def header_text(model: LabModel, width: int = 160) -> Text:
         text.append(" ● SERVING ", style="bold #101418 on #8fbf7a")
         if model.held:
             text.append(f" releasing {len(model.held)}", style=fmt.HELD_COLOUR)
+    text.append(f"  {session.backend.describe()} ", style="bold #d8dee9")
+    text.append(human_bytes(engine.size), style="#d8dee9")
+    if engine.readonly or session.backend.readonly:
+        text.append(" read-only", style=f"bold {fmt.HELD_COLOUR}")
     text.append(f"  up {fmt.duration_text(model.uptime())}", style=fmt.DIM_COLOUR)
     clients = snap.connections
     text.append(f"  {clients} client{'s' if clients != 1 else ''}", style=fmt.DIM_COLOUR)
     workload = session.demo_workload
     if workload is not None:
-        text.append(f"  demo round {workload.rounds + 1}", style=fmt.DIM_COLOUR)
+        phase = getattr(workload, "phase", "")
+        text.append(f"  demo round {workload.rounds + 1}" + (f": {phase}" if phase else ""), style=fmt.DIM_COLOUR)
         if workload.errors:
-            text.append(f" ({workload.errors[-1]})", style=fmt.ERROR_COLOUR)
+            text.append(f" ({len(workload.errors)} errors)", style=fmt.ERROR_COLOUR)
+    text.append(f"  {session.transport}: ", style=fmt.DIM_COLOUR)
+    text.append(session.where, style="#d8dee9")
     text.append("\n")
 
     def item(label: str, value: str, colour: str = "#d8dee9") -> None:
         text.append(f" {label} ", style=fmt.DIM_COLOUR)
         text.append(value, style=f"bold {colour}")
-        text.append("  ")
+        text.append(" " if compact else "  ")
 
-    item("requests", f"{snap.total_requests:,}")
-    item("read", f"{human_bytes(snap.bytes[c.CMD_READ])} ({snap.count[c.CMD_READ]:,})", fmt.READ_COLOUR)
-    item("written", f"{human_bytes(snap.bytes[c.CMD_WRITE])} ({snap.count[c.CMD_WRITE]:,})", fmt.WRITE_COLOUR)
-    item("flush", f"{snap.count[c.CMD_FLUSH]:,}", fmt.OP_COLOURS[c.CMD_FLUSH])
-    item("trim", f"{snap.count[c.CMD_TRIM]:,}", fmt.TRIM_COLOUR)
+    read_n, write_n = snap.count[c.CMD_READ], snap.count[c.CMD_WRITE]
+    if compact:
+        item("req", fmt.count_text(snap.total_requests))
+        item("R", human_bytes(snap.bytes[c.CMD_READ]), fmt.READ_COLOUR)
+        item("W", human_bytes(snap.bytes[c.CMD_WRITE]), fmt.WRITE_COLOUR)
+    else:
+        item("requests", f"{snap.total_requests:,}")
+        item("read", f"{human_bytes(snap.bytes[c.CMD_READ])} ({read_n:,})", fmt.READ_COLOUR)
+        item("written", f"{human_bytes(snap.bytes[c.CMD_WRITE])} ({write_n:,})", fmt.WRITE_COLOUR)
+    item("flush", fmt.count_text(snap.count[c.CMD_FLUSH]), fmt.OP_COLOURS[c.CMD_FLUSH])
+    item("trim", fmt.count_text(snap.count[c.CMD_TRIM]), fmt.TRIM_COLOUR)
     zeroes = snap.count[c.CMD_WRITE_ZEROES]
     if zeroes:
-        item("zero", f"{zeroes:,}", fmt.OP_COLOURS[c.CMD_WRITE_ZEROES])
+        item("zero", fmt.count_text(zeroes), fmt.OP_COLOURS[c.CMD_WRITE_ZEROES])
     errors = sum(snap.errors)
-    item("errors", f"{errors:,}", fmt.ERROR_COLOUR if errors else "#8fbf7a")
+    item("err" if compact else "errors", f"{errors:,}", fmt.ERROR_COLOUR if errors else "#8fbf7a")
     latest = model.latest
     if latest is not None:
-        text.append("│ now ", style=fmt.DIM_COLOUR)
-        text.append(f"{latest.requests / max(model.sample_every, 1e-9):,.0f} req/s ", style="bold #d8dee9")
+        text.append("│ ", style=fmt.DIM_COLOUR)
+        text.append(f"{latest.requests / max(model.sample_every, 1e-9):,.0f}/s ", style="bold #d8dee9")
         text.append("R ", style=fmt.READ_COLOUR)
         text.append(fmt.rate_text(latest.read_bps) + " ", style="#d8dee9")
         text.append("W ", style=fmt.WRITE_COLOUR)

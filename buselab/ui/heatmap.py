@@ -53,6 +53,9 @@ TRIM_RGB = _hex(fmt.TRIM_COLOUR)
 _LABEL = Style.parse(fmt.DIM_COLOUR)
 _TEXT = Style.parse("#d8dee9")
 _KEY = Style.parse("bold #d8dee9")
+_READ = Style.parse(f"bold {fmt.READ_COLOUR}")
+_WRITE = Style.parse(f"bold {fmt.WRITE_COLOUR}")
+_TRIM = Style.parse(f"bold {fmt.TRIM_COLOUR}")
 
 
 def _quant(rgb: tuple[float, float, float]) -> RGB:
@@ -82,6 +85,20 @@ def aggregate(values: list, group: int, n: int) -> list:
     for k in range(1, group):
         out = list(map(operator.add, out, padded[k::group]))
     return out
+
+
+def grid_char_rows(shown: int, width: int) -> int:
+    """Character rows for `shown` half-block cells, `width` to a row."""
+    display_rows = -(-shown // width)
+    return -(-display_rows // 2)
+
+
+def grid_layout(cells: int, width: int, char_rows: int) -> tuple[int, int]:
+    """(telemetry cells per display cell, display cells) for the finest grid that fits."""
+    group = max(1, -(-cells // (width * char_rows * 2)))
+    while grid_char_rows(-(-cells // group), width) > char_rows:
+        group += 1
+    return group, -(-cells // group)
 
 
 class Heatmap(Pane, can_focus=True):
@@ -121,18 +138,29 @@ class Heatmap(Pane, can_focus=True):
     def _grid_geometry(self) -> tuple[int, int, int]:
         """(group, display cells, grid columns) for the current size."""
         width = self.inner_width
-        rows = max(1, self.inner_height - 2)
-        capacity = width * rows * 2
-        cells = self.model.cells
-        group = max(1, -(-cells // capacity))
-        shown = -(-cells // group)
+        group, shown = grid_layout(self.model.cells, width, max(1, self.inner_height - 2))
         return group, shown, width
+
+    def preferred_height(self, width: int, max_height: int) -> int:
+        """Height (frame, info and legend included) that shows the whole disk
+        at the finest grouping that fits in `max_height`: no empty rows."""
+        inner = max(1, width - 2)
+        rows = max(1, max_height - 4)
+        group, shown = grid_layout(self.model.cells, inner, rows)
+        return grid_char_rows(shown, inner) + 4
 
     def cell_range(self, index: int) -> tuple[int, int]:
         """Byte range [start, end) of display cell `index`."""
         per = self.group * self.model.cell_bytes
         start = index * per
         return start, min(self.model.size, start + per)
+
+    @property
+    def display_cell_bytes(self) -> int:
+        """Bytes one cell of the grid covers (the legend's number)."""
+        if self.size.width > 2:
+            self.group = self._grid_geometry()[0]
+        return self.group * self.model.cell_bytes
 
     def cell_for_offset(self, offset: int) -> int:
         return offset // (self.group * self.model.cell_bytes)
@@ -192,8 +220,7 @@ class Heatmap(Pane, can_focus=True):
         shown = self.cells_shown
         gw = self.grid_width
         lines: list[Strip] = []
-        display_rows = -(-shown // gw)
-        char_rows = -(-display_rows // 2)
+        char_rows = grid_char_rows(shown, gw)
         for row in range(max(0, height - 2)):
             if row >= char_rows:
                 lines.append(Strip.blank(width))
@@ -222,48 +249,42 @@ class Heatmap(Pane, can_focus=True):
             text = self._time_info()
             return Strip([Segment(text, _TEXT)]).crop_extend(0, width, None)
         if index is None or index >= self.cells_shown:
-            return Strip([Segment("hover a cell, or focus (tab) and use the arrows", _LABEL)]).crop_extend(
-                0, width, None
-            )
+            return Strip([Segment("hover a cell (or tab here, then arrows)", _LABEL)]).crop_extend(0, width, None)
         start, end = self.cell_range(index)
-        totals, recent = self.cell_counts(index)
+        totals, _recent = self.cell_counts(index)
         segments = [
             Segment(f"cell {index} ", _KEY),
-            Segment(f"{fmt.compact_size(start)}–{fmt.compact_size(end)} ", _TEXT),
-            Segment(f"bytes {start:,}–{end - 1:,} ", _LABEL),
-            Segment(f"blocks {start // 4096:,}–{(end - 1) // 4096:,}  ", _LABEL),
-            Segment(f"R {totals[0]:,} ", Style.parse(f"bold {fmt.READ_COLOUR}")),
-            Segment(f"W {totals[1]:,} ", Style.parse(f"bold {fmt.WRITE_COLOUR}")),
-            Segment(f"T {totals[2]:,}", Style.parse(f"bold {fmt.TRIM_COLOUR}")),
+            Segment(f"at {fmt.compact_size(start)}+{fmt.compact_size(end - start)} ", _TEXT),
+            Segment(f"R {totals[0]:,} ", _READ),
+            Segment(f"W {totals[1]:,} ", _WRITE),
+            Segment(f"T {totals[2]:,}  ", _TRIM),
+            Segment(f"blocks {start // 4096:,}–{(end - 1) // 4096:,}  bytes {start:,}–{end - 1:,}", _LABEL),
         ]
         return Strip(segments).crop_extend(0, width, None)
 
     def _legend_line(self, width: int) -> Strip:
-        per = self.group * self.model.cell_bytes
+        keys = [
+            Segment("■", _READ),
+            Segment("read "),
+            Segment("■", _WRITE),
+            Segment("write "),
+            Segment("■", _TRIM),
+            Segment("trim "),
+        ]
         if self.mode == "time":
             band = self._band_bytes()
-            text = f"offset ↓ · time → · 1 column = {self.model.time_column:g} s · 1 row = {fmt.compact_size(band)}B"
             segments = [
-                Segment("■", Style.parse(fmt.READ_COLOUR)),
-                Segment(" read "),
-                Segment("■", Style.parse(fmt.WRITE_COLOUR)),
-                Segment(" write "),
-                Segment("■", Style.parse(fmt.TRIM_COLOUR)),
-                Segment(" trim  "),
-                Segment(text, _LABEL),
+                Segment(f"1 col = {self.model.time_column:g} s · 1 row = {fmt.iec_size(band)}  ", _KEY),
+                *keys,
             ]
         else:
+            per = self.group * self.model.cell_bytes
             segments = [
-                Segment("■", Style.parse(fmt.READ_COLOUR)),
-                Segment(" read "),
-                Segment("■", Style.parse(fmt.WRITE_COLOUR)),
-                Segment(" write "),
-                Segment("■", Style.parse(fmt.TRIM_COLOUR)),
-                Segment(" trim "),
+                Segment(f"1 cell = {fmt.iec_size(per)}", _KEY),
+                Segment(f" ({per // 4096:,} blocks)  ", _LABEL),
+                *keys,
                 Segment("■", Style(color=Color.from_rgb(*EVER_WRITTEN))),
-                Segment(" written  "),
-                Segment(f"1 cell = {fmt.compact_size(per)}B", _KEY),
-                Segment(f" ({per // 4096:,} blocks) · {self.cells_shown:,} cells", _LABEL),
+                Segment("written"),
             ]
         return Strip(segments).crop_extend(0, width, None)
 

@@ -60,7 +60,7 @@ def describe_record(record: RequestRecord, *, cell_bytes: int | None = None, hex
         if cell_bytes:
             first_cell, last_cell = record.offset // cell_bytes, last // cell_bytes
             cells = f"{first_cell}" if first_cell == last_cell else f"{first_cell} – {last_cell}"
-            row("heat", f"telemetry cell {cells} ({fmt.compact_size(cell_bytes)}B each)")
+            row("heatmap", f"cell {cells} (a cell is {fmt.iec_size(cell_bytes)})")
     row("handle", f"{record.handle:#018x}   connection {record.conn}")
     row("arrived", f"{fmt.clock_text(record.time, micro=True)}   latency {fmt.latency_text(record.latency)}")
     payload = record.preview

@@ -88,11 +88,12 @@ class LabApp(App[int]):
         self.auto_poll = auto_poll
         self.model = model or LabModel(session, clock=clock, wall=wall)
         self.header_widget = LabHeader(self.model, id="header")
-        self.stream = RequestStream(id="stream")
+        self.stream = RequestStream(device_size=session.engine.size, id="stream")
         self.inspector = Inspector(id="inspector")
         self.heatmap = Heatmap(self.model, id="heatmap")
         self.graphs = Graphs(self.model, id="graphs")
         self.hidden_groups: set[int] = set()
+        self._grid_rows = ""
         self._inspector_shown_at = 0.0
         # Measurements for bench/lab_bench.py (BUSELAB_LAB_STATS=path writes them at exit).
         self.frames = 0
@@ -143,6 +144,20 @@ class LabApp(App[int]):
         width, height = self.size
         self.screen.set_class(width < 130, "narrow")
         self.screen.set_class(height < 40, "short")
+        self.call_after_refresh(self._fit_heatmap)
+
+    def _fit_heatmap(self) -> None:
+        """Give the heatmap exactly the rows its grid needs; the graphs get the rest."""
+        width = self.heatmap.size.width
+        if not width:
+            return
+        body = self.size.height - 3  # header and footer
+        inspector = 9 if body < 37 else 18
+        heat = self.heatmap.preferred_height(width, max(8, min(24, body - inspector - 6)))
+        rows = f"{heat} 1fr {inspector}"
+        if rows != self._grid_rows:
+            self._grid_rows = rows
+            self.screen.styles.grid_rows = rows
 
     # -- the tick -------------------------------------------------------------------
     def poll(self) -> Tick:
@@ -161,7 +176,7 @@ class LabApp(App[int]):
             every = INSPECTOR_FOLLOW_BUSY if len(tick.records) >= self.model.busy_rows else INSPECTOR_FOLLOW_EVERY
             if now - self._inspector_shown_at >= every:
                 self._inspector_shown_at = now
-                self.inspector.show(self.stream.newest_record, cell_bytes=self.model.cell_bytes)
+                self.inspector.show(self.stream.newest_record, cell_bytes=self.heatmap.display_cell_bytes)
         elapsed = time.perf_counter() - started
         if len(self.tick_times) < 100_000:
             self.tick_times.append(elapsed)
@@ -181,9 +196,9 @@ class LabApp(App[int]):
     def on_request_stream_selected(self, message: RequestStream.Selected) -> None:
         record = message.record
         if record is None:
-            self.inspector.show(self.stream.newest_record, cell_bytes=self.model.cell_bytes)
+            self.inspector.show(self.stream.newest_record, cell_bytes=self.heatmap.display_cell_bytes)
             return
-        self.inspector.show(record, cell_bytes=self.model.cell_bytes)
+        self.inspector.show(record, cell_bytes=self.heatmap.display_cell_bytes)
         if record.length:
             self.heatmap.cursor = self.heatmap.cell_for_offset(record.offset)
             self.heatmap.refresh()
@@ -243,9 +258,13 @@ class LabApp(App[int]):
         }
 
 
-def run_lab(session: Session, seconds: float | None = None) -> int:
-    """Run the lab until q (or `seconds`), then stop the session cleanly."""
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+def run_lab(session: Session, seconds: float | None = None, *, headless: bool = False) -> int:
+    """Run the lab until q (or `seconds`), then stop the session cleanly.
+
+    `headless` runs the app without a terminal (tests); without one otherwise,
+    the lab falls back to the headless stats printer.
+    """
+    if not headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
         from ..headless import run_headless
 
         print("buselab: no terminal for the lab; printing stats instead (--headless)", file=sys.stderr)
@@ -262,7 +281,7 @@ def run_lab(session: Session, seconds: float | None = None) -> int:
     app.freeze_gc = True
     gc.set_threshold(max(threshold[0], LAB_GC_THRESHOLD), *threshold[1:])
     try:
-        app.run()
+        app.run(headless=headless)
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()

@@ -267,8 +267,13 @@ class LabModel:
 
     # -- questions widgets ask ---------------------------------------------------
     def cell_counts(self, first_cell: int, last_cell: int) -> tuple[list[int], list[float]]:
-        """Totals and recent (decayed) [read, write, trim] over telemetry cells first..last."""
-        totals = [sum(self.heat_prev[k][first_cell : last_cell + 1]) for k in range(3)]
+        """[read, write, trim] touches of telemetry cells first..last, and the decayed recent ones.
+
+        Telemetry counts a request once per cell it touches, so over a range of
+        cells the busiest one is the honest count: one write across the range
+        is one write, not one per cell.
+        """
+        totals = [max(self.heat_prev[k][first_cell : last_cell + 1], default=0) for k in range(3)]
         recent = [sum(self.activity[k][first_cell : last_cell + 1]) for k in range(3)]
         return totals, recent
 

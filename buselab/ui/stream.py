@@ -71,8 +71,9 @@ ALL_COLUMNS = (
 DROP_ORDER = ("time", "flags", "seq", "result")
 
 
-def columns_for_width(width: int) -> tuple[Column, ...]:
-    columns = list(ALL_COLUMNS)
+def columns_for_width(width: int, offset_width: int = 13) -> tuple[Column, ...]:
+    """The columns that fit `width`; offsets get as many digits as the device needs."""
+    columns = [col._replace(width=max(6, offset_width)) if col.name == "offset" else col for col in ALL_COLUMNS]
     for name in DROP_ORDER:
         if sum(col.width + 1 for col in columns) <= width:
             break
@@ -228,9 +229,10 @@ class RequestStream(Pane, can_focus=True):
             super().__init__()
             self.record = record
 
-    def __init__(self, *, capacity: int = 10_000, id: str | None = None) -> None:
+    def __init__(self, *, capacity: int = 10_000, device_size: int = 1 << 40, id: str | None = None) -> None:
         super().__init__(id=id)
         self.capacity = capacity
+        self.offset_width = len(str(max(0, device_size - 1)))
         self._all: deque[Row] = deque(maxlen=capacity)
         self._view: deque[Row] = deque(maxlen=capacity)
         self._dropped = 0  # rows that fell off the front of _view (keeps indexes absolute)
@@ -359,7 +361,7 @@ class RequestStream(Pane, can_focus=True):
         width = max(1, self.inner_width - 1)  # the last column is the scrollbar
         if width != self._width:
             self._width = width
-            self._columns = columns_for_width(width)
+            self._columns = columns_for_width(width, self.offset_width)
             self._cache.clear()
         self._after_change()
 
@@ -381,7 +383,7 @@ class RequestStream(Pane, can_focus=True):
         width = max(1, inner_width - 1)
         if width != self._width:
             self._width = width
-            self._columns = columns_for_width(width)
+            self._columns = columns_for_width(width, self.offset_width)
             self._cache.clear()
         bar = self._scrollbar(y)
         if y == 0:

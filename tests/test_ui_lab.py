@@ -1,0 +1,291 @@
+"""The lab, driven by Textual's Pilot over a real Session and a real NBD client.
+
+Each test serves a RAM disk on a Unix socket in tmp_path, sends requests with
+buselab.client.NBDClient, lets the app poll telemetry, and checks what the
+widgets show: rows for the requests, the heatmap cell of the written range,
+the graphs, the inspector's hexdump, the op filter, held requests, and that q
+and `seconds` end the lab with the session stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from buselab.backends import open_backend
+from buselab.client import NBDClient
+from buselab.engine.telemetry import RequestRecord
+from buselab.protocol import constants as c
+from buselab.screens.help import HelpScreen
+from buselab.session import ServeOptions, Session
+from buselab.ui.heatmap import NEVER, READ_RGB, WRITE_RGB
+from buselab.ui.lab import LabApp, run_lab
+from buselab.ui.model import Gap
+
+SIZE = 16 << 20
+MiB = 1 << 20
+
+
+@pytest.fixture
+def session(tmp_path: Path):
+    sock = str(tmp_path / "nbd.sock")
+    s = Session(open_backend("ram", size=SIZE), ServeOptions(unix=[sock]))
+    s.start()
+    s.sock = sock  # type: ignore[attr-defined]
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(session):
+    nbd = NBDClient.connect_unix(session.sock)
+    yield nbd
+    nbd.close()
+
+
+def aio(test):
+    """Run an async test on its own event loop (no pytest-asyncio needed)."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+def screen_lines(widget) -> list[str]:
+    """The text of every line a line-API widget renders now."""
+    return [widget.render_line(y).text for y in range(widget.size.height)]
+
+
+async def settle(app: LabApp, pilot) -> None:
+    """One poll of telemetry, then let the screen catch up."""
+    app.poll()
+    await pilot.pause()
+
+
+@aio
+async def test_rows_appear_for_the_requests_a_client_sent(session, client):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        client.write(3 * MiB, b"a" * 8192)
+        client.read(5 * MiB, 4096)
+        client.flush()
+        client.trim(7 * MiB, 65536)
+        client.write(9 * MiB, b"f" * 4096, fua=True)
+        await settle(app, pilot)
+        ops = [(r.op, r.offset, r.length) for r in app.stream.rows if isinstance(r, RequestRecord)]
+        assert ops == [
+            ("WRITE", 3 * MiB, 8192),
+            ("READ", 5 * MiB, 4096),
+            ("FLUSH", 0, 0),
+            ("TRIM", 7 * MiB, 65536),
+            ("WRITE", 9 * MiB, 4096),
+        ]
+        text = "\n".join(screen_lines(app.stream))
+        assert "seq" in text and "offset" in text and "latency" in text
+        rows = [line for line in text.splitlines() if "WRITE" in line or "READ" in line or "TRIM" in line]
+        assert any("WRITE" in line and str(3 * MiB) in line and "8K" in line for line in rows), text
+        assert any("READ" in line and str(5 * MiB) in line and "4K" in line for line in rows), text
+        assert any("TRIM" in line and str(7 * MiB) in line and "64K" in line for line in rows), text
+        assert any("WRITE" in line and str(9 * MiB) in line and "FUA" in line for line in rows), text
+        assert "FLUSH" in text
+        header = app.header_widget.plain
+        assert "SERVING" in header and "16.0 MiB" in header and "requests 5" in header
+
+
+@aio
+async def test_heatmap_cell_of_the_written_range_lights_up(session, client):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await settle(app, pilot)
+        before = app.heatmap.colour_at(11 * MiB)
+        assert before == NEVER
+        client.write(11 * MiB, b"w" * MiB)
+        client.read(2 * MiB, 4096)
+        await settle(app, pilot)
+        hot = app.heatmap.colour_at(11 * MiB)
+        read = app.heatmap.colour_at(2 * MiB)
+        untouched = app.heatmap.colour_at(14 * MiB)
+        assert untouched == NEVER
+        # Writes tint toward orange, reads toward blue.
+        assert hot != NEVER and hot[0] > hot[2], hot
+        assert read != NEVER and read[2] > read[0], read
+        assert abs(hot[0] - WRITE_RGB[0]) < abs(hot[0] - NEVER[0]) and abs(read[2] - READ_RGB[2]) < 120
+        # The cell under the cursor names its range and counts.
+        app.heatmap.focus()
+        cell = app.heatmap.point_at(11 * MiB)
+        await pilot.pause()
+        start, end = app.heatmap.cell_range(cell)
+        assert start <= 11 * MiB < end
+        info = "\n".join(screen_lines(app.heatmap))
+        assert f"cell {cell} " in info and "W 1" in info
+        assert "1 cell = " in info
+
+
+@aio
+async def test_graphs_move_with_traffic(session, client):
+    clock = FakeClock(1000.0)
+    app = LabApp(session, auto_poll=False, clock=clock)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await settle(app, pilot)
+        for second in range(3):
+            for i in range(16):
+                client.write((second * 16 + i) * 65536, b"g" * 65536)
+                client.read(i * 4096, 4096)
+            clock.advance(1.0)
+            await settle(app, pilot)
+        samples = list(app.model.samples)
+        assert len(samples) == 3
+        assert all(s.write_bps > 0 and s.read_iops > 0 for s in samples)
+        assert samples[-1].write_iops == pytest.approx(16, rel=0.01)
+        assert samples[-1].write_bps == pytest.approx(16 * 65536, rel=0.01)
+        lines = screen_lines(app.graphs)
+        text = "\n".join(lines)
+        assert "throughput" in text and "IOPS" in text and "latency" in text
+        assert "MB/s" in text and "now" in text
+        assert any(0x2800 < ord(ch) <= 0x28FF for ch in text), "no braille plot drawn"
+
+
+@aio
+async def test_inspector_shows_a_hexdump_of_the_written_pattern(session, client):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        client.write(8192, b"BUSELAB!" * 1024, fua=True)
+        client.read(0, 4096)
+        await settle(app, pilot)
+        await pilot.press("up", "up")  # select the write (the newest row is the read)
+        record = app.stream.selected_record
+        assert record is not None and record.op == "WRITE"
+        assert not app.stream.follow
+        text = app.inspector.text
+        assert "WRITE" in text and "FUA" in text
+        assert "8,192 – 16,383" in text and "blocks   2 – 3" in text
+        assert "first 1,024 of 8,192 bytes written" in text
+        assert "00002000  42 55 53 45 4c 41 42 21  42 55 53 45 4c 41 42 21  |BUSELAB!BUSELAB!|" in text
+        shown = "\n".join(screen_lines(app.inspector))
+        assert "|BUSELAB!BUSELAB!|" in shown
+        # end follows the stream again; the inspector shows the newest request
+        await pilot.press("end")
+        await pilot.pause()
+        assert app.stream.follow and app.inspector.record.op == "READ"
+
+
+@aio
+async def test_op_filter_hides_other_ops(session, client):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        for i in range(5):
+            client.write(i * 4096, b"x" * 4096)
+            client.read(i * 4096, 4096)
+        client.flush()
+        await settle(app, pilot)
+        await pilot.press("2", "3")  # hide WRITE and FLUSH
+        ops = {r.op for r in app.stream.rows if isinstance(r, RequestRecord)}
+        assert ops == {"READ"}
+        assert "only READ TRIM OTHER" in app.stream.pane_title
+        client.write(99 * 4096, b"y" * 4096)
+        client.read(98 * 4096, 4096)
+        await settle(app, pilot)
+        assert {r.op for r in app.stream.rows if isinstance(r, RequestRecord)} == {"READ"}
+        assert "WRITE" not in "\n".join(screen_lines(app.stream)).split("\n", 1)[1]
+        await pilot.press("0")
+        ops = [r.op for r in app.stream.rows if isinstance(r, RequestRecord)]
+        assert ops.count("WRITE") == 6 and ops.count("FLUSH") == 1 and ops.count("READ") == 6
+
+
+@aio
+async def test_a_flood_coalesces_into_a_more_row(session):
+    app = LabApp(session, auto_poll=False)
+    app.model.rows_per_tick = 100
+    telemetry = session.engine.telemetry
+    rec = telemetry.recorder()
+    async with app.run_test(size=(160, 50)) as pilot:
+        await settle(app, pilot)
+        now = time.perf_counter()
+        for i in range(1000):
+            telemetry.record(rec, c.CMD_READ, 0, i * 4096, 4096, now, now + 1e-5, 0, 1, i, None)
+        await settle(app, pilot)
+        rows = app.stream.rows
+        gaps = [r for r in rows if isinstance(r, Gap)]
+        assert len(gaps) == 1 and gaps[0].count == 900
+        assert sum(isinstance(r, RequestRecord) for r in rows) == 100
+        assert rows[-1].seq == telemetry.snapshot().last_seq
+        await pilot.press("home")  # scroll back to the top, where the gap row is
+        text = "\n".join(screen_lines(app.stream))
+        assert "+900 more requests not shown" in text
+
+
+@aio
+async def test_held_requests_show_while_paused(session, client):
+    app = LabApp(session, auto_poll=False)
+    gate = session.engine.gate
+    async with app.run_test(size=(160, 50)) as pilot:
+        gate.pause()
+        done = threading.Event()
+
+        def read() -> None:
+            client.read(4 * MiB, 4096)
+            done.set()
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not gate.held() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        await settle(app, pilot)
+        assert "PAUSED" in app.header_widget.plain and "1 held" in app.header_widget.plain
+        text = "\n".join(screen_lines(app.stream))
+        assert "held" in text and str(4 * MiB) in text and "waiting" in text
+        gate.resume()
+        assert done.wait(5)
+        thread.join()
+        await settle(app, pilot)
+        await settle(app, pilot)
+        assert "SERVING" in app.header_widget.plain
+        assert app.stream.rows[-1].op == "READ" and not app.stream.held
+
+
+@aio
+async def test_help_heat_time_mode_and_quit(session, client):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        client.write(0, b"z" * 4096)
+        await settle(app, pilot)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("m")
+        assert app.heatmap.mode == "time"
+        await settle(app, pilot)
+        text = "\n".join(screen_lines(app.heatmap))
+        assert "offset by time" in text and "now" in text and "1 col = 1 s" in text
+        await pilot.press("q")
+        await pilot.pause()
+    assert app.return_code == 0
+
+
+def test_run_lab_stops_the_session(session, client, capsys):
+    client.write(0, b"s" * 4096)
+    started = time.monotonic()
+    assert run_lab(session, seconds=0.6, headless=True) == 0
+    assert time.monotonic() - started < 10
+    assert session.stopped
+    assert "stopped cleanly after 1 requests" in capsys.readouterr().out
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
