@@ -98,9 +98,22 @@ def device_size(index: int) -> int:
 
 
 def holder_pid(index: int) -> int | None:
-    """The pid that attached nbdN, if the device is attached."""
+    """The process that attached nbdN, if the device is attached.
+
+    The kernel records the task that started the device: with ioctls that is the thread
+    blocked in NBD_DO_IT, so map a thread id to its process.
+    """
     pid = _sys(index, "pid")
-    return int(pid) if pid and pid.isdigit() else None
+    if not (pid and pid.isdigit()):
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -3,18 +3,21 @@
 With timeout 0 the kernel's nbd driver waits for ever on a single connection (it only logs
 "Possible stuck request" every 30 s), but with several connections it marks a connection dead
 after 30 s and requeues its requests; buselab therefore asks for a very long timeout there.
-Two devices are paused at once: /dev/nbd0 (ioctl, one connection) and /dev/nbd1 (netlink, two
-connections). Reads are held by the gate for PAUSE seconds (argv[1], default 40), then released;
-they must complete with the right data and the kernel must not have failed anything.
+Two devices are paused at once: the first (ioctl, one connection) and the second (netlink, two
+connections), /dev/nbd0 and /dev/nbd1 unless --devices says otherwise. Reads are held by the gate
+for --pause seconds (default 40), then released; they must complete with the right data and the
+kernel must not have failed anything on those devices.
 
 No CLI for pausing yet, so this drives the engine's gate through the library. Prints one
-``ok:`` or ``FAIL:`` line per check. ``nofix`` as argv[2] sends timeout 0 on the netlink device
-too, to show what the kernel does without the long timeout.
+``ok:`` or ``FAIL:`` line per check. ``--nofix`` sends timeout 0 on the netlink device too, to
+show what the kernel does without the long timeout.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,9 +26,7 @@ from buselab.backends import open_backend
 from buselab.session import ServeOptions, Session
 from buselab.transport import kernel
 
-PAUSE = float(sys.argv[1]) if len(sys.argv) > 1 else 40.0
 SIZE = 16 << 20
-PATTERN = "/tmp/pause-pattern"
 failures = 0
 
 
@@ -40,13 +41,21 @@ def dmesg() -> list[str]:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[2] == "nofix":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pause", type=float, default=40.0)
+    parser.add_argument("--devices", nargs=2, default=["/dev/nbd0", "/dev/nbd1"])
+    parser.add_argument("--nofix", action="store_true")
+    args = parser.parse_args()
+    if args.nofix:
         kernel._kernel_timeout = lambda options: options.timeout
-    with open(PATTERN, "wb") as f:
+    pause = args.pause
+    one, two = args.devices
+    pattern = f"/tmp/pause-pattern-{os.getpid()}"
+    with open(pattern, "wb") as f:
         f.write(os.urandom(1 << 20))
     devices = {
-        "/dev/nbd0": ServeOptions(device="/dev/nbd0", use_ioctl=True),
-        "/dev/nbd1": ServeOptions(device="/dev/nbd1", connections=2),
+        one: ServeOptions(device=one, use_ioctl=True),
+        two: ServeOptions(device=two, connections=2),
     }
     sessions = {dev: Session(open_backend("ram", size=SIZE), options) for dev, options in devices.items()}
     kernel_log_start = len(dmesg())
@@ -55,7 +64,7 @@ def main() -> int:
         print(f"attached {dev} via {session.kernel.method}, {session.options.connections} connection(s)", flush=True)
     try:
         for dev in sessions:
-            subprocess.run(["dd", f"if={PATTERN}", f"of={dev}", "bs=64k", "oflag=direct", "status=none"], check=True)
+            subprocess.run(["dd", f"if={pattern}", f"of={dev}", "bs=64k", "oflag=direct", "status=none"], check=True)
         readers = {}
         for dev, session in sessions.items():
             session.engine.gate.pause()
@@ -68,11 +77,11 @@ def main() -> int:
                 out,
             )
         start = time.monotonic()
-        time.sleep(PAUSE)
+        time.sleep(pause)
         for dev, session in sessions.items():
             held = len(session.engine.gate.held())
             proc, _ = readers[dev]
-            check(proc.poll() is None and held > 0, f"{dev}: reads held for {PAUSE:.0f} s ({held} held, dd waiting)")
+            check(proc.poll() is None and held > 0, f"{dev}: reads held for {pause:.0f} s ({held} held, dd waiting)")
         for session in sessions.values():
             session.engine.gate.resume()
         for dev, (proc, out) in readers.items():
@@ -81,7 +90,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = "timeout"
-            with open(out, "rb") as f, open(PATTERN, "rb") as g:
+            with open(out, "rb") as f, open(pattern, "rb") as g:
                 same = f.read() == g.read()
             check(rc == 0 and same, f"{dev}: after resume the reads completed (rc {rc}), data intact: {same}")
             print(f"{dev}: waited {time.monotonic() - start:.1f} s in all", flush=True)
@@ -90,7 +99,8 @@ def main() -> int:
                 timeout=60,
             )
             check(again.returncode == 0, f"{dev}: the device still works after the pause")
-        lines = [line for line in dmesg()[kernel_log_start:] if "nbd" in line]
+        names = "|".join(os.path.basename(dev) for dev in sessions)
+        lines = [line for line in dmesg()[kernel_log_start:] if re.search(rf"\b({names})\b", line)]
         for line in lines:
             print(f"dmesg: {line}")
         bad = [
