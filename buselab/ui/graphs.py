@@ -148,7 +148,7 @@ class Graphs(Pane):
             [s.write_bps for s in samples],
             (fmt.rate_text(latest.write_bps) + (f" {latest.write_iops:,.0f}/s" if folded else "")) if latest else "–",
         )
-        top = nice_ceiling(max([s.read_bps for s in window] + [s.write_bps for s in window] + [1e6]))
+        top = nice_ceiling(max([s.read_bps for s in window] + [s.write_bps for s in window] + [1e5]))
         lines += self._chart("throughput", "MB/s", [read, write], rows, plot, top, _rate_label, width)
 
         if charts >= 3:

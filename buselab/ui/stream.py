@@ -64,8 +64,8 @@ ALL_COLUMNS = (
     Column("offset", "offset", 13, True),
     Column("length", "length", 6, True),
     Column("flags", "flags", 7, False),
-    Column("latency", "latency", 9, True),
-    Column("result", "result", 9, False),
+    Column("latency", "latency", 8, True),
+    Column("result", "result", 8, False),
 )
 # Dropped first when the stream is narrow.
 DROP_ORDER = ("time", "flags", "seq", "result")
