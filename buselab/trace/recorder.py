@@ -192,11 +192,18 @@ class TraceRecorder:
             if payload is None:
                 append((record[:10], None))
             elif hash_here and record[2] not in keep:
-                append((record[:10], crc32(payload)))
+                try:
+                    append((record[:10], crc32(payload)))
+                except TypeError:  # not bytes-like: record the request without its data
+                    append((record[:10], None))
                 if queued() > _MAX_QUEUED:  # a writer starved of CPU: do not grow without end
                     recorder._wait_for_writer()
             else:
-                data = bytes(payload)
+                try:
+                    data = bytes(payload)
+                except TypeError:
+                    append((record[:10], None))
+                    return
                 append((record[:10], data))
                 # Not a lock-protected counter: `+=` on an attribute has no switch point
                 # inside it on CPython, and the limit is a soft one anyway.
