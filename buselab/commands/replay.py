@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " and every request's result with the trace. Backends: ram[:SIZE] (default: a fresh RAM disk as big"
         " as the traced device), file:PATH (made at the trace's size if missing), null[:SIZE],"
         " plugin:FILE[:CLASS].",
+        epilog="Exit status: 0 everything matched, 1 a divergence (the first is described), 2 a bad trace or"
+        " backend, 130 interrupted. The trace format: docs/TRACE_FORMAT.md.",
     )
     p.add_argument("trace", metavar="TRACE", help="a trace file (.jsonl, .jsonl.gz, .jsonl.zst)")
     p.add_argument(
