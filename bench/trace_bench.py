@@ -6,7 +6,9 @@
 For each workload it runs `buselab ram --unix SOCK --headless`, once without
 and once with `--record /tmp/....jsonl.zst`, in the order A B A B ..., drives
 it with fio's nbd engine (4 jobs x iodepth 8, 4 KiB random), and prints the
-median IOPS of each and their ratio (target: recording >= 0.8x). The trace of
+median IOPS of each and their ratio (target: recording >= 0.8x), and the CPU time the server
+(with its trace writer process) spent per request, which is steadier than
+IOPS on a shared machine. The trace of
 each recorded run is checked to hold every request fio made, so a recorder
 that keeps up by dropping requests cannot look fast.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -59,8 +62,8 @@ def serve(sock: str, record: str, payload: str) -> int:
 
 def one_run(
     rw: str, record: str | None, seconds: float, tmp: str, jobs: int, depth: int, payload: str = "writes"
-) -> tuple[float, int]:
-    """(IOPS, requests fio completed) for one server lifetime."""
+) -> tuple[float, int, float]:
+    """(IOPS, requests fio completed, CPU seconds of the server and its trace writer) for one server lifetime."""
     sock = os.path.join(tmp, "nbd.sock")
     if os.path.exists(sock):
         os.unlink(sock)
@@ -85,7 +88,6 @@ def one_run(
                 "--size=1G",
                 "--time_based",
                 f"--runtime={seconds}",
-                "--ramp_time=1",
                 "--group_reporting",
                 "--randrepeat=0",
                 "--output-format=json",
@@ -95,12 +97,17 @@ def one_run(
             check=True,
         )
     finally:
+        # The server's CPU time, with its writer process's (which it waits for), lands in
+        # our RUSAGE_CHILDREN once we reap it; fio was reaped before this.
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         server.send_signal(signal.SIGINT)
         server.wait(120)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     # fio's nbd engine may print notes before the JSON document.
     job = json.loads(fio.stdout[fio.stdout.index("{") :])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
-    return side["iops"], side["total_ios"]
+    return side["iops"], side["total_ios"], cpu
 
 
 def trace_records(path: str) -> int:
@@ -134,21 +141,25 @@ def main() -> int:
         for rw in args.rw.split(","):
             off: list[float] = []
             on: list[float] = []
+            cpu_off: list[float] = []
+            cpu_on: list[float] = []
             sizes: list[int] = []
             for i in range(args.rounds):
-                iops, _ = one_run(rw, None, args.seconds, tmp, args.jobs, args.iodepth)
+                iops, ios, cpu = one_run(rw, None, args.seconds, tmp, args.jobs, args.iodepth)
                 off.append(iops)
+                cpu_off.append(cpu / ios * 1e6)
                 trace = os.path.join(tmp, f"{rw}-{i}.jsonl.zst")
-                iops, ios = one_run(rw, trace, args.seconds, tmp, args.jobs, args.iodepth, args.payload)
+                iops, ios, cpu = one_run(rw, trace, args.seconds, tmp, args.jobs, args.iodepth, args.payload)
                 on.append(iops)
+                cpu_on.append(cpu / ios * 1e6)
                 records = trace_records(trace)
                 sizes.append(os.path.getsize(trace))
-                # fio's total_ios leaves out the ramp; the trace has those too, so it must hold at least as many.
                 if records < ios:
                     raise SystemExit(f"{rw}: the trace holds {records} requests but fio completed {ios}")
                 os.unlink(trace)
                 print(
-                    f"{rw} round {i + 1}: off {off[-1]:,.0f} IOPS, on {on[-1]:,.0f} IOPS"
+                    f"{rw} round {i + 1}: off {off[-1]:,.0f} IOPS ({cpu_off[-1]:.1f} us CPU/request),"
+                    f" on {on[-1]:,.0f} IOPS ({cpu_on[-1]:.1f} us CPU/request)"
                     f" (trace {records:,} requests, {sizes[-1] / 1e6:.1f} MB)",
                     file=sys.stderr,
                     flush=True,
@@ -164,6 +175,8 @@ def main() -> int:
                 "ratio": ratio,
                 "pair_ratios": pairs,
                 "median_pair_ratio": statistics.median(pairs),
+                "cpu_us_per_request_off": statistics.median(cpu_off),
+                "cpu_us_per_request_on": statistics.median(cpu_on),
             }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,7 +189,8 @@ def main() -> int:
                 f"{rw} (payload {r['payload']}): recording off {r['median_off']:,.0f} IOPS, on {r['median_on']:,.0f} IOPS:"
                 f" {r['ratio']:.2f}x ({verdict}); per A-B pair: "
                 + ", ".join(f"{x:.2f}" for x in r["pair_ratios"])
-                + f" (median {r['median_pair_ratio']:.2f})"
+                + f" (median {r['median_pair_ratio']:.2f}); server CPU per request"
+                f" {r['cpu_us_per_request_off']:.1f} -> {r['cpu_us_per_request_on']:.1f} us"
             )
     return 0
 
