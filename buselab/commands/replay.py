@@ -82,6 +82,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    lab = None if args.headless or not sys.stdout.isatty() else _lab()
     try:
         session.start()
         replayer = Replayer(
@@ -92,7 +93,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             partial=args.partial,
             stop_on_divergence=args.stop_on_divergence,
             checksum=args.checksum,
-            progress=progress,
+            progress=None if lab is not None else progress,  # lines on stderr would tear the lab's screen
         )
         session.replayer = replayer  # the lab shows its progress (see docs/TRACE_FORMAT.md)
         if not args.quiet:
@@ -105,7 +106,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 flush=True,
             )
         interrupted = False
-        lab = None if args.headless or not sys.stdout.isatty() else _lab()
         if lab is not None:
             replayer.start()
             try:
