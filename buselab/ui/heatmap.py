@@ -114,10 +114,8 @@ class Heatmap(Pane, can_focus=True):
     mode: reactive[str] = reactive("grid")
     """"grid" (address space) or "time" (offset vertical, time horizontal)."""
 
-    class CellInfo(Message):
-        def __init__(self, text: str) -> None:
-            super().__init__()
-            self.text = text
+    class Resized(Message):
+        """The heatmap's width changed: the app may give it a better height."""
 
     def __init__(self, model: LabModel, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -434,6 +432,11 @@ class Heatmap(Pane, can_focus=True):
         return Strip.blank(width)
 
     # -- interaction -------------------------------------------------------------------
+    def on_resize(self, event: events.Resize) -> None:
+        if event.size.width != getattr(self, "_last_width", None):
+            self._last_width = event.size.width
+            self.post_message(self.Resized())
+
     def watch_mode(self, mode: str) -> None:
         self.hover = None
         self.hover_time = None

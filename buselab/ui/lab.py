@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import Footer
@@ -137,11 +138,12 @@ class LabApp(App[int]):
             except (RuntimeError, NotImplementedError, ValueError):
                 pass  # not the main thread, or no signals here
 
-    def on_resize(self) -> None:
-        self._fit_layout()
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit_layout(event.size.width, event.size.height)
 
-    def _fit_layout(self) -> None:
-        width, height = self.size
+    def _fit_layout(self, width: int | None = None, height: int | None = None) -> None:
+        if width is None or height is None:
+            width, height = self.size
         self.screen.set_class(width < 130, "narrow")
         self.screen.set_class(height < 40, "short")
         self.call_after_refresh(self._fit_heatmap)
@@ -151,7 +153,7 @@ class LabApp(App[int]):
         width = self.heatmap.size.width
         if not width:
             return
-        body = self.size.height - 3  # header and footer
+        body = self.screen.size.height - 3  # header and footer
         inspector = 9 if body < 37 else 18
         heat = self.heatmap.preferred_height(width, max(8, min(24, body - inspector - 6)))
         rows = f"{heat} 1fr {inspector}"
@@ -193,6 +195,9 @@ class LabApp(App[int]):
         super()._display(screen, renderable)
 
     # -- messages ----------------------------------------------------------------------
+    def on_heatmap_resized(self, message: Heatmap.Resized) -> None:
+        self._fit_heatmap()
+
     def on_request_stream_selected(self, message: RequestStream.Selected) -> None:
         record = message.record
         if record is None:
