@@ -100,7 +100,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             speed = "as fast as possible" if args.fast else f"at {args.speed:g}x the recorded pace"
             total = f"{replayer.total:,} requests" + (", cut short" if replayer.truncated else "")
             print(
-                f"buselab: replaying {args.trace} ({total}, recorded on {header.description or header.backend})"
+                f"buselab: replaying {args.trace} ({total}, recorded on {header.description or header.backend or 'an unnamed backend'})"
                 f" on {backend.describe()}, {speed}",
                 file=progress_out,
                 flush=True,

@@ -375,7 +375,6 @@ class Replayer:
             if self._stop.is_set():
                 summary.stopped = True
                 break
-            summary.requests = index
             if first_t is None:
                 first_t = r.t
             last_t = max(last_t, r.t)
@@ -384,6 +383,7 @@ class Replayer:
                 if self._stop.is_set():
                     summary.stopped = True
                     break
+            summary.requests = index
             req = self._request(r, tflags, caps)
             if req is None:
                 summary.skipped += 1
