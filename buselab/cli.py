@@ -61,6 +61,12 @@ def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> No
     )
     p.add_argument("--control", metavar="PATH", help="control socket for `buselab ctl`")
     p.add_argument("--record", metavar="FILE", help="record every request to a trace (.jsonl, .gz, .zst)")
+    p.add_argument(
+        "--record-payload",
+        choices=("none", "writes", "all"),
+        default="writes",
+        help="what the trace keeps of the data (default: writes, enough to replay)",
+    )
     p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)  # stop after N seconds (tests, demos)
 
 
@@ -129,6 +135,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         filters=list(args.filter or []),
         control=args.control or default_control_path(),
         record=args.record,
+        record_payload=args.record_payload,
         connections=getattr(args, "connections", 1),
         use_ioctl=getattr(args, "ioctl", False),
         timeout=getattr(args, "timeout", 0),

@@ -30,6 +30,7 @@ class ServeOptions:
     filters: list[str] = field(default_factory=list)  # --filter specs, bottom first
     control: str | None = None  # control socket path (buselab ctl)
     record: str | None = None  # trace file (--record)
+    record_payload: str = "writes"  # what a trace keeps of the data: none, writes, all
     connections: int = 1  # kernel: sockets (hardware queues) for the device
     use_ioctl: bool = False  # kernel: BUSE's ioctl path even where netlink exists
     timeout: int = 0  # kernel: request timeout in seconds, 0 = never (pauses are safe)
@@ -44,6 +45,7 @@ class Session:
         self.control = None  # the control socket server, when there is one
         self.recorder = None  # the trace recorder, while recording
         self.demo_workload = None  # set by `buselab demo`
+        self.replayer = None  # set by `buselab replay`: stopped before the engine closes
         self._stopped = threading.Event()
         # Set by SIGINT/SIGTERM (see signals.py); headless and the lab watch it.
         self.stop_requested = threading.Event()
@@ -89,7 +91,9 @@ class Session:
             if self.options.record:
                 from .trace.recorder import TraceRecorder
 
-                self.recorder = TraceRecorder.start(self.engine, self.options.record)
+                self.recorder = TraceRecorder.start(
+                    self.engine, self.options.record, payload=self.options.record_payload
+                )
             for host, port in self.options.listen:
                 self.network.listen_tcp(host, port)
             for path in self.options.unix:
@@ -116,6 +120,9 @@ class Session:
             if self._stopped.is_set():
                 return
             self._stopped.set()
+        if self.replayer is not None:
+            self.replayer.stop()
+            self.replayer.join()
         if self.control is not None:
             self.control.stop()
         if self.kernel is not None:

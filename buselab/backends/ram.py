@@ -123,6 +123,11 @@ class RamBackend(Backend):
                 pos += n
 
     def close(self) -> None:
-        self._view.release()
-        self._data.close()
+        try:
+            self._view.release()
+            self._data.close()
+        except BufferError:
+            # A read's view is still alive somewhere (a traceback, a queued
+            # reply): the mapping goes when the last view does.
+            pass
         self._written.close()

@@ -107,16 +107,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             )
         interrupted = False
         if lab is not None:
-            # The lab stops the session when it quits: the replay must be stopped before the engine
-            # closes under it. (Session.stop could do this itself for any attached replayer.)
-            stop_session = session.stop
-
-            def stop_replay_then_session() -> None:
-                replayer.stop()
-                replayer.join()
-                stop_session()
-
-            session.stop = stop_replay_then_session  # type: ignore[method-assign]
+            # The lab stops the session when it quits; Session.stop stops the replay first.
             replayer.start()
             try:
                 lab(session, seconds=None)
