@@ -37,6 +37,7 @@ from .model import LabModel, Tick
 from .stream import OP_GROUPS, RequestStream
 
 DEFAULT_HZ = 12.0
+MIN_TICK_GAP = 0.03  # seconds: catching up after a late tick, still leave time for a frame
 LAB_GC_THRESHOLD = 50_000  # net allocations between young collections while the lab runs
 INSPECTOR_FOLLOW_EVERY = 0.25  # seconds between inspector updates while following
 INSPECTOR_FOLLOW_BUSY = 1.0  # ... and while requests pour in (it is unreadable faster anyway)
@@ -128,7 +129,8 @@ class LabApp(App[int]):
         if self.freeze_gc:
             self.call_after_refresh(gc.freeze)
         if self.auto_poll:
-            self.set_interval(1.0 / self.hz, self.poll, name="telemetry")
+            self._next_tick = time.monotonic() + 1.0 / self.hz
+            self.set_timer(1.0 / self.hz, self._tick, name="telemetry")
         if self.seconds is not None:
             self.set_timer(self.seconds, self.action_quit, name="seconds")
         if not self.is_headless:
@@ -162,6 +164,24 @@ class LabApp(App[int]):
             self.screen.styles.grid_rows = rows
 
     # -- the tick -------------------------------------------------------------------
+    def _tick(self) -> None:
+        """Poll, then re-arm for the next slot of a fixed schedule.
+
+        An interval timer skips the ticks it could not run on time; when the
+        serving threads hold the GIL that drops the refresh rate below 10 Hz.
+        Here a late tick makes the next one come sooner (never closer than
+        MIN_TICK_GAP, so a frame fits between), which keeps the average rate.
+        """
+        try:
+            self.poll()
+        finally:
+            period = 1.0 / self.hz
+            now = time.monotonic()
+            self._next_tick += period
+            if self._next_tick < now - period:
+                self._next_tick = now  # far behind (suspended, debugger): start afresh
+            self.set_timer(max(MIN_TICK_GAP, self._next_tick - now), self._tick, name="telemetry")
+
     def poll(self) -> Tick:
         """Read telemetry once and hand each widget what changed."""
         started = time.perf_counter()

@@ -75,7 +75,7 @@ class LabModel:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        rows_per_tick: int = 500,
+        rows_per_tick: int = 250,
         sample_every: float = 1.0,
         history: int = 900,
         half_life: float = 1.5,
