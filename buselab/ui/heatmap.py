@@ -486,7 +486,6 @@ class Heatmap(Pane, can_focus=True):
     def on_focus(self) -> None:
         if self.cursor is None:
             self.cursor = 0
-        super().on_focus()
 
     def point_at(self, offset: int) -> int:
         """Put the cursor on the cell holding byte `offset` (tests, the inspector)."""

@@ -82,7 +82,7 @@ class LabModel:
         time_column: float = 1.0,
         time_columns: int = 600,
         busy_rows: int = 200,
-        busy_snapshot_every: float = 0.3,
+        busy_snapshot_every: float = 0.5,
     ) -> None:
         self.session = session
         self.telemetry = session.engine.telemetry

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from rich.segment import Segment
 from rich.style import Style
+from textual import events
 from textual.strip import Strip
 from textual.widget import Widget
 
@@ -33,6 +34,7 @@ class Pane(Widget):
         self._pane_title = ""
         self._pane_subtitle = ""
         self._frame: dict[tuple, Strip] = {}
+        self._pane_size: tuple[int, int] | None = None
 
     # -- titles -----------------------------------------------------------------
     @property
@@ -56,13 +58,25 @@ class Pane(Widget):
             self.refresh()
 
     # -- geometry -------------------------------------------------------------------
+    # Widget.size walks the compositor's map on every call and the stream asks
+    # for its height on every line: keep the size the last Resize gave.
+    def on_resize(self, event: events.Resize) -> None:
+        self._pane_size = (event.size.width, event.size.height)
+
+    @property
+    def pane_size(self) -> tuple[int, int]:
+        if self._pane_size is None:
+            size = self.size
+            return size.width, size.height
+        return self._pane_size
+
     @property
     def inner_width(self) -> int:
-        return max(1, self.size.width - 2)
+        return max(1, self.pane_size[0] - 2)
 
     @property
     def inner_height(self) -> int:
-        return max(1, self.size.height - 2)
+        return max(1, self.pane_size[1] - 2)
 
     def inner_offset(self, x: int, y: int) -> tuple[int, int] | None:
         """Widget coordinates -> coordinates inside the frame (None on the frame)."""
@@ -111,7 +125,7 @@ class Pane(Widget):
         return strip
 
     def render_line(self, y: int) -> Strip:
-        width, height = self.size
+        width, height = self.pane_size
         if width < 2 or height < 2:
             return Strip.blank(width)
         if y == 0:
