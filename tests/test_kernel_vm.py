@@ -10,8 +10,9 @@ Two boots, each running one guest script that prints an ``ok:`` or ``FAIL:`` lin
   backend across a restart.
 * netlink: the same ext4 check over 2 connections, chaining (lo /dev/nbd0 /dev/nbd1), --device
   auto, busy, kill -9 recovery (freed by netlink and by ioctls alone, and "held" while mounted),
-  and a 40 s pause of the gate that the devices survive, one connection and two
-  (tests/vm/guest_pause.py, in the background while the rest runs).
+  a 40 s pause of the gate that the devices survive, one connection and two, and a stop
+  while paused that answers the held reads (tests/vm/guest_pause.py, in the background while
+  the rest runs).
 
 About 1 + 2.5 minutes on 2 quiet cores under software emulation (Python in the guest is ~11x
 slower, and importing pyroute2 there takes seconds). The non-root check runs on the host.
@@ -116,6 +117,9 @@ def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
     )
     assert re.search(r"pause: ok: /dev/nbd5: reads held for 40 s", result.output)
     assert "pause: ok: the kernel killed nothing" in result.output
+    assert re.search(
+        r"pause: ok: /dev/nbd5: stopped while paused in .*the held read \(\d+\) got its answer", result.output
+    )
 
 
 def test_kernel_attach_as_non_root_says_use_sudo(tmp_path: Path) -> None:

@@ -65,34 +65,38 @@ def main() -> int:
     try:
         for dev in sessions:
             subprocess.run(["dd", f"if={pattern}", f"of={dev}", "bs=64k", "oflag=direct", "status=none"], check=True)
-        readers = {}
+        readers: dict[str, list] = {}
         for dev, session in sessions.items():
             session.engine.gate.pause()
-            out = f"/tmp/pause-out-{os.path.basename(dev)}"
-            # 16 reads of 64 KiB with O_DIRECT: several requests in flight, over both connections.
-            readers[dev] = (
-                subprocess.Popen(
-                    ["dd", f"if={dev}", f"of={out}", "bs=64k", "count=16", "iflag=direct", "status=none"],
-                ),
-                out,
-            )
+            # Four readers of 256 KiB each at once (O_DIRECT, 64 KiB requests): several requests
+            # in flight, on both CPUs, so over both connections of the netlink device.
+            readers[dev] = []
+            for part in range(4):
+                out = f"/tmp/pause-out-{os.path.basename(dev)}-{part}"
+                cmd = ["dd", f"if={dev}", f"of={out}", "bs=64k", "count=4", f"skip={4 * part}", "iflag=direct"]
+                readers[dev].append((subprocess.Popen([*cmd, "status=none"]), out, part))
         start = time.monotonic()
         time.sleep(pause)
         for dev, session in sessions.items():
             held = len(session.engine.gate.held())
-            proc, _ = readers[dev]
-            check(proc.poll() is None and held > 0, f"{dev}: reads held for {pause:.0f} s ({held} held, dd waiting)")
+            waiting = sum(proc.poll() is None for proc, _, _ in readers[dev])
+            check(waiting == 4 and held > 0, f"{dev}: reads held for {pause:.0f} s ({held} held, {waiting} dd waiting)")
         for session in sessions.values():
             session.engine.gate.resume()
-        for dev, (proc, out) in readers.items():
-            try:
-                rc = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = "timeout"
-            with open(out, "rb") as f, open(pattern, "rb") as g:
-                same = f.read() == g.read()
-            check(rc == 0 and same, f"{dev}: after resume the reads completed (rc {rc}), data intact: {same}")
+        with open(pattern, "rb") as g:
+            expected = g.read()
+        for dev, procs in readers.items():
+            codes, same = [], True
+            for proc, out, part in procs:
+                try:
+                    codes.append(proc.wait(60))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    codes.append("timeout")
+                with open(out, "rb") as f:
+                    same = same and f.read() == expected[part << 18 : (part + 1) << 18]
+            ok = codes == [0] * 4 and same
+            check(ok, f"{dev}: after resume the reads completed (exit {codes}), data intact: {same}")
             print(f"{dev}: waited {time.monotonic() - start:.1f} s in all", flush=True)
             again = subprocess.run(
                 ["dd", f"if={dev}", "of=/dev/null", "bs=64k", "count=16", "iflag=direct", "status=none"],
@@ -109,6 +113,29 @@ def main() -> int:
             if any(s in line for s in ("timed out", "Dead connection", "I/O error", "Receive control failed"))
         ]
         check(not bad, f"the kernel killed nothing ({len(bad)} bad kernel lines)")
+
+        # Stopping while paused answers what is held (Session.stop -> detach releases the gate).
+        for dev, session in sessions.items():
+            session.engine.gate.pause()
+            reader = subprocess.Popen(
+                ["dd", f"if={dev}", "of=/dev/null", "bs=64k", "count=1", "iflag=direct", "status=none"]
+            )
+            deadline = time.monotonic() + 30
+            while not session.engine.gate.held() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            held = len(session.engine.gate.held())
+            t0 = time.monotonic()
+            session.stop()
+            took = time.monotonic() - t0
+            try:
+                rc = reader.wait(30)
+            except subprocess.TimeoutExpired:
+                reader.kill()
+                rc = "timeout"
+            check(
+                held > 0 and rc == 0,
+                f"{dev}: stopped while paused in {took:.1f} s; the held read ({held}) got its answer",
+            )
     finally:
         for dev, session in sessions.items():
             session.stop()
