@@ -271,6 +271,32 @@ async def test_help_heat_time_mode_and_quit(session, client):
     assert app.return_code == 0
 
 
+@aio
+async def test_offset_by_time_view(session, client):
+    clock = FakeClock(50.0)
+    app = LabApp(session, auto_poll=False, clock=clock)
+    async with app.run_test(size=(160, 50)) as pilot:
+        for second in range(4):
+            client.write((1 + second * 3) * MiB, b"t" * 65536)
+            clock.advance(1.0)
+            await settle(app, pilot)
+        columns = list(app.model.columns)
+        assert len(columns) == 4 and all(columns)
+        rows = app.model.time_rows
+        buckets = [next(iter(col.items()))[0] for col in columns]
+        assert buckets == sorted(buckets) and buckets[0] < buckets[-1] < rows  # later writes, higher offsets
+        await pilot.press("m")
+        heat = app.heatmap
+        _axis, plot, bands = heat._time_geometry(heat.inner_width, heat.inner_height)
+        shown = heat._time_columns(plot)
+        heat.hover_time = (len(shown) - 2, buckets[-1] * bands // rows)  # the last closed second
+        app.heatmap.refresh()
+        await pilot.pause()
+        text = "\n".join(screen_lines(app.heatmap))
+        assert "offset by time" in text and "1 row = " in text and "now" in text
+        assert "1s ago: " in text and "write 16 " in text  # a 64 KiB write touches 16 cells of 4 KiB
+
+
 def test_run_lab_stops_the_session(session, client, capsys):
     client.write(0, b"s" * 4096)
     started = time.monotonic()

@@ -299,8 +299,9 @@ class Heatmap(Pane, can_focus=True):
         _axis, _plot, bands = self._time_geometry(width, height)
         return -(-self.model.size // bands)
 
-    def _time_columns(self, plot: int) -> list[dict[int, list[int]]]:
-        cols = list(self.model.columns)[-(plot - 1) :] if plot > 1 else []
+    def _time_columns(self, plot: int) -> list:
+        """The last `plot` columns, oldest first: closed TimeColumns and the open dict."""
+        cols: list = list(self.model.columns)[-(plot - 1) :] if plot > 1 else []
         cols.append(self.model.column_open)
         return cols
 

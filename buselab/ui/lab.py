@@ -105,6 +105,8 @@ class LabApp(App[int]):
         self._started = time.monotonic()
         self._cpu_started = time.thread_time()
         self.freeze_gc = False  # run_lab: freeze the startup objects once the screen is up
+        # Per-tick and per-frame times, for bench/lab_bench.py only (they grow).
+        self.collect_stats = bool(os.environ.get("BUSELAB_LAB_STATS"))
 
     # -- layout ------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -199,9 +201,8 @@ class LabApp(App[int]):
             if now - self._inspector_shown_at >= every:
                 self._inspector_shown_at = now
                 self.inspector.show(self.stream.newest_record, cell_bytes=self.heatmap.display_cell_bytes)
-        elapsed = time.perf_counter() - started
-        if len(self.tick_times) < 100_000:
-            self.tick_times.append(elapsed)
+        if self.collect_stats:
+            self.tick_times.append(time.perf_counter() - started)
         if self.model.ticks % 120 == 1:
             self.rss.append((time.monotonic() - self._started, _rss_bytes()))
         return tick
@@ -210,7 +211,7 @@ class LabApp(App[int]):
         # Counted for the bench's refresh rate; Textual calls this once per frame written.
         if renderable is not None:
             self.frames += 1
-            if len(self.frame_times) < 200_000:
+            if self.collect_stats:
                 self.frame_times.append(time.time())
         super()._display(screen, renderable)
 
@@ -271,7 +272,7 @@ class LabApp(App[int]):
             "frames": self.frames,
             "ui_cpu": (time.thread_time() - self._cpu_started) / elapsed,
             "frame_hz": self.frames / elapsed,
-            "tick_ms_mean": 1e3 * sum(ticks) / len(ticks) if ticks else 0.0,
+            "tick_ms_mean": 1e3 * sum(ticks) / len(ticks) if ticks else 0.0,  # empty unless collect_stats
             "tick_ms_p99": 1e3 * ticks[int(len(ticks) * 0.99)] if ticks else 0.0,
             "tick_ms_max": 1e3 * ticks[-1] if ticks else 0.0,
             "rows_added": self.stream.rows_added,

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
+from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple
@@ -68,6 +69,38 @@ def _zeros(n: int) -> list[float]:
     return [0.0] * n
 
 
+class TimeColumn:
+    """One closed column of the offset-by-time view: [read, write, trim] per
+    offset bucket, packed in an array (a dict of lists per column would grow
+    the lab by megabytes over a long run at full load)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self, open_column: dict[int, list[int]], rows: int) -> None:
+        self.counts: array | None = None
+        if open_column:
+            counts = array("I", bytes(4 * 3 * rows))
+            for bucket, (r, w, t) in open_column.items():
+                base = bucket * 3
+                counts[base] = min(r, 0xFFFFFFFF)
+                counts[base + 1] = min(w, 0xFFFFFFFF)
+                counts[base + 2] = min(t, 0xFFFFFFFF)
+            self.counts = counts
+
+    def __bool__(self) -> bool:
+        return self.counts is not None
+
+    def items(self) -> Iterator[tuple[int, tuple[int, int, int]]]:
+        counts = self.counts
+        if counts is None:
+            return
+        for bucket in range(len(counts) // 3):
+            base = bucket * 3
+            r, w, t = counts[base], counts[base + 1], counts[base + 2]
+            if r or w or t:
+                yield bucket, (r, w, t)
+
+
 class LabModel:
     def __init__(
         self,
@@ -80,7 +113,7 @@ class LabModel:
         history: int = 900,
         half_life: float = 1.5,
         time_column: float = 1.0,
-        time_columns: int = 600,
+        time_columns: int = 300,
         busy_rows: int = 200,
         busy_snapshot_every: float = 0.5,
     ) -> None:
@@ -122,7 +155,7 @@ class LabModel:
         self.bucket_cells = max(1, -(-cells // TIME_ROWS))
         self.time_rows = -(-cells // self.bucket_cells)
         # Offset-by-time: one sparse column per interval {bucket: [r, w, t]}.
-        self.columns: deque[dict[int, list[int]]] = deque(maxlen=self.time_columns)
+        self.columns: deque[TimeColumn] = deque(maxlen=self.time_columns)
         self.column_open: dict[int, list[int]] = {}
         self.column_started = self.clock()
         self.heat_version = 0
@@ -161,7 +194,7 @@ class LabModel:
             changed = True
         now_t = self.clock()
         while now_t - self.column_started >= self.time_column:
-            self.columns.append(self.column_open)
+            self.columns.append(TimeColumn(self.column_open, self.time_rows))
             self.column_open = column = {}
             self.column_started += self.time_column
             changed = True
