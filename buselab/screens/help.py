@@ -14,13 +14,13 @@ from ..ui import format as fmt
 KEYS: list[tuple[str, str]] = [
     ("q, ctrl+c", "quit: answer in-flight requests, flush, detach, exit"),
     ("?", "this help (esc closes it)"),
-    ("tab / shift+tab", "move between the stream, the heatmap and the inspector"),
-    ("↑ ↓ pgup pgdn home", "stream: select a request (stops following) — the inspector decodes it"),
+    ("tab, shift+tab", "move between the stream, the heatmap and the inspector"),
+    ("↑ ↓ pgup pgdn home", "stream: select a request (stops following); the inspector decodes it"),
     ("end, l", "stream: follow the newest requests again (l toggles)"),
-    ("click", "stream: select a request;  heatmap: hover a cell to see its range and counts"),
+    ("click, wheel", "stream: select, scroll back;  heatmap: hover a cell for its range"),
     ("1 2 3 4 5", "show/hide READ, WRITE, FLUSH, TRIM, other ops in the stream"),
     ("0", "show every op again"),
-    ("m", "heatmap: address-space grid ⇄ offset-by-time (iowatcher style)"),
+    ("m", "heatmap: address-space grid ⇄ offset by time (as iowatcher plots it)"),
     ("← → ↑ ↓", "heatmap (focused): move the cell cursor"),
 ]
 
@@ -29,8 +29,8 @@ def help_text(extra_keys: list[tuple[str, str]] | None = None) -> Text:
     text = Text()
     text.append("buselab lab\n\n", style="bold #4fb3ff")
     text.append(
-        "Every request a client or the kernel sends passes through buselab's engine; the lab reads its\n"
-        "telemetry ten times a second. Nothing here slows the disk down by waiting for the screen.\n\n",
+        "Every request a client or the kernel sends passes through buselab's engine; the lab\n"
+        "reads its telemetry a dozen times a second. The disk never waits for the screen.\n\n",
         style="#d8dee9",
     )
     text.append("Keys\n", style="bold #d8dee9")
@@ -49,16 +49,17 @@ def help_text(extra_keys: list[tuple[str, str]] | None = None) -> Text:
         text.append(name + "\n", style="#d8dee9")
     text.append(
         "\nThe stream\n"
-        "  One row per request: sequence number, arrival time, op, byte offset, length, flags (FUA:\n"
-        "  force unit access), latency and result. At very high rates it shows the newest rows of\n"
-        "  each tick and a '+N more' row for the rest rather than fall behind.\n"
+        "  One row per request: sequence number, arrival time, op, byte offset, length, flags\n"
+        "  (FUA: force unit access), latency and result (the errno name on failure). At very\n"
+        "  high rates each tick shows its newest rows and one '+N more' row for the rest.\n"
+        "  While the I/O is paused, held requests wait at the bottom with their wait so far.\n"
         "\nThe heatmap\n"
-        "  The disk's bytes laid out like a page, offset 0 at the top left. Each half-character cell\n"
-        "  covers the range of blocks the legend names; recent I/O lights it up and fades within\n"
-        "  seconds; a dim tint stays where data was ever written. Press m for offset against time.\n"
+        "  The disk laid out like a page, offset 0 at the top left. Each half-character cell\n"
+        "  covers the bytes the legend names; recent I/O lights it up and fades within seconds;\n"
+        "  a dim tint stays where data was ever written. m plots offset against time instead.\n"
         "\nThe graphs\n"
-        "  Throughput (MB/s, decimal like fio) and IOPS for reads and writes, one sample a second;\n"
-        "  latency p50/p99 on a log scale (power-of-two buckets, so the lines move in steps).\n",
+        "  Throughput (MB/s, decimal like fio) and IOPS for reads, writes and other ops, one\n"
+        "  sample a second; latency p50/p99 on a log scale (power-of-two buckets: it steps).\n",
         style="#d8dee9",
     )
     return text
@@ -66,11 +67,12 @@ def help_text(extra_keys: list[tuple[str, str]] | None = None) -> Text:
 
 class HelpScreen(ModalScreen[None]):
     DEFAULT_CSS = """
-    HelpScreen { align: center middle; }
+    HelpScreen { align: center middle; background: #0f1217 60%; }
     HelpScreen > VerticalScroll {
-        width: 100; max-width: 95%; height: auto; max-height: 90%;
-        border: round #4fb3ff; background: #151a21; padding: 0 2;
+        width: 104; max-width: 96%; height: 90%;
+        border: round #4fb3ff; border-title-color: #4fb3ff; background: #151a21; padding: 0 2;
     }
+    HelpScreen Static { width: 100%; }
     """
 
     BINDINGS = [

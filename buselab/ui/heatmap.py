@@ -163,11 +163,6 @@ class Heatmap(Pane, can_focus=True):
     def cell_for_offset(self, offset: int) -> int:
         return offset // (self.group * self.model.cell_bytes)
 
-    def cell_position(self, index: int) -> tuple[int, int, bool]:
-        """(x, char row, is the top half) of a display cell."""
-        row, x = divmod(index, self.grid_width)
-        return x, row // 2, row % 2 == 0
-
     def cell_counts(self, index: int) -> tuple[list[int], list[float]]:
         first = index * self.group
         return self.model.cell_counts(first, first + self.group - 1)

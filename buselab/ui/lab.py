@@ -7,6 +7,13 @@ waits for the lab and never sends it a message.
 `run_lab(session)` runs the app and, however it ends (q, ctrl+c, SIGTERM, a
 crash, `seconds`), stops the session: in-flight requests are answered, the
 backend flushed, the device detached.
+
+Steering (pause, step, breakpoints, filters, backend switches) builds on this
+app: add bindings to `LabApp.BINDINGS` and their lines to `HELP_KEYS`, talk to
+`session.engine` (the gate, the stack) from actions, and push screens from
+buselab/screens. The header already shows serving/paused and the oldest held
+request's wait; the stream already lists held requests (`gate.held()`), both
+refreshed by the tick.
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ from pathlib import Path
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.screen import Screen
 from textual.widgets import Footer
 
+from ..protocol import constants as c
 from ..screens.help import HelpScreen
 from ..session import Session
 from ..sizes import human_bytes
@@ -51,6 +60,24 @@ def _rss_bytes() -> int:
         return 0
 
 
+class LabScreen(Screen):
+    """The lab's own screen: the panes in a grid (lab.tcss styles LabScreen only,
+    so pushed screens such as help keep their own layout)."""
+
+    def compose(self) -> ComposeResult:
+        # No containers: the panes sit straight in the screen's grid, so a
+        # frame that redraws the stream composes only the stream over the
+        # screen, not two more container backgrounds as well.
+        app = self.app
+        assert isinstance(app, LabApp)
+        yield app.header_widget
+        yield app.stream
+        yield app.heatmap
+        yield app.graphs
+        yield app.inspector
+        yield Footer()
+
+
 class LabApp(App[int]):
     """The live lab over one Session."""
 
@@ -70,6 +97,9 @@ class LabApp(App[int]):
         Binding("0", "all_ops", "All ops", show=False),
         Binding("m", "heat_mode", "Heat/time"),
     ]
+
+    HELP_KEYS: list[tuple[str, str]] = []
+    """(keys, what they do) lines the help screen adds to its own (for extensions)."""
 
     def __init__(
         self,
@@ -109,16 +139,8 @@ class LabApp(App[int]):
         self.collect_stats = bool(os.environ.get("BUSELAB_LAB_STATS"))
 
     # -- layout ------------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        # No containers: the panes sit straight in the screen's grid, so a
-        # frame that redraws the stream composes only the stream over the
-        # screen, not two more container backgrounds as well.
-        yield self.header_widget
-        yield self.stream
-        yield self.heatmap
-        yield self.graphs
-        yield self.inspector
-        yield Footer()
+    def get_default_screen(self) -> Screen:
+        return LabScreen()
 
     def on_mount(self) -> None:
         self.stream.pane_title = "requests"
@@ -136,11 +158,19 @@ class LabApp(App[int]):
         if self.seconds is not None:
             self.set_timer(self.seconds, self.action_quit, name="seconds")
         if not self.is_headless:
-            # SIGTERM (systemd, kill, the tests) ends the lab the way q does.
+            # SIGTERM and SIGINT from outside (systemd, kill, the tests) end the
+            # lab the way q does; run_lab then stops the session cleanly.
             try:
-                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.exit, 0)
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self.exit, 0)
             except (RuntimeError, NotImplementedError, ValueError):
                 pass  # not the main thread, or no signals here
+
+    @property
+    def lab_screen(self) -> Screen:
+        """The screen with the panes (help may be on top of it)."""
+        return self.screen_stack[0] if self.screen_stack else self.screen
 
     def on_resize(self, event: events.Resize) -> None:
         self._fit_layout(event.size.width, event.size.height)
@@ -148,8 +178,9 @@ class LabApp(App[int]):
     def _fit_layout(self, width: int | None = None, height: int | None = None) -> None:
         if width is None or height is None:
             width, height = self.size
-        self.screen.set_class(width < 130, "narrow")
-        self.screen.set_class(height < 40, "short")
+        screen = self.lab_screen
+        screen.set_class(width < 130, "narrow")
+        screen.set_class(height < 40, "short")
         self.call_after_refresh(self._fit_heatmap)
 
     def _fit_heatmap(self) -> None:
@@ -157,13 +188,13 @@ class LabApp(App[int]):
         width = self.heatmap.size.width
         if not width:
             return
-        body = self.screen.size.height - 3  # header and footer
+        body = self.lab_screen.size.height - 3  # header and footer
         inspector = 9 if body < 37 else 18
         heat = self.heatmap.preferred_height(width, max(8, min(24, body - inspector - 6)))
         rows = f"{heat} 1fr {inspector}"
         if rows != self._grid_rows:
             self._grid_rows = rows
-            self.screen.styles.grid_rows = rows
+            self.lab_screen.styles.grid_rows = rows
 
     # -- the tick -------------------------------------------------------------------
     def _tick(self) -> None:
@@ -203,7 +234,7 @@ class LabApp(App[int]):
                 self.inspector.show(self.stream.newest_record, cell_bytes=self.heatmap.display_cell_bytes)
         if self.collect_stats:
             self.tick_times.append(time.perf_counter() - started)
-        if self.model.ticks % 120 == 1:
+        if self.collect_stats and self.model.ticks % 120 == 1:
             self.rss.append((time.monotonic() - self._started, _rss_bytes()))
         return tick
 
@@ -232,7 +263,7 @@ class LabApp(App[int]):
     # -- actions ----------------------------------------------------------------------
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen(self.HELP_KEYS))
 
     def action_toggle_ops(self, group: int) -> None:
         if group in self.hidden_groups:
@@ -323,6 +354,6 @@ def run_lab(session: Session, seconds: float | None = None, *, headless: bool = 
     snap = session.engine.telemetry.snapshot()
     print(
         f"buselab: stopped cleanly after {snap.total_requests:,} requests"
-        f" (read {human_bytes(snap.bytes[0])}, wrote {human_bytes(snap.bytes[1])})"
+        f" (read {human_bytes(snap.bytes[c.CMD_READ])}, wrote {human_bytes(snap.bytes[c.CMD_WRITE])})"
     )
     return 0

@@ -41,13 +41,6 @@ OP_GROUPS: tuple[tuple[str, frozenset[int]], ...] = (
     ("TRIM", frozenset({c.CMD_TRIM})),
     ("OTHER", frozenset({c.CMD_WRITE_ZEROES, c.CMD_CACHE, c.CMD_BLOCK_STATUS, c.CMD_DISC})),
 )
-GROUP_COLOURS = {
-    "READ": fmt.OP_COLOURS[c.CMD_READ],
-    "WRITE": fmt.OP_COLOURS[c.CMD_WRITE],
-    "FLUSH": fmt.OP_COLOURS[c.CMD_FLUSH],
-    "TRIM": fmt.OP_COLOURS[c.CMD_TRIM],
-    "OTHER": fmt.OP_COLOURS[c.CMD_WRITE_ZEROES],
-}
 
 
 class Column(NamedTuple):
@@ -102,7 +95,6 @@ HEADER_STYLE = style("bold #aeb7c4 underline")
 CURSOR_BG = Style(bgcolor="#2e4a6e")
 CURSOR_BG_BLUR = Style(bgcolor="#2a3342")
 SCROLL_THUMB = style("#4a5568")
-SCROLL_TRACK = style("#1f2530")
 SLOW_STYLE = style("#ffd75f")
 VERY_SLOW_STYLE = style(f"bold {fmt.ERROR_COLOUR}")
 
@@ -334,10 +326,6 @@ class RequestStream(Pane, can_focus=True):
     @property
     def rows(self) -> list[Row]:
         return list(self._view)
-
-    def visible_rows(self) -> list[Row]:
-        """The rows on screen now (tests use it)."""
-        return list(self._view)[self.top : self.top + self.page]
 
     @property
     def selected_record(self) -> RequestRecord | None:
