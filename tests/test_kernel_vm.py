@@ -8,8 +8,9 @@ Two boots, each running one guest script that prints an ``ok:`` or ``FAIL:`` lin
   TRIM seen, SIGINT -> exit 0 and size 0; one-line errors (busy, no such device, not an nbd
   device, size not a multiple of 512); kill -9 recovery, idle and while mounted; the file
   backend across a restart.
-* netlink: the same ext4 check over 2 connections, chaining (lo /dev/nbd0 /dev/nbd1), --device
-  auto, busy, kill -9 recovery (freed by netlink and by ioctls alone, and "held" while mounted),
+* netlink: the same ext4 check over 2 connections, `buselab ctl` pause/resume, chaining
+  (lo /dev/nbd0 /dev/nbd1), --device auto, busy, kill -9 recovery (freed by netlink and by
+  ioctls alone, and "held" while mounted),
   a 40 s pause of the gate that the devices survive, one connection and two, and a stop
   while paused that answers the held reads (tests/vm/guest_pause.py, in the background while
   the rest runs).
@@ -102,6 +103,8 @@ def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
             r"^ok: nl: fsck.ext4 -fn clean",
             r"^ok: nl: checksums match after remount",
             r"^ok: nl: the kernel sent FLUSH and TRIM: flush=[1-9]\d* trim=[1-9]",
+            r"^ok: ctl: a read waits while paused",
+            r"^ok: ctl: the read completed after resume",
             r"^ok: busy device \(netlink\): buselab: error: /dev/nbd0 is busy",
             r"^ok: chain: checksums match after remount",
             r"^ok: chain: SIGINT -> exit 0, nbd1 size 0",

@@ -23,6 +23,16 @@ if start nl ram --size 64M /dev/nbd0 --connections 2; then
     expect_flush_trim nl
     grep -q '| 2 clients |' nl.log && ok "nl: stats show 2 kernel connections" || fail "nl: stats do not show 2 clients"
 
+    echo "== buselab ctl pause / resume on the kernel device"
+    if run "ctl: pause" $BUSELAB ctl "$PID_nl" pause; then
+        timeout -s KILL 120 dd if=/dev/nbd0 of=/dev/null bs=64k count=4 skip=100 iflag=direct status=none &
+        DD=$!
+        sleep 3
+        running $DD && ok "ctl: a read waits while paused" || fail "ctl: the read did not wait"
+        run "ctl: resume" $BUSELAB ctl "$PID_nl" resume
+        wait $DD && ok "ctl: the read completed after resume" || fail "ctl: the read failed after resume"
+    fi
+
     echo "== busy device (netlink)"
     expect_error "busy device (netlink)" "/dev/nbd0 is busy: process $PID_nl (buselab" ram --size 16M /dev/nbd0
 
