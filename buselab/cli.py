@@ -190,7 +190,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops filling positionals at the first option, so in
+    # `file PATH --size 64M /dev/nbd3` the device would be "unrecognized".
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "device", "absent") is None and len(extra) == 1 and not extra[0].startswith("-"):
+            args.device = extra[0]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="buselab: %(message)s")
     try:
         return args.func(args)
