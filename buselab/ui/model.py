@@ -256,13 +256,14 @@ class LabModel:
             self.rows_seen += len(records)
             tick.records = records
         busy = len(records) >= self.busy_rows
-        if not busy or now - self._last_snapshot >= self.busy_snapshot_every:
+        sample_due = now - self._sample_base_t >= self.sample_every
+        if not busy or sample_due or now - self._last_snapshot >= self.busy_snapshot_every:
             snap = self.telemetry.snapshot()
             self.snapshot = snap
             tick.snapshot_taken = True
             tick.heat_changed = self._update_heat(snap, max(now - self._last_snapshot, 0.0))
             self._last_snapshot = now
-            if now - self._sample_base_t >= self.sample_every:
+            if sample_due:
                 self.samples.append(self._take_sample(snap, now))
                 self._sample_base = snap
                 self._sample_base_t = now
