@@ -306,6 +306,14 @@ def test_run_lab_stops_the_session(session, client, capsys):
     assert "stopped cleanly after 1 requests" in capsys.readouterr().out
 
 
+def test_a_stop_request_ends_the_lab(session):
+    """SIGINT/SIGTERM (buselab.signals) and control clients set session.stop_requested."""
+    threading.Timer(0.5, session.stop_requested.set).start()
+    started = time.monotonic()
+    assert run_lab(session, headless=True) == 0
+    assert time.monotonic() - started < 10 and session.stopped
+
+
 class FakeClock:
     def __init__(self, now: float) -> None:
         self.now = now

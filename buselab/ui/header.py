@@ -24,7 +24,7 @@ def header_text(model: LabModel, width: int = 160) -> Text:
     text.append(" ")
     if session.stopped:
         text.append(" STOPPED ", style="bold #101418 on #9aa5b1")
-    elif gate.paused:
+    elif getattr(gate, "halted", gate.paused):
         text.append(" ‖ PAUSED ", style="bold #101418 on #ffd75f")
         held = model.held
         if held:
@@ -35,6 +35,8 @@ def header_text(model: LabModel, width: int = 160) -> Text:
             text.append(" nothing held yet", style=fmt.HELD_COLOUR)
     else:
         text.append(" ● SERVING ", style="bold #101418 on #8fbf7a")
+        if gate.paused:  # not halted: breakpoints are armed
+            text.append(" breakpoints armed", style=fmt.HELD_COLOUR)
         if model.held:
             text.append(f" releasing {len(model.held)}", style=fmt.HELD_COLOUR)
     text.append(f"  {session.backend.describe()} ", style="bold #d8dee9")

@@ -4,8 +4,8 @@ One timer drives everything: every tick (12 a second) `LabModel.poll()` reads
 telemetry once and the widgets that changed are told so. The serve path never
 waits for the lab and never sends it a message.
 
-`run_lab(session)` runs the app and, however it ends (q, ctrl+c, SIGTERM, a
-crash, `seconds`), stops the session: in-flight requests are answered, the
+`run_lab(session)` runs the app and, however it ends (q, ctrl+c, SIGINT or
+SIGTERM via `session.stop_requested`, a crash, `seconds`), stops the session: in-flight requests are answered, the
 backend flushed, the device detached.
 
 Steering (pause, step, breakpoints, filters, backend switches) builds on this
@@ -18,12 +18,12 @@ refreshed by the tick.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import gc
 import json
 import os
-import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +37,7 @@ from textual.widgets import Footer
 from ..protocol import constants as c
 from ..screens.help import HelpScreen
 from ..session import Session
+from ..signals import stop_on_signals
 from ..sizes import human_bytes
 from .graphs import Graphs
 from .header import LabHeader
@@ -157,15 +158,6 @@ class LabApp(App[int]):
             self.set_timer(1.0 / self.hz, self._tick, name="telemetry")
         if self.seconds is not None:
             self.set_timer(self.seconds, self.action_quit, name="seconds")
-        if not self.is_headless:
-            # SIGTERM and SIGINT from outside (systemd, kill, the tests) end the
-            # lab the way q does; run_lab then stops the session cleanly.
-            try:
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, self.exit, 0)
-            except (RuntimeError, NotImplementedError, ValueError):
-                pass  # not the main thread, or no signals here
 
     @property
     def lab_screen(self) -> Screen:
@@ -205,6 +197,10 @@ class LabApp(App[int]):
         Here a late tick makes the next one come sooner (never closer than
         MIN_TICK_GAP, so a frame fits between), which keeps the average rate.
         """
+        if self.session.stop_requested.is_set():
+            # SIGINT/SIGTERM (see buselab.signals) or a control client asked to stop.
+            self.exit(0)
+            return
         try:
             self.poll()
         finally:
@@ -338,7 +334,10 @@ def run_lab(session: Session, seconds: float | None = None, *, headless: bool = 
     app.freeze_gc = True
     gc.set_threshold(max(threshold[0], LAB_GC_THRESHOLD), *threshold[1:])
     try:
-        app.run(headless=headless)
+        # Signals set session.stop_requested, which the tick turns into a clean exit.
+        main = threading.current_thread() is threading.main_thread()
+        with stop_on_signals(session.stop_requested) if main else contextlib.nullcontext():
+            app.run(headless=headless)
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()

@@ -188,7 +188,7 @@ def held_cells(held: HeldRequest, columns: Iterable[Column], now: float) -> list
         elif name == "latency":
             part = (_cell(fmt.latency_text(wait), col), HELD_STYLE)
         else:
-            part = (_cell("waiting", col), HELD_STYLE)
+            part = (_cell("break" if getattr(held, "breakpoint", None) else "waiting", col), HELD_STYLE)
         parts.append(part)
     return parts
 
