@@ -86,7 +86,7 @@ def scripted_session() -> tuple[Session, list[list[tuple]]]:
 async def drive(size: tuple[int, int]) -> tuple[str, str]:
     session, seconds = scripted_session()
     telemetry = session.engine.telemetry
-    telemetry._clock_offset = 0.0  # record() adds it to arrival times: make them plain epoch times
+    telemetry.clock_offset = 0.0  # record() adds it to arrival times: make them plain epoch times
     telemetry.started = EPOCH
     clock = FakeClock(0.0)
     wall = FakeClock(EPOCH)

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import NamedTuple
 
 from ..protocol import constants as c
@@ -27,7 +28,6 @@ HEAT_READ, HEAT_WRITE, HEAT_TRIM = 0, 1, 2
 _HEAT_KIND = {c.CMD_READ: HEAT_READ, c.CMD_WRITE: HEAT_WRITE, c.CMD_WRITE_ZEROES: HEAT_WRITE, c.CMD_TRIM: HEAT_TRIM}
 PREVIEW_BYTES = 1024
 _LAST_BUCKET = LATENCY_BUCKETS - 1
-_new_tuple = tuple.__new__
 
 
 class RequestRecord(NamedTuple):
@@ -48,6 +48,9 @@ class RequestRecord(NamedTuple):
     @property
     def op(self) -> str:
         return c.CMD_NAMES.get(self.cmd, f"CMD{self.cmd}")
+
+
+_make_record = RequestRecord._make
 
 
 def latency_bucket(seconds: float) -> int:
@@ -75,9 +78,10 @@ def percentile(hist: list[int], q: float) -> float:
 class Recorder:
     """Counters owned by one serving thread."""
 
-    __slots__ = ("count", "bytes", "errors", "latency", "heat", "latency_sum")
+    __slots__ = ("count", "bytes", "errors", "latency", "heat", "latency_sum", "thread")
 
     def __init__(self, cells: int) -> None:
+        self.thread = threading.current_thread()
         self.count = [0] * N_CMDS
         self.bytes = [0] * N_CMDS
         self.errors = [0] * N_CMDS
@@ -114,13 +118,17 @@ class ConnectionInfo:
     since: float = field(default_factory=time.time)
 
 
-Tap = Callable[[RequestRecord, "bytes | bytearray | memoryview | None"], None]
+# A tap gets the record as a plain tuple in RequestRecord's field order, and
+# the payload (valid only during the call).
+Tap = Callable[[tuple, "bytes | bytearray | memoryview | None"], None]
 
 
 class Telemetry:
     def __init__(self, size: int, *, cells: int = 4096, ring: int = 20000) -> None:
         self.started = time.time()
-        self._clock_offset = time.time() - time.perf_counter()
+        # Added to perf_counter() arrival times to make wall-clock times; tests
+        # that need fixed timestamps may set it.
+        self.clock_offset = time.time() - time.perf_counter()
         self.ring: deque[RequestRecord] = deque(maxlen=ring)
         self._seq = itertools.count(1)
         self._last_seq = 0
@@ -144,8 +152,28 @@ class Telemetry:
         with self._lock:
             for rec in self._recorders:
                 rec.heat = [[0] * self.cells for _ in range(3)]
+            self._retired = Recorder(self.cells)
 
     # -- the serve path ----------------------------------------------------
+    def _retire_finished(self) -> None:
+        """Fold the counters of threads that ended into one, so snapshots stay cheap."""
+        retired = self._retired
+        keep = []
+        for rec in self._recorders:
+            if rec.thread.is_alive():
+                keep.append(rec)
+                continue
+            for i in range(N_CMDS):
+                retired.count[i] += rec.count[i]
+                retired.bytes[i] += rec.bytes[i]
+                retired.errors[i] += rec.errors[i]
+                retired.latency_sum[i] += rec.latency_sum[i]
+                retired.latency[i] = [a + b for a, b in zip(retired.latency[i], rec.latency[i])]
+            if len(rec.heat[0]) == len(retired.heat[0]):
+                for k in range(3):
+                    retired.heat[k] = [a + b for a, b in zip(retired.heat[k], rec.heat[k])]
+        self._recorders = keep
+
     def recorder(self) -> Recorder:
         rec = getattr(self._local, "rec", None)
         if rec is None or len(rec.heat[0]) != self.cells:
@@ -171,27 +199,26 @@ class Telemetry:
         conn: int,
         handle: int,
         payload: bytes | bytearray | memoryview | None,
-    ) -> RequestRecord:
+    ) -> tuple:
         latency = end - start
         seq = next(self._seq)
         slot = cmd if cmd < OTHER_CMD else OTHER_CMD
-        # tuple.__new__ skips the namedtuple's Python-level constructor: this
-        # runs once per request on the serving thread.
-        record = _new_tuple(
-            RequestRecord,
-            (
-                seq,
-                start + self._clock_offset,
-                cmd,
-                flags,
-                offset,
-                length,
-                latency,
-                error,
-                conn,
-                handle,
-                bytes(payload[:PREVIEW_BYTES]) if payload is not None else None,
-            ),
+        # A plain tuple: cheapest to build on the serving thread, and the
+        # garbage collector stops tracking tuples of atoms (it keeps tracking
+        # namedtuples), so a full ring costs collections nothing. Readers get
+        # RequestRecords from recent().
+        record = (
+            seq,
+            start + self.clock_offset,
+            cmd,
+            flags,
+            offset,
+            length,
+            latency,
+            error,
+            conn,
+            handle,
+            bytes(payload[:PREVIEW_BYTES]) if payload is not None else None,
         )
         self.ring.append(record)
         self._last_seq = seq
@@ -236,7 +263,8 @@ class Telemetry:
     # -- readers -------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         with self._lock:
-            recorders = list(self._recorders)
+            self._retire_finished()
+            recorders = [*self._recorders, self._retired]
         count = [0] * N_CMDS
         nbytes = [0] * N_CMDS
         errors = [0] * N_CMDS
@@ -269,14 +297,25 @@ class Telemetry:
         )
 
     def recent(self, after_seq: int = 0, limit: int | None = None) -> list[RequestRecord]:
-        """Records with seq > after_seq still in the ring, oldest first."""
-        ring = list(self.ring)
-        if after_seq:
-            # The ring is ordered by completion, nearly by seq: scan from the end.
-            i = len(ring)
-            while i > 0 and ring[i - 1].seq > after_seq:
-                i -= 1
-            ring = ring[i:]
-        if limit is not None:
-            ring = ring[-limit:]
-        return ring
+        """Records with seq > after_seq still in the ring, oldest first, at most `limit`.
+
+        Only the tail of the ring is touched, so a reader polling at 10-20 Hz
+        pays for what is new, not for the whole ring.
+        """
+        ring = self.ring
+        if not ring or ring[-1][0] <= after_seq:
+            return []
+        count = len(ring) if limit is None else limit
+        try:
+            # One C-level call: no serving thread appends in the middle of it.
+            tail = list(islice(reversed(ring), count))
+        except RuntimeError:  # mutated anyway (a finalizer ran during the copy)
+            tail = list(ring)[-count:][::-1]
+        # The ring is in completion order, nearly seq order: stop at the first
+        # record already seen.
+        for i, record in enumerate(tail):
+            if record[0] <= after_seq:
+                del tail[i:]
+                break
+        tail.reverse()
+        return [_make_record(record) for record in tail]

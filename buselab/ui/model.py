@@ -16,7 +16,6 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..engine.telemetry import LATENCY_BUCKETS, RequestRecord, Snapshot, percentile
@@ -275,29 +274,8 @@ class LabModel:
         return tick
 
     def new_records(self) -> list[RequestRecord]:
-        """Records after `last_seq`, at most `rows_per_tick` of them, oldest first.
-
-        Like `Telemetry.recent(after_seq, limit)`, but it touches only the tail
-        of the ring: recent() copies all of it and walks every new record in
-        Python, which under 100k requests a second is most of a tick.
-        """
-        ring = self.telemetry.ring
-        after = self.last_seq
-        if not ring or ring[-1].seq <= after:
-            return []
-        try:
-            # One C-level call: no other thread runs (or appends) in the middle.
-            tail = list(islice(reversed(ring), self.rows_per_tick))
-        except RuntimeError:  # mutated anyway (a finalizer ran during the copy)
-            tail = list(ring)[-self.rows_per_tick :][::-1]
-        # The ring is in completion order, which is nearly seq order: stop at
-        # the first record already shown.
-        for i, record in enumerate(tail):
-            if record.seq <= after:
-                tail = tail[:i]
-                break
-        tail.reverse()
-        return tail
+        """Records after `last_seq`, at most `rows_per_tick` of them, oldest first."""
+        return self.telemetry.recent(self.last_seq, self.rows_per_tick)
 
     # -- questions widgets ask ---------------------------------------------------
     def cell_counts(self, first_cell: int, last_cell: int) -> tuple[list[int], list[float]]:
