@@ -54,7 +54,9 @@ class RamBackend(Backend):
         end = offset + len(data)
         self._view[offset:end] = data
         first, last = offset // PAGE, (end - 1) // PAGE + 1
-        if end > offset:
+        if last - first == 1:
+            self._written[first] = 1  # the common 4 KiB case, without building a bytes object
+        elif end > offset:
             self._mark(first, last, 1)
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
