@@ -22,6 +22,14 @@ KEYS: list[tuple[str, str]] = [
     ("0", "show every op again"),
     ("m", "heatmap: address-space grid ⇄ offset by time (as iowatcher plots it)"),
     ("← → ↑ ↓", "heatmap (focused): move the cell cursor"),
+    ("p", "pause / resume: requests that arrive are held (the client waits); resume answers them in order"),
+    ("n", "step: release the oldest held request; the inspector shows it"),
+    ("N (shift+n)", "step with a choice: release, fail it with EIO/ENOSPC/EPERM/..., or delay it N ms"),
+    ("k", "breakpoints: add (op=flush, op=write+fua, range=0-1M, ext4-sb ...), on/off, remove"),
+    ("f", "filters: delay, error, throttle, readonly, cache; on/off, remove; ! power cut, cow c/d"),
+    ("b", "switch the backend live: ram, file, cow, null, plugin; copies the disk across"),
+    ("r", "record a trace (./buselab-DATE-TIME.jsonl.zst) / stop recording"),
+    ("e", "export: statistics as JSON and this screen as SVG, into the current directory"),
 ]
 
 
@@ -59,7 +67,14 @@ def help_text(extra_keys: list[tuple[str, str]] | None = None) -> Text:
         "  a dim tint stays where data was ever written. m plots offset against time instead.\n"
         "\nThe graphs\n"
         "  Throughput (MB/s, decimal like fio) and IOPS for reads, writes and other ops, one\n"
-        "  sample a second; latency p50/p99 on a log scale (power-of-two buckets: it steps).\n",
+        "  sample a second; latency p50/p99 on a log scale (power-of-two buckets: it steps).\n"
+        "\nSteering\n"
+        "  The third header line shows a recording (● REC), a replay's progress, the control\n"
+        "  socket `buselab ctl` talks to, the breakpoints and the filter stack (top first).\n"
+        "  Pause holds new requests; those in a backend finish. A breakpoint pauses by itself and\n"
+        "  names itself in the header; the stream marks its request 'break'. Events (pause, step,\n"
+        "  filters, switches, power cuts) are ◆ rows in the stream. Everything the keys do,\n"
+        "  `buselab ctl` does from scripts; a request that makes no sense is refused in one line.\n",
         style="#d8dee9",
     )
     return text

@@ -28,6 +28,8 @@ TRIM_COLOUR = OP_COLOURS[c.CMD_TRIM]
 ERROR_COLOUR = "#ff5f5f"
 HELD_COLOUR = "#ffd75f"
 DIM_COLOUR = "#7a8391"
+EVENT_COLOUR = "#7fd1b9"  # the engine's events in the stream (pause, switch, filter, ...)
+REC_COLOUR = "#ff5f87"
 
 # Five columns keep the stream narrow; the inspector gives the protocol's name.
 OP_SHORT: dict[int, str] = {

@@ -1,6 +1,9 @@
-"""The lab's header: what is served where, its state, and humanized totals."""
+"""The lab's header: what is served where, its state, humanized totals, and the steering:
+recording, replay, the control socket, breakpoints and the filter stack."""
 
 from __future__ import annotations
+
+import os
 
 from rich.text import Text
 from textual.strip import Strip
@@ -13,17 +16,28 @@ from .model import LabModel
 
 
 def header_text(model: LabModel, width: int = 160) -> Text:
-    """Two lines: what and where (state first, so it survives truncation), then totals."""
+    """Three lines: what and where (state first, so it survives truncation), totals, steering."""
     session = model.session
     engine = session.engine
     snap = model.snapshot
     gate = engine.gate
+    steering = model.steering
     compact = width < 130
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(" buselab ", style="bold #101418 on #4fb3ff")
     text.append(" ")
+    armed = sum(1 for bp in list(steering.breakpoints.values()) if bp.enabled)
     if session.stopped:
         text.append(" STOPPED ", style="bold #101418 on #9aa5b1")
+    elif model.busy:
+        # The stack is being changed: the gate holds requests for that, not for the user.
+        text.append(f" ⇄ {model.busy.upper()} ", style="bold #101418 on #7fd1b9")
+        switching = steering.switching
+        if switching is not None and switching.get("total"):
+            done = 100 * switching.get("position", 0) / switching["total"]
+            text.append(f" {done:.0f}% copied into {switching.get('to', '?')}", style=f"bold {fmt.EVENT_COLOUR}")
+        if model.held:
+            text.append(f" {len(model.held)} held", style=fmt.HELD_COLOUR)
     elif getattr(gate, "halted", gate.paused):
         text.append(" ‖ PAUSED ", style="bold #101418 on #ffd75f")
         held = model.held
@@ -31,12 +45,17 @@ def header_text(model: LabModel, width: int = 160) -> Text:
             text.append(
                 f" {len(held)} held, oldest {fmt.latency_text(gate.oldest_wait())}", style=f"bold {fmt.HELD_COLOUR}"
             )
+            caught = next((h.breakpoint for h in held if h.breakpoint is not None), None)
+            if caught is not None:
+                bp_id = getattr(caught, "id", "?")
+                spec = getattr(caught, "spec", "")
+                text.append(f" · breakpoint {bp_id} ({spec})", style=f"bold {fmt.ERROR_COLOUR}")
         else:
             text.append(" nothing held yet", style=fmt.HELD_COLOUR)
     else:
         text.append(" ● SERVING ", style="bold #101418 on #8fbf7a")
-        if gate.paused:  # not halted: breakpoints are armed
-            text.append(" breakpoints armed", style=fmt.HELD_COLOUR)
+        if armed:
+            text.append(f" {armed} breakpoint{'s' if armed != 1 else ''} armed", style=fmt.HELD_COLOUR)
         if model.held:
             text.append(f" releasing {len(model.held)}", style=fmt.HELD_COLOUR)
     text.append(f"  {session.backend.describe()} ", style="bold #d8dee9")
@@ -88,15 +107,77 @@ def header_text(model: LabModel, width: int = 160) -> Text:
         if latest.requests:
             text.append("p99 ", style=fmt.DIM_COLOUR)
             text.append(fmt.latency_text(latest.p99), style="#d8dee9")
+    text.append("\n")
+    steering_line(text, model, armed, compact)
     return text
 
 
+def steering_line(text: Text, model: LabModel, armed: int, compact: bool) -> None:
+    """Recording and replay first (they change), then the control socket, breakpoints, filters."""
+    session = model.session
+    steering = model.steering
+    sep = "  " if compact else "   "
+    text.append(" ")
+    recorder = session.recorder
+    if recorder is not None and recorder.running:
+        text.append(" ● REC ", style=f"bold #101418 on {fmt.REC_COLOUR}")
+        text.append(f" {_short_path(recorder.path)} ", style=f"bold {fmt.REC_COLOUR}")
+        text.append(f"{fmt.count_text(recorder.sent)} req" + sep, style=fmt.REC_COLOUR)
+    replayer = session.replayer
+    if replayer is not None:
+        total = replayer.total or 0
+        done = replayer.done
+        summary = replayer.summary
+        state = "replaying" if done < total and not summary.stopped else "replayed"
+        text.append(f"{state} ", style=fmt.DIM_COLOUR)
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        text.append(f"{done:,}/{total:,}{pct}", style=f"bold {fmt.EVENT_COLOUR}")
+        if summary.divergences:
+            text.append(f" {summary.divergences:,} diverged", style=f"bold {fmt.ERROR_COLOUR}")
+        text.append(sep)
+    control = session.control
+    text.append("ctl ", style=fmt.DIM_COLOUR)
+    if control is None:
+        text.append("none", style=fmt.DIM_COLOUR)
+    elif control.path is None:
+        text.append("none", style=fmt.HELD_COLOUR)
+        if not compact and control.error:
+            text.append(f" ({control.error})", style=fmt.DIM_COLOUR)
+    else:
+        text.append(control.path, style="#d8dee9")
+    text.append(sep)
+    breakpoints = list(steering.breakpoints.values())
+    text.append("breakpoints ", style=fmt.DIM_COLOUR)
+    if not breakpoints:
+        text.append("none", style=fmt.DIM_COLOUR)
+    else:
+        text.append(f"{armed}/{len(breakpoints)} armed", style=f"bold {fmt.HELD_COLOUR}" if armed else "#d8dee9")
+    text.append(sep)
+    filters = list(steering.filters)
+    text.append("filters ", style=fmt.DIM_COLOUR)
+    if not filters:
+        text.append("none", style=fmt.DIM_COLOUR)
+    for i, f in enumerate(reversed(filters)):  # top first, as requests meet them
+        if i:
+            text.append(" › ", style=fmt.DIM_COLOUR)
+        text.append(f.spec, style=f"bold {fmt.EVENT_COLOUR}" if f.enabled else f"strike {fmt.DIM_COLOUR}")
+
+
+def _short_path(path: str) -> str:
+    """A trace path relative to the current directory when it is under it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path
+
+
 class LabHeader(Widget):
-    """Two lines, rendered to strips once per change (the line API skips Textual's
+    """Three lines, rendered to strips once per change (the line API skips Textual's
     content pipeline, which costs a millisecond a frame for two lines of text)."""
 
     DEFAULT_CSS = """
-    LabHeader { height: 2; }
+    LabHeader { height: 3; }
     """
 
     def __init__(self, model: LabModel, *, id: str | None = None) -> None:

@@ -1,6 +1,13 @@
-"""The inspector: one request decoded, with a hexdump of its payload."""
+"""The inspector: one request decoded, with a hexdump of its payload.
+
+Besides finished requests it shows held ones (the request a step released or
+a breakpoint caught), with a note saying what happened to it.
+"""
 
 from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
 
 from rich.segment import Segment
 from rich.style import Style
@@ -13,6 +20,9 @@ from ..engine.telemetry import PREVIEW_BYTES, RequestRecord
 from ..protocol import constants as c
 from . import format as fmt
 from .pane import Pane
+
+if TYPE_CHECKING:
+    from ..engine.gate import HeldRequest
 
 _THUMB = Style.parse("#4a5568")
 BLOCK = 4096
@@ -29,21 +39,50 @@ _MEANING = {
 }
 
 
-def describe_record(record: RequestRecord, *, cell_bytes: int | None = None, hex_width: int = 16) -> Text:
-    """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it."""
+def record_from_held(item: HeldRequest, *, error: int = 0, now: float | None = None) -> RequestRecord:
+    """A held request as a record (seq 0: it has no number until it is answered)."""
+    req = item.req
+    waited = (now or time.monotonic()) - item.held_since
+    payload = req.payload
+    preview = bytes(payload[:PREVIEW_BYTES]) if payload is not None else None
+    return RequestRecord(
+        0,
+        time.time() - waited,
+        req.cmd,
+        req.flags,
+        req.offset,
+        req.length,
+        waited,
+        error,
+        getattr(item.replier, "number", 0),
+        req.handle,
+        preview,
+    )
+
+
+def describe_record(
+    record: RequestRecord, *, cell_bytes: int | None = None, hex_width: int = 16, note: str = ""
+) -> Text:
+    """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it.
+
+    `note`: what the lab did with it (stepped, failed, caught by a breakpoint).
+    """
     text = Text()
     colour = fmt.OP_COLOURS.get(record.cmd, "white")
     label = "#ffffff"
     text.append(f" {fmt.op_name(record.cmd)} ", style=f"bold #101418 on {colour}")
-    text.append(f"  request #{record.seq}", style="bold")
+    held = record.seq == 0
+    text.append("  held request" if held else f"  request #{record.seq}", style="bold")
     flags = fmt.flag_names(record.flags)
     if flags:
         text.append("  " + " ".join(flags), style=f"bold {fmt.HELD_COLOUR}")
     if record.error:
         text.append(f"  failed: {fmt.errno_name(record.error)} ({record.error})", style=f"bold {fmt.ERROR_COLOUR}")
-    else:
+    elif not held:
         text.append("  ok", style="#8fbf7a")
     text.append("\n")
+    if note:
+        text.append(f"⏵ {note}\n", style=f"bold {fmt.HELD_COLOUR}")
 
     def row(name: str, value: str, style: str = "") -> None:
         text.append(f"{name:<9}", style=fmt.DIM_COLOUR)
@@ -62,10 +101,13 @@ def describe_record(record: RequestRecord, *, cell_bytes: int | None = None, hex
             cells = f"{first_cell}" if first_cell == last_cell else f"{first_cell} – {last_cell}"
             row("heatmap", f"cell {cells} (a cell is {fmt.iec_size(cell_bytes)})")
     row("handle", f"{record.handle:#018x}   connection {record.conn}")
-    row("arrived", f"{fmt.clock_text(record.time, micro=True)}   latency {fmt.latency_text(record.latency)}")
+    waited = "held for" if held else "latency"
+    row("arrived", f"{fmt.clock_text(record.time, micro=True)}   {waited} {fmt.latency_text(record.latency)}")
     payload = record.preview
     meaning = _MEANING.get(record.cmd, "")
     if payload is None or record.error:
+        if held and record.cmd == c.CMD_READ and not record.error:
+            meaning = "not read yet: the data shows once the request is answered"
         row("payload", meaning if not record.error else "none: the request failed, no data went back", fmt.DIM_COLOUR)
         return text
     shown = len(payload)
@@ -106,6 +148,7 @@ class Inspector(Pane, can_focus=True):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.record: RequestRecord | None = None
+        self.note = ""
         self.cell_bytes: int | None = None
         self.top = 0
         self._text: Text = self._placeholder()
@@ -121,21 +164,27 @@ class Inspector(Pane, can_focus=True):
             style=fmt.DIM_COLOUR,
         )
 
-    def show(self, record: RequestRecord | None, *, cell_bytes: int | None = None) -> None:
-        if record is self.record and cell_bytes == self.cell_bytes:
+    def show(self, record: RequestRecord | None, *, cell_bytes: int | None = None, note: str = "") -> None:
+        if record is self.record and cell_bytes == self.cell_bytes and note == self.note:
             return
         self.record = record
+        self.note = note
         self.cell_bytes = cell_bytes
         self.top = 0
         self._lines_for = None
-        self.pane_subtitle = f"#{record.seq}" if record is not None else ""
+        if record is None:
+            self.pane_subtitle = ""
+        else:
+            self.pane_subtitle = f"#{record.seq}" if record.seq else "held"
         self.refresh()
 
     def _build(self, width: int) -> list[Strip]:
         if self.record is None:
             text = self._placeholder()
         else:
-            text = describe_record(self.record, cell_bytes=self.cell_bytes, hex_width=16 if width >= 79 else 8)
+            text = describe_record(
+                self.record, cell_bytes=self.cell_bytes, hex_width=16 if width >= 79 else 8, note=self.note
+            )
         self._text = text
         console = self.app.console
         lines = []
@@ -149,7 +198,7 @@ class Inspector(Pane, can_focus=True):
 
     def _ensure(self) -> int:
         width = max(1, self.inner_width - 1)
-        key = (width, self.record, self.cell_bytes)
+        key = (width, self.record, self.cell_bytes, self.note)
         if key != self._lines_for:
             self._lines_for = key
             self._lines = self._build(width)
@@ -187,4 +236,4 @@ class Inspector(Pane, can_focus=True):
         """Plain text of what is shown (for tests)."""
         if self.record is None:
             return self._placeholder().plain
-        return describe_record(self.record, cell_bytes=self.cell_bytes).plain
+        return describe_record(self.record, cell_bytes=self.cell_bytes, note=self.note).plain

@@ -8,12 +8,11 @@ waits for the lab and never sends it a message.
 SIGTERM via `session.stop_requested`, a crash, `seconds`), stops the session: in-flight requests are answered, the
 backend flushed, the device detached.
 
-Steering (pause, step, breakpoints, filters, backend switches) builds on this
-app: add bindings to `LabApp.BINDINGS` and their lines to `HELP_KEYS`, talk to
-`session.engine` (the gate, the stack) from actions, and push screens from
-buselab/screens. The header already shows serving/paused and the oldest held
-request's wait; the stream already lists held requests (`gate.held()`), both
-refreshed by the tick.
+Steering (pause, step, breakpoints, filters, backend switches, recording and
+export) lives in steer.py, mixed in here; its panels are in buselab/screens.
+The header shows serving/paused, the oldest held request's wait, the control
+socket, breakpoints, filters, recording and replay; the stream lists held
+requests and the engine's events, all refreshed by the tick.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from .header import LabHeader
 from .heatmap import Heatmap
 from .inspector import Inspector
 from .model import LabModel, Tick
+from .steer import STEERING_BINDINGS, SteeringActions
 from .stream import OP_GROUPS, RequestStream
 
 DEFAULT_HZ = 12.0
@@ -79,7 +79,7 @@ class LabScreen(Screen):
         yield Footer()
 
 
-class LabApp(App[int]):
+class LabApp(SteeringActions, App[int]):
     """The live lab over one Session."""
 
     CSS_PATH = "lab.tcss"
@@ -97,6 +97,7 @@ class LabApp(App[int]):
         Binding("5", "toggle_ops(4)", "other ops", show=False),
         Binding("0", "all_ops", "All ops", show=False),
         Binding("m", "heat_mode", "Heat/time"),
+        *STEERING_BINDINGS,
     ]
 
     HELP_KEYS: list[tuple[str, str]] = []
@@ -138,6 +139,7 @@ class LabApp(App[int]):
         self.freeze_gc = False  # run_lab: freeze the startup objects once the screen is up
         # Per-tick and per-frame times, for bench/lab_bench.py only (they grow).
         self.collect_stats = bool(os.environ.get("BUSELAB_LAB_STATS"))
+        self.init_steering()
 
     # -- layout ------------------------------------------------------------------
     def get_default_screen(self) -> Screen:
@@ -173,6 +175,8 @@ class LabApp(App[int]):
         screen = self.lab_screen
         screen.set_class(width < 130, "narrow")
         screen.set_class(height < 40, "short")
+        for footer in screen.query(Footer):
+            footer.compact = width < 130  # every key still fits at 100 columns
         self.call_after_refresh(self._fit_heatmap)
 
     def _fit_heatmap(self) -> None:
@@ -180,7 +184,7 @@ class LabApp(App[int]):
         width = self.heatmap.size.width
         if not width:
             return
-        body = self.lab_screen.size.height - 3  # header and footer
+        body = self.lab_screen.size.height - 4  # header and footer
         inspector = 9 if body < 37 else 18
         heat = self.heatmap.preferred_height(width, max(8, min(24, body - inspector - 6)))
         rows = f"{heat} 1fr {inspector}"
@@ -215,12 +219,12 @@ class LabApp(App[int]):
         """Read telemetry once and hand each widget what changed."""
         started = time.perf_counter()
         tick = self.model.poll()
-        self.stream.add(tick.records, tick.gap, tick.held)
+        self.stream.add(tick.records, tick.gap, tick.held, tick.events)
         if tick.heat_changed:
             self.heatmap.refresh_heat()
         if tick.sampled:
             self.graphs.refresh_graphs()
-        if tick.snapshot_taken or tick.held:
+        if tick.snapshot_taken or tick.held or tick.events:
             self.header_widget.update_from_model()
         if self.stream.follow and tick.records:
             now = time.monotonic()
@@ -228,6 +232,8 @@ class LabApp(App[int]):
             if now - self._inspector_shown_at >= every:
                 self._inspector_shown_at = now
                 self.inspector.show(self.stream.newest_record, cell_bytes=self.heatmap.display_cell_bytes)
+        if tick.new_break is not None or self._caught is not None or self._stepped is not None:
+            self.steering_tick(tick)
         if self.collect_stats:
             self.tick_times.append(time.perf_counter() - started)
         if self.collect_stats and self.model.ticks % 120 == 1:

@@ -6,6 +6,10 @@ whatever the request rate. From those it derives everything the widgets draw:
 new rows for the stream (with a `Gap` when there were more than a tick can
 show), decayed per-cell activity for the heatmap, offset-by-time columns, and
 one graph sample a second. No Textual here, so it is tested on its own.
+
+It also picks up, once per tick and only when they changed, the engine's
+events (pause, breakpoint hits, filters, backend switches: rows in the stream)
+and the steering's last breakpoint hit (which the lab announces).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from ..engine.steering import Steering
 from ..engine.telemetry import LATENCY_BUCKETS, RequestRecord, Snapshot, percentile
 from ..protocol import constants as c
 
@@ -62,6 +67,8 @@ class Tick:
     sampled: bool = False
     snapshot_taken: bool = False
     held: list[HeldRequest] = field(default_factory=list)
+    events: list[tuple[float, str]] = field(default_factory=list)  # (wall time, message), oldest first
+    new_break: dict | None = None  # the steering's last breakpoint hit, when it is new
 
 
 def _zeros(n: int) -> list[float]:
@@ -138,6 +145,10 @@ class LabModel:
         self._sample_base_t = self.started
         self.samples: deque[Sample] = deque(maxlen=history)
         self.held: list[HeldRequest] = []
+        self.steering = Steering.attach(session.engine, session)
+        self.busy: str | None = None  # what the lab is doing to the stack (a switch, a filter), for the header
+        self._last_event: tuple[float, str] | None = None
+        self._last_break: dict | None = None
         self._last_snapshot = self.started
         self._reset_heat(self.snapshot)
 
@@ -271,7 +282,23 @@ class LabModel:
         if gate.paused or self.held:
             self.held = gate.held()
         tick.held = self.held
+        events = self.telemetry.events
+        if events and events[-1] is not self._last_event:
+            tick.events = self._new_events(list(events))  # list(deque) is one C call: no torn copy
+        last_break = self.steering.last_break
+        if last_break is not self._last_break:
+            self._last_break = last_break
+            tick.new_break = last_break
         return tick
+
+    def _new_events(self, events: list[tuple[float, str]]) -> list[tuple[float, str]]:
+        last = self._last_event
+        self._last_event = events[-1]
+        if last is not None:
+            for i in range(len(events) - 1, -1, -1):
+                if events[i] is last:
+                    return events[i + 1 :]
+        return events
 
     def new_records(self) -> list[RequestRecord]:
         """Records after `last_seq`, at most `rows_per_tick` of them, oldest first."""

@@ -5,6 +5,10 @@ widgets and no text) in a bounded deque and renders only the lines on screen,
 caching each rendered row. At tens of thousands of requests a second the model
 hands over at most `rows_per_tick` records per tick and a `Gap` for the rest,
 which becomes one "+N more" row: the stream coalesces instead of falling behind.
+
+The engine's events (pause, resume, a step, a breakpoint hit, a filter added,
+a backend switch, a power cut, recording started) are rows too, in their
+place in time, whatever op filter is on.
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ from .pane import Pane
 if TYPE_CHECKING:
     from ..engine.gate import HeldRequest
 
-Row = RequestRecord | Gap
+
+class EventRow(NamedTuple):
+    """Something that happened to the device rather than a request."""
+
+    time: float  # wall clock
+    message: str
+    number: int  # the stream's own count: a unique cache key
+
+
+Row = RequestRecord | Gap | EventRow
 
 # Filterable op groups, in the order of the 1..5 keys.
 OP_GROUPS: tuple[tuple[str, frozenset[int]], ...] = (
@@ -97,6 +110,8 @@ CURSOR_BG_BLUR = Style(bgcolor="#2a3342")
 SCROLL_THUMB = style("#4a5568")
 SLOW_STYLE = style("#ffd75f")
 VERY_SLOW_STYLE = style(f"bold {fmt.ERROR_COLOUR}")
+EVENT_STYLE = style(f"bold {fmt.EVENT_COLOUR}")
+EVENT_TIME_STYLE = style(fmt.EVENT_COLOUR)
 
 
 def _cell(text: str, col: Column) -> str:
@@ -239,13 +254,23 @@ class RequestStream(Pane, can_focus=True):
         self._held_now = time.monotonic()
         self.rows_added = 0
         self.gaps_added = 0
+        self.events_added = 0
 
     # -- data ------------------------------------------------------------------
-    def add(self, records: list[RequestRecord], gap: Gap | None = None, held: list | None = None) -> None:
+    def add(
+        self,
+        records: list[RequestRecord],
+        gap: Gap | None = None,
+        held: list | None = None,
+        events: list[tuple[float, str]] | None = None,
+    ) -> None:
         """Append one tick's rows; called by the app's timer, never per request."""
         held = held if held is not None else self.held
-        if not records and gap is None and not held and not self.held:
+        if not records and gap is None and not held and not self.held and not events:
             return
+        requests = len(records)
+        if events:
+            records = self._merge_events(records, events)
         view = self._view
         appended = 0
         if gap is not None:
@@ -256,10 +281,10 @@ class RequestStream(Pane, can_focus=True):
         if records:
             self._all.extend(records)
             hidden = self.hidden_ops
-            shown = [r for r in records if r.cmd not in hidden] if hidden else records
+            shown = [r for r in records if r.__class__ is EventRow or r.cmd not in hidden] if hidden else records
             view.extend(shown)
             appended += len(shown)
-            self.rows_added += len(records)
+            self.rows_added += requests
         # Rows that fell off the front keep absolute indexes (the cursor) stable.
         dropped = max(0, self._total_appended + appended - self._dropped - len(view))
         self._total_appended += appended
@@ -269,6 +294,24 @@ class RequestStream(Pane, can_focus=True):
         if not self.follow and dropped:
             self.top = max(0, self.top - dropped)
         self._after_change()
+
+    def _merge_events(self, records: list, events: list[tuple[float, str]]) -> list:
+        """Events among the tick's records by time (records are nearly in arrival order)."""
+        merged: list = []
+        i = 0
+        n = len(records)
+        for t, message in events:
+            while i < n and records[i].time <= t:
+                merged.append(records[i])
+                i += 1
+            self.events_added += 1
+            merged.append(EventRow(t, message, self.events_added))
+        merged.extend(records[i:])
+        return merged
+
+    @property
+    def events(self) -> list[EventRow]:
+        return [row for row in self._all if row.__class__ is EventRow]
 
     @property
     def page(self) -> int:
@@ -297,7 +340,8 @@ class RequestStream(Pane, can_focus=True):
         selected = self.selected_record
         self.hidden_ops = hidden
         self._view = deque(
-            (row for row in self._all if isinstance(row, Gap) or row.cmd not in hidden), maxlen=self.capacity
+            (row for row in self._all if not isinstance(row, RequestRecord) or row.cmd not in hidden),
+            maxlen=self.capacity,
         )
         self._dropped = 0
         self._total_appended = len(self._view)
@@ -389,7 +433,12 @@ class RequestStream(Pane, can_focus=True):
         if selected:
             strip = self._render_row(row, width, True)
         else:
-            key = row.seq if isinstance(row, RequestRecord) else -row.first_seq
+            if isinstance(row, RequestRecord):
+                key: int | tuple = row.seq
+            elif isinstance(row, Gap):
+                key = -row.first_seq
+            else:
+                key = ("event", row.number)
             strip = self._cache.get(key)
             if strip is None:
                 strip = self._render_row(row, width, False)
@@ -402,6 +451,11 @@ class RequestStream(Pane, can_focus=True):
         if isinstance(row, Gap):
             text = f"  ⋯ +{row.count:,} more requests not shown (seq {row.first_seq}–{row.last_seq})"
             strip = Strip([Segment(text, GAP_STYLE)]).crop_extend(0, width, None)
+        elif isinstance(row, EventRow):
+            when = fmt.clock_text(row.time)
+            strip = Strip([Segment(f"  ◆ {when} ", EVENT_TIME_STYLE), Segment(row.message, EVENT_STYLE)]).crop_extend(
+                0, width, None
+            )
         else:
             strip = join_cells(record_cells(row, self._columns), width)
         if selected:

@@ -1,0 +1,137 @@
+"""`b`: switch the backend live: ram, file (a path), cow (an overlay over the
+current backend or over a file), null, or a plugin (FILE[:CLASS]); a size; and
+whether to copy the disk's contents across (on by default, so a mounted file
+system survives the move).
+
+The screen only checks what it can see at once (a missing path, a bad size,
+copying into null); it returns a SwitchChoice and the lab runs the switch in a
+thread worker, showing the copy's progress in the header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Checkbox, Input, RadioButton, RadioSet, Static
+
+from ..engine.steering import BACKEND_CHOICES
+from ..errors import UserError
+from ..sizes import human_bytes, parse_size
+from ..ui import format as fmt
+from .panel import PanelScreen
+
+WHAT = {
+    "ram": "a RAM disk (sparse, in memory)",
+    "file": "a file or block device: give its path (made if missing)",
+    "cow": "copy-on-write: changes in memory over the current backend (or over a file path)",
+    "null": "reads zeros, keeps nothing",
+    "plugin": "your own disk class: FILE.py[:CLASS]",
+}
+PATH_HINT = {
+    "ram": "no path",
+    "file": "path of the file, e.g. ./disk.img",
+    "cow": "empty: over the current backend; or a base file",
+    "null": "no path",
+    "plugin": "FILE.py[:CLASS]",
+}
+
+
+@dataclass(frozen=True)
+class SwitchChoice:
+    kind: str
+    path: str | None
+    size: int | None
+    copy: bool
+
+    def describe(self) -> str:
+        where = f" {self.path}" if self.path else ""
+        size = f" ({human_bytes(self.size)})" if self.size else ""
+        return f"{self.kind}{where}{size}" + ("" if self.copy else ", contents not copied")
+
+
+class SwitchBackendScreen(PanelScreen):
+    BINDINGS = [
+        Binding("escape", "close", "Close"),
+        Binding("ctrl+s", "switch", "Switch", show=False),
+    ]
+
+    def __init__(self, current: str, current_kind: str, size: int) -> None:
+        super().__init__()
+        self.current = current
+        self.current_kind = current_kind
+        self.disk_size = size
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="panel") as panel:
+            panel.border_title = "switch backend"
+            panel.border_subtitle = "↑↓ kind · tab next field · enter switch · esc cancel"
+            head = Text("now: ", style=fmt.DIM_COLOUR)
+            head.append(self.current, style="bold #d8dee9")
+            head.append(f"  {human_bytes(self.disk_size)}", style="#d8dee9")
+            yield Static(head, classes="hint")
+            with RadioSet(id="kind"):
+                for kind in BACKEND_CHOICES:
+                    yield RadioButton(f"{kind:<7} {WHAT[kind]}", value=kind == "file", name=kind)
+            yield Input(placeholder=PATH_HINT["file"], id="path")
+            yield Input(placeholder=f"size: empty keeps {human_bytes(self.disk_size)} (512K, 128M, 1G)", id="size")
+            yield Checkbox("copy the disk's contents into the new backend", value=True, id="copy")
+            with Horizontal(id="buttons"):
+                yield Button("Switch", variant="primary", id="switch")
+            yield Static("", id="status", classes="status")
+
+    DEFAULT_CSS = """
+    SwitchBackendScreen RadioSet { width: 100%; border: none; background: #0f1217; margin: 0 0 1 0; }
+    SwitchBackendScreen Checkbox { border: none; background: #151a21; }
+    SwitchBackendScreen #buttons { height: auto; align: right middle; }
+    """
+
+    def on_mount(self) -> None:
+        self.query_one(RadioSet).focus()
+
+    @property
+    def kind(self) -> str:
+        pressed = self.query_one(RadioSet).pressed_button
+        return pressed.name if pressed is not None and pressed.name else "file"
+
+    def on_radio_set_changed(self, event: RadioSet.Changed) -> None:
+        event.stop()
+        self.query_one("#path", Input).placeholder = PATH_HINT.get(self.kind, "")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.action_switch()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.action_switch()
+
+    def choice(self) -> SwitchChoice:
+        """What the form says; UserError with one line if it cannot work."""
+        kind = self.kind
+        path = self.query_one("#path", Input).value.strip() or None
+        size_text = self.query_one("#size", Input).value.strip()
+        copy = self.query_one("#copy", Checkbox).value
+        size = parse_size(size_text) if size_text else None
+        if kind in ("file", "plugin") and not path:
+            raise UserError(f"{kind} needs a path: {PATH_HINT[kind]}")
+        if kind in ("ram", "null") and path:
+            raise UserError(f"{kind} takes no path: clear it")
+        if kind == "null" and copy:
+            raise UserError("null keeps no data: untick copy if you mean to throw the disk's contents away")
+        if size is not None and size < self.disk_size and copy:
+            raise UserError(
+                f"{human_bytes(size)} is smaller than the disk's {human_bytes(self.disk_size)}: the data would not fit"
+            )
+        return SwitchChoice(kind, path, size, copy)
+
+    def action_switch(self) -> None:
+        try:
+            choice = self.choice()
+        except UserError as exc:
+            self.say(str(exc), error=True)
+            return
+        self.dismiss(choice)  # type: ignore[arg-type]

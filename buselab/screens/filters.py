@@ -1,0 +1,231 @@
+"""`f`: the filter stack over the backend (nbdkit-style layers), top first as
+requests meet them: added by spec, toggled, removed; the cache's power cut and
+the cow backend's commit and discard.
+
+Every change quiesces the engine (no request in a backend while the stack
+changes), which can take a moment under load, so the lab runs it in a thread
+worker (`LabApp.steer`) and the panel says how it went.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from ..backends.cow import CowBackend
+from ..filters import CacheFilter
+from ..sizes import human_bytes
+from ..ui import format as fmt
+from .panel import ConfirmScreen, PanelScreen
+
+if TYPE_CHECKING:
+    from ..engine.steering import Steering
+
+EXAMPLES = "delay:read=5ms · error:rate=0.1,errno=EIO,op=read · throttle:mbps=10 · readonly · cache"
+REFRESH_EVERY = 0.5
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            continue
+        if key.endswith("bytes") or key in ("written_back", "lost_to_powercuts"):
+            value = human_bytes(int(value))
+        parts.append(f"{key.replace('_', ' ')} {value}")
+    return ", ".join(parts)
+
+
+def filter_label(f: dict) -> Text:
+    text = Text(no_wrap=True, overflow="ellipsis")
+    on = f["enabled"]
+    text.append("● " if on else "○ ", style=f"bold {fmt.EVENT_COLOUR}" if on else fmt.DIM_COLOUR)
+    text.append(f"{f['id']:>2}  ", style="bold #d8dee9")
+    text.append(f"{f['spec']:<40} ", style=("bold #d8dee9" if on else f"strike {fmt.DIM_COLOUR}"))
+    text.append(_stats_text(f["stats"]) if on else "disabled", style=fmt.DIM_COLOUR)
+    return text
+
+
+class FiltersScreen(PanelScreen):
+    BINDINGS = [
+        Binding("escape", "close", "Close"),
+        Binding("space", "toggle", "On/off", show=False),
+        Binding("x,delete", "remove", "Remove", show=False),
+        Binding("exclamation_mark", "powercut", "Power cut", show=False),
+        Binding("c", "cow('commit')", "Commit", show=False),
+        Binding("d", "cow('discard')", "Discard", show=False),
+    ]
+
+    def __init__(self, steering: Steering) -> None:
+        super().__init__()
+        self.steering = steering
+        self._shown: object = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="panel") as panel:
+            panel.border_title = "filters · top first, as requests meet them"
+            panel.border_subtitle = "enter add · space on/off · x remove · ! power cut · c/d cow · esc close"
+            yield OptionList(id="list")
+            yield Static("", id="actions", classes="hint")
+            yield Input(placeholder="add a filter on top: " + EXAMPLES, id="spec")
+            yield Static(Text("e.g. " + EXAMPLES, style=fmt.DIM_COLOUR), classes="hint")
+            yield Static("", id="status", classes="status")
+
+    def on_mount(self) -> None:
+        self.refresh_list()
+        if self.steering.filters:
+            self.query_one(OptionList).focus()
+        else:
+            self.query_one(Input).focus()
+        self.set_interval(REFRESH_EVERY, self.refresh_list, name="filters")
+
+    # -- the list ------------------------------------------------------------------
+    def refresh_list(self) -> None:
+        steering = self.steering
+        listed = list(reversed(steering.list_filters()))  # top first
+        base = steering.base
+        cow = base if isinstance(base, CowBackend) else None
+        key = (
+            [(f["id"], f["enabled"], f["spec"], repr(f["stats"])) for f in listed],
+            base.describe(),
+            cow.changed_bytes() if cow is not None else None,
+        )
+        if key == self._shown:
+            return
+        self._shown = key
+        options = self.query_one(OptionList)
+        highlighted = options.highlighted
+        options.clear_options()
+        options.add_options(Option(filter_label(f), id=str(f["id"])) for f in listed)
+        bottom = Text("▼ backend  ", style=fmt.DIM_COLOUR)
+        bottom.append(base.describe(), style="bold #d8dee9")
+        if cow is not None:
+            bottom.append(f"  {human_bytes(key[2] or 0)} of changes over the base", style=fmt.HELD_COLOUR)
+        options.add_option(Option(bottom, disabled=True))
+        if listed:
+            options.highlighted = min(highlighted or 0, len(listed) - 1)
+        actions = Text()
+        if any(isinstance(f, CacheFilter) and f.enabled for f in steering.filters):
+            actions.append("! ", style=f"bold {fmt.ERROR_COLOUR}")
+            actions.append("power cut: throw away the cache's writes that no FLUSH sent down   ")
+        if cow is not None:
+            actions.append("c ", style=f"bold {fmt.HELD_COLOUR}")
+            actions.append("commit the changes into the base   ")
+            actions.append("d ", style=f"bold {fmt.ERROR_COLOUR}")
+            actions.append("discard them")
+        self.query_one("#actions", Static).update(actions)
+
+    def _selected_id(self) -> str | None:
+        options = self.query_one(OptionList)
+        if options.highlighted is None or not isinstance(self.focused, OptionList):
+            return None
+        option = options.get_option_at_index(options.highlighted)
+        return option.id
+
+    def _steer(self, what: str, fn, done_message) -> None:  # type: ignore[no-untyped-def]
+        self.say(f"{what}…")
+
+        def done(result: object) -> None:
+            self.say(done_message(result))
+            self._shown = None
+            if self.is_mounted:
+                self.refresh_list()
+
+        self.app.steer(what, fn, done=done, failed=lambda message: self.say(message, error=True))  # type: ignore[attr-defined]
+
+    # -- actions ----------------------------------------------------------------------
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        spec = event.value.strip()
+        if not spec:
+            return
+        event.input.value = ""
+        self._steer(
+            f"adding filter {spec}",
+            lambda: self.steering.add_filter(spec),
+            lambda f: f"filter {f.id} added on top: {f.spec}",
+        )
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.action_toggle()
+
+    def action_toggle(self) -> None:
+        ref = self._selected_id()
+        if ref is None:
+            return
+        self._steer(
+            f"toggling filter {ref}",
+            lambda: self.steering.toggle_filter(ref),
+            lambda f: f"filter {f.id} {'enabled' if f.enabled else 'disabled'}: {f.spec}",
+        )
+
+    def action_remove(self) -> None:
+        ref = self._selected_id()
+        if ref is None:
+            return
+        self._steer(
+            f"removing filter {ref}",
+            lambda: self.steering.remove_filter(ref),
+            lambda f: f"filter {f.id} removed: {f.spec}",
+        )
+
+    def action_powercut(self) -> None:
+        caches = [f for f in self.steering.filters if isinstance(f, CacheFilter) and f.enabled]
+        if not caches:
+            self.say("no cache filter to lose writes from: add one (type cache below)", error=True)
+            return
+        dirty = sum(f.dirty_bytes() for f in caches)
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._steer(
+                    "power cut",
+                    self.steering.powercut,
+                    lambda r: f"POWER CUT: {human_bytes(r['lost_bytes'])} of writes since the last FLUSH lost",
+                )
+            else:
+                self.say("no power cut")
+
+        self.app.push_screen(
+            ConfirmScreen(
+                "Cut the power?",
+                f"The cache holds {human_bytes(dirty)} of writes no FLUSH has sent down: they are lost, "
+                "as on a disk whose volatile cache loses power.",
+            ),
+            answered,
+        )
+
+    def action_cow(self, what: str) -> None:
+        if not isinstance(self.steering.base, CowBackend):
+            self.say(
+                f"the backend is {self.steering.base.kind}, not cow: b switches to cow (an overlay over it)",
+                error=True,
+            )
+            return
+        if what == "commit":
+            self._steer(
+                "cow commit",
+                self.steering.cow_commit,
+                lambda r: f"committed {human_bytes(r['committed_bytes'])} of changes into the base",
+            )
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._steer(
+                    "cow discard",
+                    self.steering.cow_discard,
+                    lambda r: f"discarded {human_bytes(r['discarded_bytes'])} of changes",
+                )
+
+        self.app.push_screen(
+            ConfirmScreen("Discard every change?", "The disk goes back to its base, as it was when cow started."),
+            answered,
+        )

@@ -1,0 +1,403 @@
+"""Steering and traces from the lab's keys, with Pilot over a real Session and a real NBD client.
+
+Each test serves a RAM disk on a Unix socket (and a control socket) in
+tmp_path, presses the lab's keys, and checks what the client sees (held,
+answered, EIO, the bytes it wrote) and what the lab shows. Requests that the
+lab holds are sent from a thread, so the test can watch the client wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from buselab.backends import open_backend
+from buselab.backends.file import FileBackend
+from buselab.client import NBDClient, NBDError
+from buselab.protocol import constants as c
+from buselab.screens.backend import SwitchBackendScreen
+from buselab.screens.breakpoints import BreakpointsScreen
+from buselab.screens.filters import FiltersScreen
+from buselab.screens.panel import ConfirmScreen
+from buselab.screens.step import StepScreen
+from buselab.session import ServeOptions, Session
+from buselab.trace.stats import summarize_trace
+from buselab.ui.lab import LabApp
+
+SIZE = 16 << 20
+MiB = 1 << 20
+
+
+@pytest.fixture
+def session(tmp_path: Path):
+    sock = str(tmp_path / "nbd.sock")
+    s = Session(open_backend("ram", size=SIZE), ServeOptions(unix=[sock], control=str(tmp_path / "ctl.sock")))
+    s.start()
+    s.sock = sock  # type: ignore[attr-defined]
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(session):
+    nbd = NBDClient.connect_unix(session.sock)
+    yield nbd
+    nbd.close()
+
+
+def aio(test):
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
+
+    return run
+
+
+class Call:
+    """A client call on its own thread: the test can see whether it has returned."""
+
+    def __init__(self, fn, *args) -> None:
+        self.result = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001
+                self.error = exc
+            finally:
+                self.done.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float = 5.0) -> Call:
+        assert self.done.wait(timeout), "the client never got its reply"
+        return self
+
+
+def wait_held(session: Session, count: int, timeout: float = 5.0) -> None:
+    gate = session.engine.gate
+    deadline = time.monotonic() + timeout
+    while len(gate.held()) < count:
+        assert time.monotonic() < deadline, f"{len(gate.held())} held, not {count}"
+        time.sleep(0.005)
+
+
+async def settle(app: LabApp, pilot) -> None:
+    app.poll()
+    await pilot.pause()
+
+
+async def finish_workers(app: LabApp, pilot) -> None:
+    """Let the steering's thread workers end, and their results reach the screen."""
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    await settle(app, pilot)
+
+
+def stream_text(app: LabApp) -> str:
+    return "\n".join(app.stream.render_line(y).text for y in range(app.stream.size.height))
+
+
+@aio
+async def test_p_holds_a_read_and_n_releases_exactly_one(session, tmp_path):
+    first, second = NBDClient.connect_unix(session.sock), NBDClient.connect_unix(session.sock)
+    first.write(4 * MiB, b"ONE!" * 1024)
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await settle(app, pilot)
+        assert f"ctl {tmp_path / 'ctl.sock'}" in app.header_widget.plain
+        await pilot.press("p")
+        assert session.engine.gate.halted and "PAUSED" in app.header_widget.plain
+        one = Call(first.read, 4 * MiB, 4096)
+        wait_held(session, 1)
+        two = Call(second.read, 8 * MiB, 4096)
+        wait_held(session, 2)
+        time.sleep(0.2)
+        assert not one.done.is_set() and not two.done.is_set(), "a read was answered while paused"
+        await settle(app, pilot)
+        assert "2 held, oldest" in app.header_widget.plain
+        assert stream_text(app).count("waiting") == 2
+        await pilot.press("n")
+        assert one.wait().result == b"ONE!" * 1024
+        time.sleep(0.2)
+        assert not two.done.is_set(), "n released more than one request"
+        assert len(session.engine.gate.held()) == 1
+        assert "stepped: release" in app.inspector.text and "4,194,304" in app.inspector.text
+        await settle(app, pilot)
+        # The answered read replaces the held one in the inspector, with its data.
+        record = app.inspector.record
+        assert record is not None and record.seq and record.offset == 4 * MiB
+        assert "|ONE!ONE!ONE!ONE!|" in app.inspector.text and "stepped: release" in app.inspector.text
+        assert "1 held" in app.header_widget.plain
+        await pilot.press("p")  # resume: the other one goes too
+        assert two.wait().result == bytes(4096)
+        await settle(app, pilot)
+        assert "SERVING" in app.header_widget.plain
+        events = [row.message for row in app.stream.events]
+        assert any(m.startswith("paused") for m in events) and any(m.startswith("stepped READ") for m in events)
+        assert any(m.startswith("resumed: released 1") for m in events)
+        assert "◆" in stream_text(app)
+    first.close()
+    second.close()
+
+
+@aio
+async def test_step_menu_fails_the_request_with_eio(session, client):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("N")  # nothing held: refused in one line, no screen
+        assert not isinstance(app.screen, StepScreen)
+        await pilot.press("p")
+        read = Call(client.read, 0, 4096)
+        wait_held(session, 1)
+        await pilot.press("N")
+        assert isinstance(app.screen, StepScreen)
+        await pilot.press("e")  # fail with EIO
+        await pilot.pause()
+        assert not isinstance(app.screen, StepScreen)
+        read.wait()
+        assert isinstance(read.error, NBDError) and read.error.errno == c.EIO, read.error
+        assert "stepped: fail with EIO" in app.inspector.text and "failed: EIO" in app.inspector.text
+        # ... and the delay choice, by the list: the request is answered, late.
+        write = Call(client.write, 0, b"late" * 1024)
+        wait_held(session, 1)
+        await pilot.press("N")
+        screen = app.screen
+        assert isinstance(screen, StepScreen)
+        await pilot.press("tab")
+        screen.query_one("#delay_ms").value = "300"
+        started = time.monotonic()
+        await pilot.press("enter")
+        write.wait()
+        assert write.error is None and time.monotonic() - started >= 0.25
+        await pilot.press("p")
+    assert client.read(0, 4) == b"late"
+
+
+@aio
+async def test_a_breakpoint_on_flush_added_in_the_panel_pauses_on_the_flush(session, client):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("k")
+        screen = app.screen
+        assert isinstance(screen, BreakpointsScreen)
+        await pilot.press(*"op=bogus", "enter")
+        assert "unknown op 'bogus'" in screen.status_text and not session.engine.steering.breakpoints
+        screen.query_one("#spec").value = "op=flush"
+        await pilot.press("enter")
+        assert "breakpoint 1 set: op=flush" in screen.status_text
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert "1 breakpoint armed" in app.header_widget.plain and "breakpoints 1/1 armed" in app.header_widget.plain
+        client.write(0, b"w" * 4096)  # not a flush: answered at once
+        flush = Call(client.flush)
+        wait_held(session, 1)
+        time.sleep(0.1)
+        assert not flush.done.is_set(), "the flush was answered through a breakpoint"
+        await settle(app, pilot)
+        header = app.header_widget.plain
+        assert "PAUSED" in header and "1 held" in header and "breakpoint 1 (op=flush)" in header
+        assert "break" in stream_text(app)
+        assert "caught by breakpoint 1 (op=flush)" in app.inspector.text and "FLUSH" in app.inspector.text
+        # The panel shows the hit; space disables the breakpoint.
+        await pilot.press("k")
+        screen = app.screen
+        assert isinstance(screen, BreakpointsScreen)
+        label = str(screen.query_one("#list").get_option_at_index(0).prompt)
+        assert "op=flush" in label and "1 hit" in label and "fired last" in label
+        await pilot.press("space")
+        assert not session.engine.steering.breakpoints[1].enabled
+        await pilot.press("escape")
+        await pilot.press("n")
+        flush.wait()
+        assert flush.error is None
+        await pilot.press("p")  # resume (the breakpoint halted the gate)
+        client.flush()  # the disabled breakpoint no longer catches it
+        await pilot.press("k", "x", "escape")
+        assert not session.engine.steering.breakpoints
+
+
+@aio
+async def test_an_error_filter_added_in_the_panel_fails_reads_until_toggled_off(session, client):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        client.write(MiB, b"ok" * 2048)
+        await pilot.press("f")
+        screen = app.screen
+        assert isinstance(screen, FiltersScreen)
+        await pilot.press(*"error:rate=1,errno=EIO,op=read", "enter")
+        await finish_workers(app, pilot)
+        assert "filter 1 added on top: error:errno=EIO,op=read" in screen.status_text
+        with pytest.raises(NBDError) as failed:
+            client.read(MiB, 4096)
+        assert failed.value.errno == c.EIO
+        client.write(2 * MiB, b"x" * 4096)  # only reads fail
+        screen.query_one("#list").focus()
+        await pilot.press("space")
+        await finish_workers(app, pilot)
+        assert "filter 1 disabled" in screen.status_text
+        assert client.read(MiB, 4096) == b"ok" * 2048
+        # Bad input is one line in the panel; the stack is unchanged.
+        screen.query_one("#spec").focus()
+        await pilot.press(*"error:errno=EBOGUS", "enter")
+        await finish_workers(app, pilot)
+        assert "EBOGUS" in screen.status_text and len(session.engine.steering.filters) == 1
+        # A cache filter, then a power cut (after a yes) loses the unflushed write.
+        await pilot.press(*"cache", "enter")
+        await finish_workers(app, pilot)
+        client.write(3 * MiB, b"D" * 4096)
+        screen.query_one("#list").focus()
+        await pilot.press("exclamation_mark")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await finish_workers(app, pilot)
+        assert "POWER CUT: 4.0 KiB" in screen.status_text
+        assert client.read(3 * MiB, 4096) == bytes(4096)
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert "filters cache › error:errno=EIO,op=read" in app.header_widget.plain
+        assert any("POWER CUT" in row.message for row in app.stream.events)
+
+
+@aio
+async def test_switching_from_ram_to_a_file_keeps_the_data(session, client, tmp_path):
+    data = bytes(range(256)) * 64
+    client.write(5 * MiB, data)
+    target = tmp_path / "disk.img"
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("b")
+        screen = app.screen
+        assert isinstance(screen, SwitchBackendScreen)
+        await pilot.press("ctrl+s")  # file is chosen, without a path
+        assert "file needs a path" in screen.status_text
+        screen.query_one("#path").value = str(target)
+        screen.query_one("#size").value = "1M"
+        await pilot.press("ctrl+s")
+        assert "smaller than the disk" in screen.status_text
+        screen.query_one("#size").value = ""
+        await pilot.press("ctrl+s")
+        assert not isinstance(app.screen, SwitchBackendScreen)
+        await finish_workers(app, pilot)
+        base = session.engine.steering.base
+        assert isinstance(base, FileBackend) and Path(base.path) == target
+        assert client.read(5 * MiB, len(data)) == data
+        with open(target, "rb") as f:
+            f.seek(5 * MiB)
+            assert f.read(len(data)) == data
+        assert any(row.message.startswith("switched backend: ram") for row in app.stream.events)
+        assert str(target) in app.header_widget.plain
+        # A switch that cannot work is refused in one line, and the device keeps serving.
+        await pilot.press("b")
+        app.screen.query_one("#path").value = str(tmp_path / "no" / "such" / "dir" / "x.img")
+        await pilot.press("ctrl+s")
+        await finish_workers(app, pilot)
+        assert session.engine.steering.base is base
+        assert client.read(5 * MiB, 16) == data[:16]
+
+
+@aio
+async def test_r_records_a_trace_that_stats_can_read(session, client, tmp_path):
+    app = LabApp(session, auto_poll=False)
+    app.record_dir = str(tmp_path)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("r")
+        await finish_workers(app, pilot)
+        recorder = session.recorder
+        assert recorder is not None and recorder.running
+        assert "● REC" in app.header_widget.plain and Path(recorder.path).name in app.header_widget.plain
+        for i in range(12):
+            client.write(i * 4096, bytes([i]) * 4096)
+        for i in range(5):
+            client.read(i * 4096, 4096)
+        client.flush()
+        await pilot.press("r")
+        await finish_workers(app, pilot)
+        assert not recorder.running and "REC" not in app.header_widget.plain
+    path = recorder.path
+    assert Path(path).parent == tmp_path and path.endswith((".jsonl.zst", ".jsonl.gz"))
+    stats = summarize_trace(path)
+    assert stats["requests"] == 18
+    assert stats["ops"]["WRITE"]["count"] == 12 and stats["ops"]["READ"]["count"] == 5
+
+
+@aio
+async def test_r_stops_the_recording_the_session_started_with(tmp_path):
+    sock = str(tmp_path / "nbd.sock")
+    trace = str(tmp_path / "given.jsonl")
+    s = Session(open_backend("ram", size=SIZE), ServeOptions(unix=[sock], record=trace))
+    s.start()
+    try:
+        with NBDClient.connect_unix(sock) as nbd:
+            nbd.write(0, b"r" * 4096)
+        app = LabApp(s, auto_poll=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(app, pilot)
+            assert "● REC" in app.header_widget.plain
+            await pilot.press("r")
+            await finish_workers(app, pilot)
+            assert not s.recorder.running
+    finally:
+        s.stop()
+    assert summarize_trace(trace)["requests"] == 1
+
+
+@aio
+async def test_e_exports_statistics_as_json_and_the_screen_as_svg(session, client, tmp_path):
+    for i in range(7):
+        client.write(i * 65536, b"e" * 65536)
+    for i in range(3):
+        client.read(i * 4096, 4096)
+    client.trim(10 * MiB, MiB)
+    app = LabApp(session, auto_poll=False)
+    app.export_dir = str(tmp_path)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("e")
+        await finish_workers(app, pilot)
+        json_path, svg_path = (Path(p) for p in app.exported)
+    assert json_path.parent == tmp_path and svg_path.parent == tmp_path
+    data = json.loads(json_path.read_text())
+    assert data["counters"]["requests"] == 11 and data["recent"]["requests"] == 11
+    assert data["counters"]["ops"]["WRITE"]["count"] == 7 and data["recent"]["ops"]["WRITE"]["count"] == 7
+    assert data["counters"]["bytes_written"] == 7 * 65536 == data["recent"]["bytes_written"]
+    assert data["recent"]["ops"]["READ"]["count"] == 3 and data["recent"]["complete"]
+    svg = svg_path.read_text()
+    assert svg.startswith("<svg") and "address" in svg and "graphs" in svg
+
+
+@aio
+async def test_the_lab_stays_readable_with_everything_on_at_100x30(session, client, tmp_path):
+    """Paused at a breakpoint, with filters, recording: the header keeps its state in view."""
+    steering = session.engine.steering
+    app = LabApp(session, auto_poll=False)
+    app.record_dir = str(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        steering.add_breakpoint("op=write+fua")
+        steering.add_filter("delay:read=1ms")
+        await pilot.press("r")
+        await finish_workers(app, pilot)
+        write = Call(client.write, 0, b"f" * 4096, True)
+        wait_held(session, 1)
+        await settle(app, pilot)
+        lines = app.header_widget.plain.splitlines()
+        assert len(lines) == 3
+        assert lines[0].startswith(" buselab   ‖ PAUSED  1 held")
+        assert "breakpoint 1 (op=write+fua)" in lines[0]
+        assert lines[2].startswith("  ● REC ")
+        await pilot.press("p")
+        write.wait()
+        await pilot.press("r")
+        await finish_workers(app, pilot)
+        await pilot.press("question_mark")
+        help_text = str(app.screen.query_one("Static").render())
+        assert "step with a choice" in help_text and "switch the backend live" in help_text
