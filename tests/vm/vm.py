@@ -140,6 +140,11 @@ while read -r spec; do
     [ -n "$spec" ] && { modprobe $spec || say "cannot load module $spec"; }
 done < $V/ctl/modules
 
+if [ -n "$PROJECT_DIR" ]; then
+    # A checkout under /tmp (CI may clone there) is hidden by the guest's tmpfs too.
+    mkdir -p "$R$PROJECT_DIR"
+    mount -t 9p -o @P9@,ro project "$R$PROJECT_DIR" || { say "cannot mount $PROJECT_DIR"; halt_vm; }
+fi
 if [ -n "$SHARED_DIR" ]; then
     # Under /tmp (pytest's tmp_path) the path is hidden by the guest's tmpfs: recreate it.
     mkdir -p "$R$SHARED_DIR"
@@ -522,7 +527,11 @@ def _write_control(
 ) -> None:
     (ctl / "script.sh").write_text(script)
     (ctl / "modules").write_text("".join(f"{spec}\n" for spec in modules))
-    (ctl / "config").write_text(f"SHARED_DIR={shlex.quote(str(shared) if shared else '')}\n")
+    project = hidden_project_dir()
+    (ctl / "config").write_text(
+        f"SHARED_DIR={shlex.quote(str(shared) if shared else '')}\n"
+        f"PROJECT_DIR={shlex.quote(str(project) if project else '')}\n"
+    )
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in guest_env(env).items())
     cwd = str(shared) if shared else "/tmp"
     (ctl / "run.sh").write_text(
@@ -565,9 +574,25 @@ def _qemu_command(image: Image, ctl: Path, shared: Path | None, mem: str, cpus: 
         *virtfs("/", "hostroot", readonly=True),
         *virtfs(ctl, "ctl"),
     ]  # fmt: skip
+    project = hidden_project_dir()
+    if project is not None:
+        cmd += virtfs(project, "project", readonly=True)
     if shared is not None:
         cmd += virtfs(shared, "shared")
     return cmd
+
+
+# The guest mounts its own tmpfs on these, hiding whatever the host has there.
+GUEST_SCRATCH = ("/tmp", "/run", "/var/tmp")
+
+
+def hidden_project_dir() -> Path | None:
+    """The checkout (and its .venv) if it lies where the guest's scratch mounts would hide it."""
+    project = Path(__file__).resolve().parents[2]
+    for scratch in GUEST_SCRATCH:
+        if project.is_relative_to(scratch):
+            return project
+    return None
 
 
 def _boot(cmd: list[str], ctl: Path, timeout: float) -> VmResult:
