@@ -264,7 +264,7 @@ async def test_an_error_filter_added_in_the_panel_fails_reads_until_toggled_off(
         assert client.read(3 * MiB, 4096) == bytes(4096)
         await pilot.press("escape")
         await settle(app, pilot)
-        assert "filters cache › error:errno=EIO,op=read" in app.header_widget.plain
+        assert "filters cache → error:errno=EIO,op=read" in app.header_widget.plain
         assert any("POWER CUT" in row.message for row in app.stream.events)
 
 

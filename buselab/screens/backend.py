@@ -31,6 +31,9 @@ WHAT = {
     "null": "reads zeros, keeps nothing",
     "plugin": "your own disk class: FILE.py[:CLASS]",
 }
+# File first: moving a live disk into a file is what `b` is for most often, and the
+# first button is the one the set highlights, so enter keeps it.
+KINDS = ("file", *(kind for kind in BACKEND_CHOICES if kind != "file"))
 PATH_HINT = {
     "ram": "no path",
     "file": "path of the file, e.g. ./disk.img",
@@ -68,19 +71,25 @@ class SwitchBackendScreen(PanelScreen):
     def compose(self) -> ComposeResult:
         with Vertical(id="panel") as panel:
             panel.border_title = "switch backend"
-            panel.border_subtitle = "↑↓ kind · tab next field · enter switch · esc cancel"
+            panel.border_subtitle = "↑↓ enter: kind · tab: next field · enter in a field or ctrl+s: switch · esc"
             head = Text("now: ", style=fmt.DIM_COLOUR)
             head.append(self.current, style="bold #d8dee9")
             head.append(f"  {human_bytes(self.disk_size)}", style="#d8dee9")
             yield Static(head, classes="hint")
-            with RadioSet(id="kind"):
-                for kind in BACKEND_CHOICES:
+            with RadioSet(id="kind", compact=True):
+                for kind in KINDS:
                     yield RadioButton(f"{kind:<7} {WHAT[kind]}", value=kind == "file", name=kind)
-            yield Input(placeholder=PATH_HINT["file"], id="path")
-            yield Input(placeholder=f"size: empty keeps {human_bytes(self.disk_size)} (512K, 128M, 1G)", id="size")
-            yield Checkbox("copy the disk's contents into the new backend", value=True, id="copy")
+            with Horizontal(classes="row"):
+                yield Static("path", classes="label")
+                yield Input(placeholder=PATH_HINT["file"], id="path", compact=True)
+            with Horizontal(classes="row"):
+                yield Static("size", classes="label")
+                yield Input(
+                    placeholder=f"empty keeps {human_bytes(self.disk_size)} (512K, 128M, 1G)", id="size", compact=True
+                )
+            yield Checkbox("copy the disk's contents into the new backend", value=True, id="copy", compact=True)
             with Horizontal(id="buttons"):
-                yield Button("Switch", variant="primary", id="switch")
+                yield Button("Switch", variant="primary", id="switch", compact=True)
             yield Static("", id="status", classes="status")
 
     DEFAULT_CSS = """

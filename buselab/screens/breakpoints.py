@@ -28,7 +28,7 @@ def breakpoint_label(bp: dict, last_hit: int | None) -> Text:
     on = bp["enabled"]
     text.append("● " if on else "○ ", style=f"bold {fmt.HELD_COLOUR}" if on else fmt.DIM_COLOUR)
     text.append(f"{bp['id']:>2}  ", style="bold #d8dee9")
-    text.append(f"{bp['spec']:<44} ", style="#d8dee9" if on else fmt.DIM_COLOUR)
+    text.append(f"{bp['spec']:<36} ", style="#d8dee9" if on else fmt.DIM_COLOUR)
     hits = bp["hits"]
     text.append(
         f"{hits:>5,} hit{'s' if hits != 1 else ' '}", style=f"bold {fmt.EVENT_COLOUR}" if hits else fmt.DIM_COLOUR
@@ -62,8 +62,8 @@ class BreakpointsScreen(PanelScreen):
                 classes="hint",
             )
             yield Static("", id="last", classes="hint")
-            yield OptionList(id="list")
-            yield Input(placeholder="add a breakpoint: " + EXAMPLES, id="spec")
+            yield OptionList(id="list", compact=True)
+            yield Input(placeholder="a breakpoint spec to add (enter)", id="spec", compact=True)
             yield Static(Text("e.g. " + EXAMPLES, style=fmt.DIM_COLOUR), classes="hint")
             yield Static("", id="status", classes="status")
 

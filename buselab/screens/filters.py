@@ -31,15 +31,25 @@ EXAMPLES = "delay:read=5ms · error:rate=0.1,errno=EIO,op=read · throttle:mbps=
 REFRESH_EVERY = 0.5
 
 
+_STAT_NAMES = {
+    "dirty_bytes": "dirty",
+    "written_back": "written back",
+    "lost_to_powercuts": "lost",
+    "waited_seconds": "waited",
+}
+
+
 def _stats_text(stats: dict[str, Any]) -> str:
     parts = []
     for key, value in stats.items():
         if isinstance(value, dict):
             continue
         if key.endswith("bytes") or key in ("written_back", "lost_to_powercuts"):
-            value = human_bytes(int(value))
-        parts.append(f"{key.replace('_', ' ')} {value}")
-    return ", ".join(parts)
+            value = fmt.compact_size(int(value))
+        elif key.endswith("seconds"):
+            value = f"{float(value):.1f} s"
+        parts.append(f"{_STAT_NAMES.get(key, key.replace('_', ' '))} {value}")
+    return " · ".join(parts)
 
 
 def filter_label(f: dict) -> Text:
@@ -47,7 +57,7 @@ def filter_label(f: dict) -> Text:
     on = f["enabled"]
     text.append("● " if on else "○ ", style=f"bold {fmt.EVENT_COLOUR}" if on else fmt.DIM_COLOUR)
     text.append(f"{f['id']:>2}  ", style="bold #d8dee9")
-    text.append(f"{f['spec']:<40} ", style=("bold #d8dee9" if on else f"strike {fmt.DIM_COLOUR}"))
+    text.append(f"{f['spec']:<30} ", style=("bold #d8dee9" if on else f"strike {fmt.DIM_COLOUR}"))
     text.append(_stats_text(f["stats"]) if on else "disabled", style=fmt.DIM_COLOUR)
     return text
 
@@ -71,9 +81,9 @@ class FiltersScreen(PanelScreen):
         with Vertical(id="panel") as panel:
             panel.border_title = "filters · top first, as requests meet them"
             panel.border_subtitle = "enter add · space on/off · x remove · ! power cut · c/d cow · esc close"
-            yield OptionList(id="list")
+            yield OptionList(id="list", compact=True)
             yield Static("", id="actions", classes="hint")
-            yield Input(placeholder="add a filter on top: " + EXAMPLES, id="spec")
+            yield Input(placeholder="a filter spec to add on top (enter)", id="spec", compact=True)
             yield Static(Text("e.g. " + EXAMPLES, style=fmt.DIM_COLOUR), classes="hint")
             yield Static("", id="status", classes="status")
 

@@ -23,7 +23,10 @@ PanelScreen .hint { color: #7a8391; width: 100%; }
 PanelScreen .status { width: 100%; height: auto; min-height: 1; }
 PanelScreen OptionList { height: auto; max-height: 14; background: #0f1217; border: none; margin: 0 0 1 0; }
 PanelScreen OptionList:focus { background: #101820; }
-PanelScreen Input { margin: 0; }
+PanelScreen Input { margin: 0 0 1 0; }
+PanelScreen .row { height: auto; }
+PanelScreen .row > .label { width: 10; color: #7a8391; }
+PanelScreen .row > Input { width: 1fr; }
 """
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
@@ -72,8 +72,12 @@ class StepScreen(PanelScreen):
             options.append(
                 Option(Text.assemble(("d ", "bold"), "delay it by the milliseconds below, then run it"), id="delay")
             )
-            yield OptionList(*options, id="choices")
-            yield Input(str(DEFAULT_DELAY_MS), placeholder="delay in ms", id="delay_ms", type="number")
+            yield OptionList(*options, id="choices", compact=True)
+            with Horizontal(classes="row"):
+                yield Static("delay ms", classes="label")
+                yield Input(
+                    str(DEFAULT_DELAY_MS), placeholder="milliseconds", id="delay_ms", type="number", compact=True
+                )
             yield Static("", id="status", classes="status")
 
     def on_mount(self) -> None:

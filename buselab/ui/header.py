@@ -159,7 +159,7 @@ def steering_line(text: Text, model: LabModel, armed: int, compact: bool) -> Non
         text.append("none", style=fmt.DIM_COLOUR)
     for i, f in enumerate(reversed(filters)):  # top first, as requests meet them
         if i:
-            text.append(" › ", style=fmt.DIM_COLOUR)
+            text.append(" → ", style=fmt.DIM_COLOUR)
         text.append(f.spec, style=f"bold {fmt.EVENT_COLOUR}" if f.enabled else f"strike {fmt.DIM_COLOUR}")
 
 

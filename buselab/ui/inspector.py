@@ -82,7 +82,7 @@ def describe_record(
         text.append("  ok", style="#8fbf7a")
     text.append("\n")
     if note:
-        text.append(f"⏵ {note}\n", style=f"bold {fmt.HELD_COLOUR}")
+        text.append(f"▸ {note}\n", style=f"bold {fmt.HELD_COLOUR}")
 
     def row(name: str, value: str, style: str = "") -> None:
         text.append(f"{name:<9}", style=fmt.DIM_COLOUR)
