@@ -14,6 +14,7 @@ import stat
 import tempfile
 
 from ..errors import UserError
+from ..processes import pid_alive
 
 __all__ = ["control_dir", "default_control_path", "ensure_private_dir", "find_control_sockets", "prune_stale_sockets"]
 
@@ -51,16 +52,6 @@ def ensure_private_dir(path: str) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def socket_is_live(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2)
@@ -89,7 +80,7 @@ def _default_sockets(directory: str) -> list[tuple[int, str]]:
 def prune_stale_sockets(directory: str | None = None) -> None:
     """Remove default sockets whose buselab is gone (killed with SIGKILL, say)."""
     for pid, path in _default_sockets(directory or control_dir()):
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             try:
                 os.unlink(path)
             except OSError:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from ..engine.engine import Engine
 from ..errors import UserError
+from ..processes import pid_alive, process_name
 from ..protocol import constants as c
 from .network import NetworkServer
 
@@ -116,24 +117,6 @@ def holder_pid(index: int) -> int | None:
     return int(pid)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
 def ensure_module() -> None:
     """Load nbd if it is not loaded; one clear line if that is impossible."""
     if os.path.isdir("/sys/module/nbd"):
@@ -212,9 +195,9 @@ def _release_stale(device: str, index: int, netlink: object | None) -> None:
     attach keeps the device configured, with dead sockets, until someone disconnects it.
     """
     pid = holder_pid(index)
-    if pid is not None and _alive(pid):
+    if pid is not None and pid_alive(pid):
         raise UserError(
-            f"{device} is busy: process {pid} ({_process_name(pid)}) has attached it; stop that, or use --device auto"
+            f"{device} is busy: process {pid} ({process_name(pid)}) has attached it; stop that, or use --device auto"
         )
     if pid is None and device_size(index) == 0:
         return
@@ -447,9 +430,7 @@ def _kernel_timeout(options: KernelOptions) -> int:
 def _busy_message(device: str, index: int) -> str:
     pid = holder_pid(index)
     if pid is not None:
-        return (
-            f"{device} is busy: process {pid} ({_process_name(pid)}) has attached it; stop that, or use --device auto"
-        )
+        return f"{device} is busy: process {pid} ({process_name(pid)}) has attached it; stop that, or use --device auto"
     return f"{device} is busy: another program has it open or is attaching it; close that, or use --device auto"
 
 
