@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -27,8 +28,10 @@ from buselab.screens.filters import FiltersScreen
 from buselab.screens.panel import ConfirmScreen
 from buselab.screens.step import StepScreen
 from buselab.session import ServeOptions, Session
+from buselab.trace.recorder import TraceRecorder
+from buselab.trace.replay import Replayer
 from buselab.trace.stats import summarize_trace
-from buselab.ui.lab import LabApp
+from buselab.ui.lab import LabApp, run_lab
 
 SIZE = 16 << 20
 MiB = 1 << 20
@@ -401,3 +404,56 @@ async def test_the_lab_stays_readable_with_everything_on_at_100x30(session, clie
         await pilot.press("question_mark")
         help_text = str(app.screen.query_one("Static").render())
         assert "step with a choice" in help_text and "switch the backend live" in help_text
+
+
+def record_five(session: Session, client: NBDClient, tmp_path: Path) -> str:
+    """A trace of 4 writes and a read."""
+    trace = str(tmp_path / "run.jsonl")
+    recorder = TraceRecorder.start(session.engine, trace)
+    for i in range(4):
+        client.write(i * 4096, bytes([i + 1]) * 4096)
+    client.read(0, 4096)
+    recorder.stop()
+    return trace
+
+
+@aio
+async def test_the_header_shows_a_replays_progress(session, client, tmp_path):
+    """`buselab replay` in the lab sets session.replayer; the header counts it, paused or not."""
+    trace = record_five(session, client, tmp_path)
+    target = Session(open_backend("ram", size=SIZE), ServeOptions())
+    target.start()
+    try:
+        replayer = Replayer(target.engine, trace, speed=None)
+        target.replayer = replayer
+        app = LabApp(target, auto_poll=False)
+        async with app.run_test(size=(160, 50)) as pilot:
+            await pilot.press("p")  # the replay waits at the gate like any client
+            replayer.start()
+            wait_held(target, 1)
+            await settle(app, pilot)
+            assert re.search(r"replaying [01]/5 \(\d+%\)", app.header_widget.plain), app.header_widget.plain
+            await pilot.press("n")
+            await pilot.press("p")
+            replayer.join(10)
+            await settle(app, pilot)
+            assert "replayed 5/5 (100%)" in app.header_widget.plain
+            assert replayer.summary.divergences == 0
+    finally:
+        target.stop()
+
+
+def test_the_lab_ends_while_a_replay_waits_at_a_pause(session, client, tmp_path):
+    """q while paused: the held replay request is answered and the replay stopped, no hang."""
+    trace = record_five(session, client, tmp_path)
+    target = Session(open_backend("ram", size=SIZE), ServeOptions())
+    target.start()
+    replayer = Replayer(target.engine, trace, speed=None)
+    target.replayer = replayer
+    target.engine.gate.pause()
+    replayer.start()
+    wait_held(target, 1)
+    ended = Call(lambda: run_lab(target, 0.3, headless=True))
+    assert ended.done.wait(15), "the lab did not end while a replay waited at the pause"
+    assert ended.result == 0 and target.stopped and not replayer.running
+    assert replayer.summary.stopped or replayer.done < 5

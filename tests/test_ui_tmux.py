@@ -1,7 +1,9 @@
 """The real `buselab demo` in a real terminal (tmux), read back with capture-pane.
 
 The lab must come up by itself, show live requests (sequence numbers that
-grow between two looks), and end cleanly on q with the session stopped.
+grow between two looks), pause on p (the demo's request held), step one on n
+(the inspector says so), serve again on p, and end cleanly on q with the
+session stopped.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def test_buselab_demo_in_tmux(tmp_path: Path):
         assert re.search(r"\b(READ|WRITE|FLUSH|TRIM|ZERO)\b", first)
         second = wait_for(name, lambda s: seqs(s) and max(seqs(s)) > max(seqs(first)), timeout=10)
         assert max(seqs(second)) > max(seqs(first)), "the stream did not move"
+        assert re.search(r"^ ctl /\S+\.ctl ", second, re.M), "the header does not show the control socket"
+        subprocess.run(["tmux", "send-keys", "-t", name, "p"], check=True)
+        paused = wait_for(name, lambda s: "PAUSED" in s and re.search(r"^│\s+held ", s, re.M), timeout=10)
+        assert "1 held, oldest" in paused and "paused: new requests are held" in paused
+        subprocess.run(["tmux", "send-keys", "-t", name, "n"], check=True)
+        wait_for(name, lambda s: "stepped: release" in s, timeout=10)
+        subprocess.run(["tmux", "send-keys", "-t", name, "p"], check=True)
+        wait_for(name, lambda s: "SERVING" in s and "resumed: released" in s, timeout=10)
         subprocess.run(["tmux", "send-keys", "-t", name, "q"], check=True)
         deadline = time.monotonic() + 20
         while not done.exists() and time.monotonic() < deadline:

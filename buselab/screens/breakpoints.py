@@ -123,6 +123,9 @@ class BreakpointsScreen(PanelScreen):
         event.input.value = ""
         self.say(f"breakpoint {bp['id']} set: {bp['spec']}")
         self.refresh_list()
+        options = self.query_one(OptionList)
+        options.highlighted = options.option_count - 1  # the new one, ready for space or x
+        options.focus()
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()

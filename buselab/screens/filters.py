@@ -67,7 +67,8 @@ class FiltersScreen(PanelScreen):
         Binding("escape", "close", "Close"),
         Binding("space", "toggle", "On/off", show=False),
         Binding("x,delete", "remove", "Remove", show=False),
-        Binding("exclamation_mark", "powercut", "Power cut", show=False),
+        # No filter spec has a "!": it cuts the power from the input line too.
+        Binding("exclamation_mark", "powercut", "Power cut", show=False, priority=True),
         Binding("c", "cow('commit')", "Commit", show=False),
         Binding("d", "cow('discard')", "Discard", show=False),
     ]
@@ -138,14 +139,23 @@ class FiltersScreen(PanelScreen):
         option = options.get_option_at_index(options.highlighted)
         return option.id
 
-    def _steer(self, what: str, fn, done_message) -> None:  # type: ignore[no-untyped-def]
+    def _steer(self, what: str, fn, done_message, *, select: bool = False) -> None:  # type: ignore[no-untyped-def]
+        """Run a stack change in the lab's thread worker; `select`: highlight the result in the list."""
         self.say(f"{what}…")
 
         def done(result: object) -> None:
             self.say(done_message(result))
             self._shown = None
-            if self.is_mounted:
-                self.refresh_list()
+            if not self.is_mounted:
+                return
+            self.refresh_list()
+            if select:
+                options = self.query_one(OptionList)
+                for i in range(options.option_count):
+                    if options.get_option_at_index(i).id == str(getattr(result, "id", "")):
+                        options.highlighted = i
+                        options.focus()
+                        break
 
         self.app.steer(what, fn, done=done, failed=lambda message: self.say(message, error=True))  # type: ignore[attr-defined]
 
@@ -160,6 +170,7 @@ class FiltersScreen(PanelScreen):
             f"adding filter {spec}",
             lambda: self.steering.add_filter(spec),
             lambda f: f"filter {f.id} added on top: {f.spec}",
+            select=True,
         )
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:

@@ -317,6 +317,22 @@ class LabApp(SteeringActions, App[int]):
         }
 
 
+def release_for_exit(session: Session) -> None:
+    """The lab is ending: let clients the lab was holding finish before they are stopped.
+
+    A replay (or the demo's client) waiting for a held reply cannot notice that
+    it should stop; Session.stop would wait for it before closing the engine,
+    which is what releases held requests. So stop the replay from sending more,
+    disarm breakpoints and answer what is held, as Engine.close would.
+    """
+    replayer = session.replayer
+    if replayer is not None:
+        replayer.stop()
+    gate = session.engine.gate
+    gate.set_matcher(None)
+    gate.resume()
+
+
 def run_lab(session: Session, seconds: float | None = None, *, headless: bool = False) -> int:
     """Run the lab until q (or `seconds`), then stop the session cleanly.
 
@@ -347,6 +363,7 @@ def run_lab(session: Session, seconds: float | None = None, *, headless: bool = 
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()
+        release_for_exit(session)
         workload = session.demo_workload
         if workload is not None:
             workload.stop()  # before the server goes, so the demo client sees no errors
