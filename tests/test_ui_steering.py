@@ -457,3 +457,33 @@ def test_the_lab_ends_while_a_replay_waits_at_a_pause(session, client, tmp_path)
     assert ended.done.wait(15), "the lab did not end while a replay waited at the pause"
     assert ended.result == 0 and target.stopped and not replayer.running
     assert replayer.summary.stopped or replayer.done < 5
+
+
+@aio
+async def test_cow_from_the_switch_screen_then_discard_and_commit_in_the_filters_panel(session, client):
+    client.write(0, b"base" * 1024)
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("b", "down", "down", "enter")  # file, ram, cow: press cow
+        assert app.screen.kind == "cow"
+        await pilot.press("ctrl+s")  # no path: an overlay over the current backend
+        await finish_workers(app, pilot)
+        steering = session.engine.steering
+        assert steering.base.kind == "cow"
+        client.write(0, b"new!" * 1024)
+        await pilot.press("f")
+        screen = app.screen
+        assert isinstance(screen, FiltersScreen)
+        assert "c commit the changes" in str(screen.query_one("#actions").render())
+        screen.query_one("#list").focus()
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await finish_workers(app, pilot)
+        assert "discarded 4.0 KiB" in screen.status_text
+        assert client.read(0, 4096) == b"base" * 1024
+        client.write(4096, b"kept" * 1024)
+        await pilot.press("c")
+        await finish_workers(app, pilot)
+        assert "committed 4.0 KiB" in screen.status_text
+        assert steering.base.base.read(4096, 4) == b"kept"  # in the backend under the overlay

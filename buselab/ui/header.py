@@ -31,7 +31,7 @@ def header_text(model: LabModel, width: int = 160) -> Text:
         text.append(" STOPPED ", style="bold #101418 on #9aa5b1")
     elif model.busy:
         # The stack is being changed: the gate holds requests for that, not for the user.
-        text.append(f" ⇄ {model.busy.upper()} ", style="bold #101418 on #7fd1b9")
+        text.append(f" ⇄ {model.busy} ", style="bold #101418 on #7fd1b9")
         switching = steering.switching
         if switching is not None and switching.get("total"):
             done = 100 * switching.get("position", 0) / switching["total"]
