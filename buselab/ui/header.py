@@ -34,8 +34,13 @@ def header_text(model: LabModel, width: int = 160) -> Text:
         text.append(f" ⇄ {model.busy} ", style="bold #101418 on #7fd1b9")
         switching = steering.switching
         if switching is not None and switching.get("total"):
-            done = 100 * switching.get("position", 0) / switching["total"]
-            text.append(f" {done:.0f}% copied into {switching.get('to', '?')}", style=f"bold {fmt.EVENT_COLOUR}")
+            # `position` moves at extent ends, `copied` (data bytes) within one: the larger is nearer.
+            copied = switching.get("copied", 0)
+            done = 100 * min(1.0, max(switching.get("position", 0), copied) / switching["total"])
+            text.append(
+                f" {done:.0f}% ({human_bytes(copied)} of data) into {switching.get('to', '?')}",
+                style=f"bold {fmt.EVENT_COLOUR}",
+            )
         if model.held:
             text.append(f" {len(model.held)} held", style=fmt.HELD_COLOUR)
     elif getattr(gate, "halted", gate.paused):
