@@ -122,6 +122,10 @@ class Session:
             self._stopped.set()
         if self.replayer is not None:
             self.replayer.stop()
+        # A paused gate would keep a replay, the demo's client or a kernel
+        # flush waiting forever: answer everything held before joining them.
+        self.engine.gate.release_all()
+        if self.replayer is not None:
             self.replayer.join()
         if self.control is not None:
             self.control.stop()

@@ -148,6 +148,7 @@ class Engine:
         gate = self.gate
         was_paused = gate.halted
         gate.pause()
+        our_pause = gate.pauses
         deadline = time.monotonic() + timeout
         # Connections mark themselves busy before looking at the gate, so once
         # none is busy every later request is guaranteed to be held.
@@ -160,7 +161,8 @@ class Engine:
         try:
             yield
         finally:
-            if not was_paused:
+            # Resume only if nobody (the user, a breakpoint) paused meanwhile.
+            if not was_paused and gate.pauses == our_pause:
                 gate.resume()
 
     def close(self) -> None:

@@ -55,6 +55,7 @@ class Gate:
         self._held: deque[HeldRequest] = deque()
         self._lock = threading.Lock()
         self.worker_busy = False
+        self.pauses = 0  # pause() calls so far: lets quiesce see a user's pause during it
         self._work: queue.SimpleQueue[HeldRequest | None] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._run, name="buselab-gate", daemon=True)
         self._worker.start()
@@ -73,6 +74,7 @@ class Gate:
         with self._lock:
             if hit:
                 self.halted = self.paused = True
+                self.pauses += 1
             elif not self.halted:
                 return False
             if req.payload is not None:
@@ -85,6 +87,12 @@ class Gate:
     def pause(self) -> None:
         with self._lock:
             self.halted = self.paused = True
+            self.pauses += 1
+
+    def release_all(self) -> int:
+        """Disarm breakpoints and answer everything held: nothing may wait while we stop."""
+        self.set_matcher(None)
+        return self.resume()
 
     def set_matcher(self, matcher: Callable[[Request], object] | None) -> None:
         """Arm breakpoints: `matcher(req)` returns what matched (truthy) or None."""
@@ -137,8 +145,7 @@ class Gate:
 
     def close(self, timeout: float = 10.0) -> None:
         """Answer everything held, then stop the worker once it has drained."""
-        self.set_matcher(None)
-        self.resume()
+        self.release_all()
         self._work.put(None)
         if self._worker is not threading.current_thread():
             self._worker.join(timeout)
