@@ -328,9 +328,9 @@ def release_for_exit(session: Session) -> None:
     replayer = session.replayer
     if replayer is not None:
         replayer.stop()
-    gate = session.engine.gate
-    gate.set_matcher(None)
-    gate.resume()
+    # Before the demo's client is stopped (it may wait on a held reply); Session.stop does
+    # the same again for everyone else.
+    session.engine.gate.release_all()
 
 
 def run_lab(session: Session, seconds: float | None = None, *, headless: bool = False) -> int:
