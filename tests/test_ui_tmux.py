@@ -20,8 +20,18 @@ from pathlib import Path
 from conftest import require_tool
 
 
+def tmux(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """tmux on a private server (socket named after the test) with no config file.
+
+    A tmux server that is already running (CI's own, a user's) would bring its
+    options along: its window-size or default-size shrank our 160x50 window to
+    80x24 once, and the narrow layout has no sequence-number column.
+    """
+    return subprocess.run(["tmux", "-L", name, "-f", "/dev/null", *args], **kwargs)
+
+
 def capture(name: str) -> str:
-    return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+    return tmux(name, "capture-pane", "-p", "-t", name, capture_output=True, text=True).stdout
 
 
 def wait_for(name: str, predicate, timeout: float = 20.0) -> str:
@@ -47,9 +57,19 @@ def test_buselab_demo_in_tmux(tmp_path: Path):
     buselab = shutil.which("buselab")
     command = shlex.quote(buselab) if buselab else f"{shlex.quote(sys.executable)} -m buselab"
     # The shell records how the lab ended, and keeps the pane for a last look.
-    shell = f"{command} demo; echo $? > {shlex.quote(str(done))}; sleep 30"
-    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "50", shell], check=True)
+    # COLUMNS/LINES exported by whoever runs the tests would override the pane's
+    # real size (Textual asks shutil.get_terminal_size, which reads them first).
+    shell = f"unset COLUMNS LINES; {command} demo; echo $? > {shlex.quote(str(done))}; sleep 30"
+    # The pane first runs a placeholder: the lab starts only once the window has
+    # its final size (no client ever attaches, so nothing resizes it later).
+    tmux(name, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", "sleep 600", check=True)
     try:
+        tmux(name, "set-option", "-t", name, "window-size", "manual", check=True)
+        tmux(name, "resize-window", "-t", name, "-x", "160", "-y", "50", check=True)
+        size = tmux(name, "display-message", "-p", "-t", name, "#{window_width}x#{window_height}",
+                    capture_output=True, text=True, check=True).stdout.strip()
+        assert size == "160x50", f"tmux gave a {size} window, not 160x50"
+        tmux(name, "respawn-pane", "-k", "-t", name, shell, check=True)
         first = wait_for(name, lambda s: len(seqs(s)) > 5 and "address space" in s)
         assert "buselab" in first and "SERVING" in first and "demo round" in first
         assert "requests" in first and "inspector" in first and "graphs" in first
@@ -57,14 +77,23 @@ def test_buselab_demo_in_tmux(tmp_path: Path):
         second = wait_for(name, lambda s: seqs(s) and max(seqs(s)) > max(seqs(first)), timeout=10)
         assert max(seqs(second)) > max(seqs(first)), "the stream did not move"
         assert re.search(r"^ ctl /\S+\.ctl ", second, re.M), "the header does not show the control socket"
-        subprocess.run(["tmux", "send-keys", "-t", name, "p"], check=True)
+        tmux(name, "send-keys", "-t", name, "p", check=True)
         paused = wait_for(name, lambda s: "PAUSED" in s and re.search(r"^│\s+held ", s, re.M), timeout=10)
         assert "1 held, oldest" in paused and "paused: new requests are held" in paused
-        subprocess.run(["tmux", "send-keys", "-t", name, "n"], check=True)
+        tmux(name, "send-keys", "-t", name, "n", check=True)
         wait_for(name, lambda s: "stepped: release" in s, timeout=10)
-        subprocess.run(["tmux", "send-keys", "-t", name, "p"], check=True)
-        wait_for(name, lambda s: "SERVING" in s and "resumed: released" in s, timeout=10)
-        subprocess.run(["tmux", "send-keys", "-t", name, "q"], check=True)
+        # Hide READ, WRITE, FLUSH and TRIM (1-4) so the burst of requests that
+        # follows the resume does not scroll its event away at once; events stay
+        # in a filtered stream (hiding the last group, 5, is refused).
+        for key in "1234":
+            tmux(name, "send-keys", "-t", name, key, check=True)
+        wait_for(name, lambda s: "requests · only OTHER" in s, timeout=10)
+        tmux(name, "send-keys", "-t", name, "p", check=True)
+        resumed = wait_for(name, lambda s: "SERVING" in s and "resumed: released" in s, timeout=10)
+        assert not re.search(r"^│\s+\d+ \S+ (READ|WRITE|FLUSH|TRIM) ", resumed, re.M), "hidden ops still shown"
+        tmux(name, "send-keys", "-t", name, "0", check=True)
+        wait_for(name, lambda s: seqs(s) and max(seqs(s)) > max(seqs(paused) or [0]), timeout=10)
+        tmux(name, "send-keys", "-t", name, "q", check=True)
         deadline = time.monotonic() + 20
         while not done.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -73,4 +102,4 @@ def test_buselab_demo_in_tmux(tmp_path: Path):
         final = capture(name)
         assert "stopped cleanly" in final, final
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        tmux(name, "kill-server", capture_output=True)
