@@ -42,22 +42,21 @@ class ServingThreads:
         self._lock = threading.Lock()
         self._tids: set[int] = set()
         self.pinned_cpu: int | None = None
-        self.enabled = os.environ.get("BUSELAB_SPREAD_THREADS") != "1" and hasattr(os, "sched_setaffinity")
         try:
-            self._allowed = os.sched_getaffinity(0) if self.enabled else set()
-        except OSError:
-            self.enabled = False
+            self._allowed = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
             self._allowed = set()
-        if len(self._allowed) < 2:
-            self.enabled = False  # one CPU already: nothing to gain
+        # A client on another CPU can run while we poll for its next request.
+        self.spare_cpu = len(self._allowed) >= 2
+        self.enabled = self.spare_cpu and os.environ.get("BUSELAB_SPREAD_THREADS") != "1"
 
     def enter(self) -> None:
         """The calling thread starts serving requests."""
-        if not self.enabled:
-            return
         tid = threading.get_native_id()
         with self._lock:
             self._tids.add(tid)
+            if not self.enabled:
+                return
             if self.pinned_cpu is not None:
                 self._set(tid, {self.pinned_cpu})
             elif len(self._tids) >= 2:
@@ -66,10 +65,12 @@ class ServingThreads:
                 for t in list(self._tids):
                     self._set(t, {self.pinned_cpu})
 
+    def alone(self) -> bool:
+        """True while at most one connection is served and another CPU exists for its client."""
+        return self.spare_cpu and len(self._tids) <= 1
+
     def leave(self) -> None:
         """The calling thread stops serving (its connection closed)."""
-        if not self.enabled:
-            return
         tid = threading.get_native_id()
         with self._lock:
             if tid not in self._tids:
@@ -87,7 +88,6 @@ class ServingThreads:
             os.sched_setaffinity(tid, cpus)
         except OSError as exc:
             # A thread that just ended, or a container that forbids it: serving goes on regardless.
-            self._tids.discard(tid)
             log.debug("could not set the CPU affinity of thread %d: %s", tid, exc)
 
 
