@@ -118,26 +118,32 @@ def run_lab(work: Path, rw: str, args: argparse.Namespace, runtime: float | None
     done = work / "lab.done"
     for path in (stats, tap, done):
         path.unlink(missing_ok=True)
-    session = f"buselab-bench-{os.getpid()}"
+    session = f"buselab-bench-{os.getpid()}-{time.monotonic_ns()}"  # a fresh tmux server each run
     inner = " ".join(buselab_cmd(args.size, sock, False))
     # The lab must own the terminal: run it in tmux, with output to the pane.
     shell = f"BUSELAB_LAB_STATS={stats} {inner}; touch {done}; sleep 60"
-    subprocess.run(
-        ["tmux", "new-session", "-d", "-s", session, "-x", str(args.cols), "-y", str(args.rows), shell], check=True
-    )
+    # A private tmux server with no config: a running server's options cannot
+    # shrink the window. The pane waits in a placeholder until the window has
+    # its size, so the lab starts at the size it is measured at.
+    tmux = ["tmux", "-L", session, "-f", "/dev/null"]
+    size = ["-x", str(args.cols), "-y", str(args.rows)]
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, *size, "sleep 600"], check=True)
+    subprocess.run([*tmux, "set-option", "-t", session, "window-size", "manual"], check=True)
+    subprocess.run([*tmux, "resize-window", "-t", session, *size], check=True)
     tapper = f"{sys.executable} {Path(__file__).resolve()} --tap {tap}"
-    subprocess.run(["tmux", "pipe-pane", "-t", session, "-o", tapper], check=True)
+    subprocess.run([*tmux, "pipe-pane", "-t", session, "-o", tapper], check=True)
+    subprocess.run([*tmux, "respawn-pane", "-k", "-t", session, f"unset COLUMNS LINES; {shell}"], check=True)
     try:
         wait_for_socket(sock)
         time.sleep(args.settle)
         result = run_fio(sock, rw, runtime or args.runtime, args.size)
-        screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
-        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+        screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+        subprocess.run([*tmux, "send-keys", "-t", session, "q"], check=True)
         deadline = time.monotonic() + 30
         while not done.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
     frames, nbytes = count_frames(tap, result["started"], result["ended"])
     seconds = result["ended"] - result["started"]
     result["terminal_hz"] = frames / seconds
