@@ -57,6 +57,7 @@ class ClientGone(Exception):
 class Connection:
     def __init__(self, sock: socket.socket, engine: Engine, peer: str, *, kernel: bool = False) -> None:
         self.sock = sock
+        sock.settimeout(None)  # blocking: the poll in _fill relies on MSG_DONTWAIT alone to return at once
         self.engine = engine
         self.peer = peer
         self.kernel = kernel  # kernel clients skip the handshake and never want structured replies
