@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
+import select
 import sys
 
 from . import __version__
 from .backends import open_backend
+from .commands import ArgumentParser, UsageError, help_command
 from .control import default_control_path
 from .errors import UserError
 from .session import ServeOptions, Session
@@ -71,9 +74,7 @@ def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="buselab", description="A block device in userspace with a live lab around it."
-    )
+    parser = ArgumentParser(prog="buselab", description="A block device in userspace with a live lab around it.")
     parser.add_argument("--version", action="version", version=f"buselab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -189,15 +190,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe is a traceback
+        return code
+    except BrokenPipeError:
+        if not stdout_is_gone():
+            raise  # some other pipe or socket: a bug to see, not a reader that left
+        silence_stdout()
+        # `buselab ctl status | head -3`: the reader took what it wanted. The command
+        # itself did its work, so this is success, not an error (as `buselab stats`).
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    # argparse stops filling positionals at the first option, so in
-    # `file PATH --size 64M /dev/nbd3` the device would be "unrecognized".
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if getattr(args, "device", "absent") is None and len(extra) == 1 and not extra[0].startswith("-"):
-            args.device = extra[0]
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        # argparse stops filling positionals at the first option, so in
+        # `file PATH --size 64M /dev/nbd3` the device would be "unrecognized".
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if getattr(args, "device", "absent") is None and len(extra) == 1 and not extra[0].startswith("-"):
+                args.device = extra[0]
+            else:
+                raise UsageError(
+                    f"unrecognized arguments: {' '.join(extra)} (see `{help_command('buselab ' + args.command)}`)"
+                )
+    except UsageError as exc:
+        print(f"buselab: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="buselab: %(message)s")
     try:
         return args.func(args)
@@ -206,6 +227,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def stdout_is_gone() -> bool:
+    """Is stdout a pipe (or socket) whose reader has closed it?"""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return True  # no stdout left to ask
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so what is still buffered or printed later goes nowhere quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

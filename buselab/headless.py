@@ -1,10 +1,21 @@
-"""Headless mode: one humanized stats line a second until SIGINT or SIGTERM."""
+"""Headless mode: one humanized stats line a second until SIGINT or SIGTERM.
+
+    12:00:01 ram 64.0 MiB | 1 client | 120 req/s read 1.20 MB/s write 0.00 MB/s
+        | p50 0.13 ms p99 1.02 ms | totals: requests 1,234, flush 3, trim 0, errors 0
+
+(one line). Before "totals:" everything is per second over the last interval:
+requests, and bytes in MB/s (decimal, like the lab and fio); the latency
+percentiles are of the requests that finished in it, "-" when none did. After
+"totals:" come counts since the start.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
+from urllib.parse import quote
 
 from .engine.telemetry import Snapshot, percentile
 from .protocol import constants as c
@@ -12,48 +23,102 @@ from .session import Session
 from .sizes import human_bytes, human_rate
 
 
+def export_uri(address: str, export_name: str) -> str:
+    """An NBD URI with the export name in it, percent-encoded (nbd://h:p/NAME, nbd+unix:///NAME?socket=S).
+
+    Clients asking for "" get the export too, but a URI naming it is the one
+    to copy into qemu or nbdinfo.
+    """
+    name = quote(export_name, safe="")
+    if address.startswith("nbd+unix:///?socket="):
+        socket_path = address[len("nbd+unix:///?socket=") :]
+        return f"nbd+unix:///{name}?socket={quote(socket_path, safe='/')}"
+    if address.startswith(("nbd://", "nbds://")) and name:
+        return f"{address}/{name}"
+    return address
+
+
+def served_where(session: Session) -> str:
+    """Where the session serves, NBD addresses as URIs with the export name."""
+    places = [session.kernel.device] if session.kernel is not None else []
+    places += [export_uri(address, session.engine.export_name) for address in session.network.addresses]
+    return ", ".join(places) or "nowhere"
+
+
+def _latency(window: list[int], q: float) -> str:
+    return f"{percentile(window, q) * 1e3:.2f} ms" if sum(window) else "-"
+
+
 def stats_line(session: Session, before: Snapshot, after: Snapshot) -> str:
     dt = max(after.taken - before.taken, 1e-6)
-    read_b = (after.bytes[c.CMD_READ] - before.bytes[c.CMD_READ]) / dt
-    write_b = (after.bytes[c.CMD_WRITE] - before.bytes[c.CMD_WRITE]) / dt
+
+    def per_second(totals_after: list[int], totals_before: list[int], cmd: int) -> float:
+        return (totals_after[cmd] - totals_before[cmd]) / dt
+
     reqs = (after.total_requests - before.total_requests) / dt
     window = [0] * len(after.latency[0])
     for cmd in range(len(after.latency)):
         for i, (a, b) in enumerate(zip(after.latency[cmd], before.latency[cmd])):
             window[i] += a - b
-    errors = sum(after.errors)
     paused = " PAUSED" if session.engine.gate.halted else ""
     return (
         f"{time.strftime('%H:%M:%S')} {session.backend.kind} {human_bytes(session.engine.size)}{paused}"
         f" | {after.connections} client{'s' if after.connections != 1 else ''}"
-        f" | {reqs:,.0f} req/s read {human_rate(read_b)} write {human_rate(write_b)}"
-        f" | flush {after.count[c.CMD_FLUSH]} trim {after.count[c.CMD_TRIM]}"
-        f" | p50 {percentile(window, 0.5) * 1e3:.2f} ms p99 {percentile(window, 0.99) * 1e3:.2f} ms"
-        f" | errors {errors}"
+        f" | {reqs:,.0f} req/s"
+        f" read {human_rate(per_second(after.bytes, before.bytes, c.CMD_READ))}"
+        f" write {human_rate(per_second(after.bytes, before.bytes, c.CMD_WRITE))}"
+        f" | p50 {_latency(window, 0.5)} p99 {_latency(window, 0.99)}"
+        f" | totals: requests {after.total_requests:,}, flush {after.count[c.CMD_FLUSH]:,},"
+        f" trim {after.count[c.CMD_TRIM]:,}, errors {sum(after.errors):,}"
     )
+
+
+class _Out:
+    """Prints lines until the reader of `out` goes away, then prints nothing more."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.gone = False
+
+    def say(self, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            print(text, file=self.out, flush=True)
+        except BrokenPipeError:
+            # `buselab ram --headless | head -2`: the reader has what it wanted. The
+            # server does NOT stop for that: clients (maybe a mounted /dev/nbdN) still
+            # use the disk, and losing it because a log reader left would hurt them.
+            # It serves on, silently, until a signal (or --seconds) stops it cleanly.
+            self.gone = True
+            try:  # what is still buffered (and Python's flush at exit) goes to /dev/null
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.out.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
 
 
 def run_headless(session: Session, *, out: TextIO = sys.stdout, seconds: float | None = None, on_tick=None) -> int:
     """Print stats until a signal (or `seconds`) ends the run, then stop cleanly."""
     done = session.stop_requested
-    print(
-        f"buselab: serving {session.backend.describe()}, {human_bytes(session.engine.size)}, on {session.where}",
-        file=out,
-        flush=True,
+    say = _Out(out).say
+    say(
+        f"buselab: serving {session.backend.describe()}, {human_bytes(session.engine.size)}, on {served_where(session)}"
     )
     deadline = None if seconds is None else time.monotonic() + seconds
     try:
         before = session.engine.telemetry.snapshot()
         while not done.wait(1.0):
             after = session.engine.telemetry.snapshot()
-            print(stats_line(session, before, after), file=out, flush=True)
+            say(stats_line(session, before, after))
             before = after
             if on_tick is not None:
                 on_tick()
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
-        print("buselab: stopping: answering in-flight requests and flushing", file=out, flush=True)
+        say("buselab: stopping: answering in-flight requests and flushing")
         session.stop()
-    print("buselab: stopped cleanly", file=out, flush=True)
+    say("buselab: stopped cleanly")
     return 0

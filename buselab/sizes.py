@@ -16,6 +16,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORE
 def parse_size(text: str) -> int:
     """'128M' -> 134217728. Binary units; a bare number is bytes."""
     match = _SIZE_RE.match(str(text))
+    if not match and str(text).strip().startswith("-"):
+        raise UserError(f"bad size {text!r}: a size cannot be negative")
     if not match:
         raise UserError(f"bad size {text!r}: use a number with an optional unit, like 512K, 128M, 1G or 1T")
     number, unit = match.groups()
@@ -32,4 +34,10 @@ def human_bytes(n: float) -> str:
 
 
 def human_rate(bytes_per_second: float) -> str:
-    return humanize.naturalsize(bytes_per_second, binary=False, format="%.1f") + "/s"
+    """Always MB/s (decimal, like fio and the lab's graphs), with a precision that suits the value."""
+    mb = bytes_per_second / 1e6
+    if mb >= 100:
+        return f"{mb:.0f} MB/s"
+    if mb >= 10:
+        return f"{mb:.1f} MB/s"
+    return f"{mb:.2f} MB/s"

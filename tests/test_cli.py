@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 from buselab.client import NBDClient
 from buselab.errors import UserError
@@ -152,7 +153,7 @@ def test_tcp_listen(tmp_path):
 
 @pytest.mark.parametrize(
     "size, words",
-    [("12Q", ["bad size", "12Q"]), ("0", ["bad size"]), ("-5M", ["bad size"]), ("lots", ["bad size"])],
+    [("12Q", ["bad size", "12Q"]), ("0", ["bad size"]), ("-5M", ["bad size", "negative"]), ("lots", ["bad size"])],
 )
 def test_bad_size(tmp_path, size, words):
     assert_one_line_error(buselab("ram", f"--size={size}", "--unix", str(tmp_path / "s"), "--headless"), *words)
@@ -239,8 +240,11 @@ def test_ram_too_big_for_the_address_space(tmp_path):
 # --- headless: stats lines, SIGINT / SIGTERM ----------------------------------------------------------------
 
 STATS_LINE = re.compile(
-    r"^\d\d:\d\d:\d\d ram 64\.0 MiB \| \d+ clients? \| [\d,]+ req/s read .+/s write .+/s"
-    r" \| flush \d+ trim \d+ \| p50 [\d.]+ ms p99 [\d.]+ ms \| errors \d+$",
+    r"^\d\d:\d\d:\d\d ram 64\.0 MiB \| \d+ clients? \| (?P<reqs>[\d,]+) req/s"
+    r" read (?P<read>[\d.]+) MB/s write (?P<write>[\d.]+) MB/s"
+    r" \| p50 (?P<p50>[\d.]+ ms|-) p99 (?P<p99>[\d.]+ ms|-)"
+    r" \| totals: requests (?P<requests>[\d,]+), flush (?P<flush>[\d,]+), trim (?P<trim>[\d,]+),"
+    r" errors (?P<errors>[\d,]+)$",
     re.MULTILINE,
 )
 
@@ -268,7 +272,7 @@ def test_headless_prints_stats_lines(buselab_server):
     assert out.startswith("buselab: serving ram")
     assert served.socket in out.splitlines()[0]
     assert re.search(r"\| 1 client \|", out), out
-    assert re.search(r"flush 1 trim 0", out), out
+    assert re.search(r"flush 1, trim 0", out), out
     assert served.stop() == 0
 
 
@@ -412,3 +416,143 @@ def test_stray_argument_is_still_refused(tmp_path):
     proc = buselab("ram", "--size", "1M", "/dev/nbd3", "extra")
     assert proc.returncode == 2
     assert "unrecognized arguments: extra" in proc.stderr
+
+
+# --- usage errors: one line, exit 2, no usage dump ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["ram", "--size", "-5M"], ["--size=-5M", "buselab ram --help"]),
+        (["ram", "--size"], ["--size", "expected one argument", "buselab ram --help"]),
+        (["ram", "--frobnicate"], ["unrecognized arguments: --frobnicate", "buselab ram --help"]),
+        (["bogus"], ["invalid choice: 'bogus'", "buselab --help"]),
+        ([], ["COMMAND", "buselab --help"]),
+        (["file"], ["PATH", "buselab file --help"]),
+        (["ctl"], ["give a COMMAND", "buselab ctl --help"]),
+        (["ctl", "bogus"], ["unknown command 'bogus'", "buselab ctl --help"]),
+        (["ctl", "/nonexistent/x.sock", "frobnicate"], ["invalid choice: 'frobnicate'", "buselab ctl --help"]),
+        (["ctl", "/nonexistent/x.sock", "break", "add"], ["SPEC", "buselab ctl break add --help"]),
+        (["ctl", "/nonexistent/x.sock", "step", "--fail"], ["--fail", "buselab ctl step --help"]),
+    ],
+)
+def test_usage_errors_are_one_line(args, words):
+    proc = buselab(*args)
+    assert_one_line_error(proc, *words)
+    assert "usage:" not in proc.stderr + proc.stdout
+
+
+def test_the_help_named_in_a_usage_error_exists():
+    proc = buselab("ctl", "/nonexistent/x.sock", "break", "add")
+    help_command = re.search(r"see `buselab (.*)`\)$", proc.stderr.strip()).group(1).split()
+    shown = buselab(*help_command)
+    assert shown.returncode == 0 and "SPEC" in shown.stdout, shown.stdout + shown.stderr
+
+
+# --- a reader that goes away: no traceback ------------------------------------------------------------------
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before buselab writes anything
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "buselab", "--help"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_headless_keeps_serving_after_its_stdout_reader_leaves(tmp_path):
+    # `buselab ram --headless | head -2`: once head exits, the stats lines have nowhere to go.
+    # buselab must neither crash nor stop serving the disk; a signal still stops it cleanly.
+    sock = str(tmp_path / "nbd.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "buselab", "ram", "--size", "1M", "--unix", sock, "--headless"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("buselab: serving ram"), first
+        assert " req/s " in proc.stdout.readline()
+        proc.stdout.close()  # head -2 exits
+        time.sleep(2.5)  # at least two more stats lines are written into the closed pipe
+        assert proc.poll() is None, proc.stderr.read()
+        with NBDClient.connect_unix(sock) as client:
+            client.write(0, b"still here")
+            assert client.read(0, 10) == b"still here"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "BrokenPipe" not in err and err == "", err
+        assert not os.path.exists(sock)  # stopped cleanly: the socket is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- the stats line: rates per second, labelled totals ----------------------------------------------------
+
+
+def test_stats_line_separates_rates_from_totals(buselab_server):
+    served = buselab_server(["ram", "--size", "64M"])
+
+    def lines() -> list[re.Match]:
+        return list(STATS_LINE.finditer(served.output()))
+
+    def wait_for(check, what: str) -> re.Match:
+        deadline = time.monotonic() + 15
+        while True:
+            found = [m for m in lines() if check(m)]
+            if found:
+                return found[-1]
+            assert time.monotonic() < deadline, f"no stats line {what}:\n{served.output()}"
+            time.sleep(0.1)
+
+    idle = wait_for(lambda m: m["requests"] == "0", "before any request")
+    assert (idle["reqs"], idle["read"], idle["write"], idle["p50"], idle["p99"]) == ("0", "0.00", "0.00", "-", "-")
+    with NBDClient.connect_unix(served.socket) as client:
+        for i in range(8):
+            client.write(i * MiB, bytes(MiB))
+        client.flush()
+        client.trim(0, MiB)
+        busy = wait_for(lambda m: float(m["write"]) > 0, "with writes")
+        assert int(busy["reqs"].replace(",", "")) > 0 and busy["p50"].endswith(" ms"), busy[0]
+    # After the traffic: rates and latency go back to nothing, the totals stay.
+    after = wait_for(lambda m: m.start() > busy.end() and m["reqs"] == "0", "after the traffic")
+    assert (after["read"], after["write"], after["p50"], after["p99"]) == ("0.00", "0.00", "-", "-"), after[0]
+    assert (after["requests"], after["flush"], after["trim"], after["errors"]) == ("10", "1", "1", "0"), after[0]
+    assert served.stop() == 0
+
+
+# --- the export name in the printed URI ------------------------------------------------------------------
+
+
+def test_printed_uris_name_the_export(tmp_path):
+    require_tool("nbdinfo")
+    port = free_port()
+    sock = str(tmp_path / "nbd.sock")
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "buselab", "ram", "--size", "1M", "--export-name", "disk 1/a",
+             "--listen", f"127.0.0.1:{port}", "--unix", sock, "--headless"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        first = wait_for_line(log, "\n").splitlines()[0]
+        tcp_uri, unix_uri = f"nbd://127.0.0.1:{port}/disk%201%2Fa", f"nbd+unix:///disk%201%2Fa?socket={sock}"
+        assert first.endswith(f"on {tcp_uri}, {unix_uri}"), first
+        for uri in (tcp_uri, unix_uri):  # a real client reads the export name out of the printed URI
+            info = subprocess.run(["nbdinfo", uri], capture_output=True, text=True, timeout=30)
+            assert info.returncode == 0, info.stderr
+            assert 'export="disk 1/a"' in info.stdout, info.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0

@@ -120,7 +120,7 @@ def test_nbdsh_read_is_held_and_a_step_can_fail_it(controlled):
 
 def test_breakpoint_on_flush_from_a_real_client(controlled):
     served, path = controlled(["ram", "--size", "8M"])
-    assert ctl(path, "break", "add", "op=flush").stdout.startswith("1: op=flush")
+    assert ctl(path, "break", "add", "op=flush").stdout.startswith("added breakpoint 1: op=flush")
     proc = subprocess.Popen(
         [*nbdsh(), "-u", served.uri, "-c", "h.pwrite(b'j' * 512, 0); h.flush(); print('flushed')"],
         stdout=subprocess.PIPE,
@@ -238,6 +238,7 @@ def test_ctl_switch_ram_to_file_keeps_every_byte(controlled, tmp_path):
         (["break", "add", "op=frobnicate"], "unknown op 'frobnicate'"),
         (["filter", "add", "error:errno=EFOO"], "bad errno 'EFOO'"),
         (["filter", "add", "warp:speed=9"], "unknown filter 'warp'"),
+        (["filter", "add", "error:range=0-1T,errno=EIO"], "past the end of the 8388608-byte disk (in filter error:"),
         (["filter", "rm", "7"], "no filter '7'"),
         (["break", "rm", "3"], "no breakpoint '3'"),
         (["powercut"], "no cache filter"),
@@ -248,9 +249,10 @@ def test_ctl_switch_ram_to_file_keeps_every_byte(controlled, tmp_path):
 def test_bad_commands_are_refused_in_one_line_and_change_nothing(shared_server, args, words):
     served, path = shared_server
     proc = ctl(path, *args, check=False)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # like every user error (README)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("buselab: error: ") and words in lines[0], proc.stderr
+    assert "--filter" not in lines[0]  # nothing here came from the command line's --filter
     assert "Traceback" not in proc.stderr and not proc.stdout
     with NBDClient.connect_unix(served.socket) as client:
         assert client.read(0, 9) == b"precious!"  # the device keeps serving, nothing lost
@@ -275,8 +277,54 @@ def shared_server(tmp_path_factory):
 def test_ctl_without_a_server_and_with_bad_usage(tmp_path):
     proc = ctl(str(tmp_path / "nothing.sock"), "status", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no control socket" in proc.stderr
+    assert "no buselab is running there" in proc.stderr and "leave it out" in proc.stderr, proc.stderr
     proc = ctl(str(tmp_path / "x.sock"), "frobnicate", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("buselab: error: "), proc.stderr
+
+
+def test_refused_with_json_prints_the_reply_and_exits_2(shared_server):
+    _, path = shared_server
+    proc = ctl(path, "filter", "rm", "7", "--json", check=False)
+    assert proc.returncode == 2 and not proc.stderr, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply["ok"] is False and "no filter '7'" in reply["error"]
+
+
+def test_ctl_into_a_closed_pipe_is_quiet(shared_server):
+    # `buselab ctl status | head -3` where head has gone before buselab writes.
+    _, path = shared_server
+    for args in (["status"], ["status", "--json"], ["events", "--limit", "500"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "buselab", "ctl", path, *args],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            os.close(write_end)
+        assert proc.returncode == 0 and proc.stderr == "", (args, proc.stderr)
+
+
+def test_rm_all_and_the_added_lines(controlled):
+    served, path = controlled(["ram", "--size", "8M"])
+    assert ctl(path, "filter", "add", "delay:5ms").stdout.startswith("added filter 1: delay:")
+    assert ctl(path, "filter", "add", "readonly").stdout == "added filter 2: readonly [on]\n"
+    assert ctl(path, "break", "add", "op=flush").stdout == "added breakpoint 1: op=flush [on] 0 hits\n"
+    assert ctl(path, "break", "add", "range=0-1M").stdout == "added breakpoint 2: range=0-1M [on] 0 hits\n"
+    assert ctl(path, "filter", "rm", "all").stdout == "removed filters 2, 1\n"
+    assert ctl(path, "break", "rm", "all").stdout == "removed breakpoints 1, 2\n"
+    status = ctl_json(path, "status")
+    assert not status["filters"] and not status["breakpoints"]
+    with NBDClient.connect_unix(served.socket) as client:
+        client.write(0, b"writable again")  # the readonly filter is really gone
+        assert client.read(0, 14) == b"writable again"
+    assert ctl(path, "filter", "rm", "all").stdout == "no filters to remove\n"
+    assert ctl_json(path, "filter", "rm", "all") == {"removed": []}
 
 
 # --- the protocol itself, and the default socket ---------------------------------------------------

@@ -5,28 +5,31 @@
     buselab ctl [PATH|PID] step [--fail ERRNO | --delay MS] [--wait SECONDS]
     buselab ctl [PATH|PID] held | wait [--count N] [--timeout SECONDS]
     buselab ctl [PATH|PID] break add SPEC | break list | break rm ID|all | break enable|disable|toggle ID
-    buselab ctl [PATH|PID] filter add SPEC [--position N] | filter list | filter rm|enable|disable|toggle REF
+    buselab ctl [PATH|PID] filter add SPEC [--position N] | filter list | filter rm REF|all | filter enable|disable|toggle REF
     buselab ctl [PATH|PID] switch ram|file|cow|null|plugin [PATH] [--size SIZE] [--no-copy]
     buselab ctl [PATH|PID] powercut
     buselab ctl [PATH|PID] cow commit | cow discard
     buselab ctl [PATH|PID] events [--limit N]
 
 Without PATH, the one buselab this user runs is found by its default socket.
-`--json` prints the server's reply object as it came, for scripts. A command
-the server refuses prints one line and exits with 1; a usage or connection
-problem exits with 2.
+`--json` prints the server's reply object as it came, for scripts. Like every
+buselab error, a command the server refuses, a usage mistake and a socket that
+cannot be reached each print one line starting with `buselab: error:` and exit
+with 2 (with --json a refusal prints the reply, {"ok": false, ...}, and exits 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
 from ..errors import UserError
 from ..sizes import human_bytes
+from . import ArgumentParser, UsageError
 
 COMMAND_WORDS = {
     "status", "pause", "resume", "continue", "step", "held", "wait", "break", "filter",
@@ -49,11 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_ctl_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's default must not undo a --json given before it.
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the reply as JSON")
     common.add_argument("--socket-timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="buselab ctl [PATH|PID]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -92,7 +95,7 @@ def build_ctl_parser() -> argparse.ArgumentParser:
     fsub.add_parser("list", aliases=["ls"], parents=[common])
     for name in ("rm", "enable", "disable", "toggle"):
         f = fsub.add_parser(name, parents=[common], aliases=["remove"] if name == "rm" else [])
-        f.add_argument("ref", metavar="ID|NAME")
+        f.add_argument("ref", metavar="ID|NAME" + ("|all" if name == "rm" else ""))
     p = sub.add_parser("switch", parents=[common], help="switch the backend live, copying the disk into it")
     p.add_argument("kind", metavar="BACKEND", help="ram, file (lo), cow, null or plugin")
     p.add_argument("path", nargs="?", metavar="PATH", help="file for file/cow, FILE[:CLASS] for plugin")
@@ -120,28 +123,42 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     if args.ctl_json:
         argv.append("--json")
     parser = build_ctl_parser()
-    if args.ctl_help or not argv or argv in (["-h"], ["--help"]):
+    if args.ctl_help or argv in (["-h"], ["--help"]):
         parser.print_help()
-        return 0 if args.ctl_help or argv else 2
+        return 0
+    if not argv:
+        raise UsageError("give a COMMAND, like status (see `buselab ctl --help`)")
     target, rest = _split_target(argv)
+    if rest == ["help"]:
+        parser.print_help()
+        return 0
     if not rest:
-        parser.print_usage(sys.stderr)
-        print("buselab ctl: error: give a COMMAND after the socket PATH", file=sys.stderr)
-        return 2
+        if target is not None and not _looks_like_socket(target):
+            raise UsageError(
+                f"unknown command {target!r}: choose one of {', '.join(sorted(COMMAND_WORDS - {'continue'}))}"
+                " (see `buselab ctl --help`)"
+            )
+        raise UsageError(f"give a COMMAND after the socket {target}, like status (see `buselab ctl --help`)")
     opts = parser.parse_args(rest)
     cmd, params = _request(opts)
     path = resolve_control_path(target)
     as_json = getattr(opts, "json", False)
     with ControlClient(path, timeout=getattr(opts, "socket_timeout", 600.0)) as client:
         reply = client.request(cmd, **params)
+    # A refused command is a user error like any other: one line, exit 2 (README).
     if as_json:
         print(json.dumps(reply, indent=2, sort_keys=True))
-        return 0 if reply.get("ok") else 1
+        return 0 if reply.get("ok") else 2
     if not reply.get("ok"):
         print(f"buselab: error: {reply.get('error') or 'refused'}", file=sys.stderr)
-        return 1
+        return 2
     print(render(cmd, reply.get("result")))
     return 0
+
+
+def _looks_like_socket(target: str) -> bool:
+    """A PATH or PID given before the command (as opposed to a mistyped command word)."""
+    return target.isdigit() or "/" in target or target.endswith(".ctl") or os.path.exists(target)
 
 
 def _request(opts: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -210,6 +227,12 @@ def _breakpoints(bps: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _removed(what: str, ids: list[int]) -> str:
+    if not ids:
+        return f"no {what}s to remove"
+    return f"removed {what}{'s' if len(ids) != 1 else ''} " + ", ".join(str(i) for i in ids)
+
+
 def render(cmd: str, result: Any) -> str:
     """One line (or a short block for lists and status) for people."""
     if cmd == "status":
@@ -247,12 +270,16 @@ def render(cmd: str, result: Any) -> str:
         if not result:
             return "nothing held"
         return "\n".join(_req(h) for h in result)
-    if cmd == "break.add" or cmd.startswith("break.") and isinstance(result, dict) and "spec" in result:
-        return "\n".join(_breakpoints([result])).strip()
+    if cmd == "break.add":
+        return "added breakpoint " + "\n".join(_breakpoints([result])).strip()
+    if cmd.startswith("break.") and isinstance(result, dict) and "spec" in result:
+        return "now breakpoint " + "\n".join(_breakpoints([result])).strip()
     if cmd == "break.list":
         return "\n".join(_breakpoints(result)) if result else "no breakpoints"
     if cmd == "break.rm":
-        return "removed breakpoint " + ", ".join(str(i) for i in result["removed"]) if result["removed"] else "none"
+        return _removed("breakpoint", result["removed"])
+    if cmd == "filter.rm" and "removed" in result:
+        return _removed("filter", result["removed"])
     if cmd == "filter.list":
         return "\n".join(_filters(result)) if result else "no filters"
     if cmd.startswith("filter."):
@@ -274,10 +301,10 @@ def render(cmd: str, result: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - for `python -m buselab.commands.ctl`
-    parser = argparse.ArgumentParser(prog="buselab")
+    parser = ArgumentParser(prog="buselab")
     register(parser.add_subparsers())
-    args = parser.parse_args(["ctl", *(sys.argv[1:] if argv is None else argv)])
     try:
+        args = parser.parse_args(["ctl", *(sys.argv[1:] if argv is None else argv)])
         return cmd_ctl(args)
     except UserError as exc:
         print(f"buselab: error: {exc}", file=sys.stderr)

@@ -42,7 +42,8 @@ class ControlClient:
         except FileNotFoundError:
             self.sock.close()
             raise UserError(
-                f"no control socket at {path}: is buselab running (see `buselab ctl` with no PATH)?"
+                f"no control socket at {path}: no buselab is running there"
+                " (check the PATH, or leave it out to reach the one buselab you are running)"
             ) from None
         except OSError as exc:
             self.sock.close()

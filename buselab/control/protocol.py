@@ -18,7 +18,7 @@ Commands (arguments; positional ones in order):
     wait      [count=1] [timeout=10]    until COUNT requests are held
     break.add SPEC | break.list | break.rm REF|all | break.enable REF | break.disable REF | break.toggle REF
                                         REF is a breakpoint id
-    filter.add SPEC [position=N] | filter.list | filter.rm REF | filter.enable REF | filter.disable REF
+    filter.add SPEC [position=N] | filter.list | filter.rm REF|all | filter.enable REF | filter.disable REF
     filter.toggle REF                   REF is a filter id or name
     switch    KIND [PATH] [size=SIZE] [copy=true]
     powercut
@@ -43,6 +43,13 @@ MAX_LINE = 1 << 20
 
 def _filter_info(f: Any) -> dict[str, Any]:
     return {"id": f.id, "name": f.name, "spec": f.spec, "enabled": f.enabled, "stats": f.stats()}
+
+
+def _remove_filter(s: Steering, ref: Any) -> dict[str, Any]:
+    """One filter's info, or for `all` {"removed": [ids]} (as break.rm answers)."""
+    if str(ref).strip().lower() == "all":
+        return {"removed": [f.id for f in s.remove_all_filters()]}
+    return _filter_info(s.remove_filter(ref))
 
 
 def _step(s: Steering, a: dict) -> Any:
@@ -102,7 +109,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Handler]] = {
         lambda s, a: _filter_info(s.add_filter(str(_need(a, "spec", "filter add")), a.pop("position", None))),
     ),
     "filter.list": ((), lambda s, a: s.list_filters()),
-    "filter.rm": (("ref",), lambda s, a: _filter_info(s.remove_filter(_need(a, "ref", "filter rm")))),
+    "filter.rm": (("ref",), lambda s, a: _remove_filter(s, _need(a, "ref", "filter rm"))),
     "filter.enable": (
         ("ref",),
         lambda s, a: _filter_info(s.set_filter_enabled(_need(a, "ref", "filter enable"), True)),

@@ -498,7 +498,7 @@ class Steering:
         """Stack a filter (a spec or a made filter) on top, or at `position` (0 = lowest)."""
         with self._lock:
             self._sync()
-            new = parse_filter_spec(spec, self.engine.size) if isinstance(spec, str) else spec
+            new = _parse_live_filter(spec, self.engine.size) if isinstance(spec, str) else spec
             if position is None:
                 index = len(self.filters)
             else:
@@ -526,6 +526,12 @@ class Steering:
                 self._rewire()
         self._event(f"filter {f.id} removed: {f.spec}")
         return f
+
+    def remove_all_filters(self) -> list[Filter]:
+        """`filter rm all`: every filter, top first, each as `remove_filter` would (a cache writes back)."""
+        with self._lock:
+            self._sync()
+            return [self.remove_filter(f.id) for f in reversed(list(self.filters))]
 
     def set_filter_enabled(self, ref: int | str, enabled: bool) -> Filter:
         with self._lock:
@@ -782,6 +788,22 @@ class _Quiesce:
 
     def __exit__(self, *exc: object) -> bool | None:
         return self._cm.__exit__(*exc)
+
+
+def _parse_live_filter(spec: str, size: int) -> Filter:
+    """parse_filter_spec for a filter added live (ctl, the lab): no --filter in the message.
+
+    parse_filter_spec words its errors for the command line ("... (in --filter SPEC)");
+    a filter added through `buselab ctl filter add` or the lab never went through --filter.
+    """
+    try:
+        return parse_filter_spec(spec, size)
+    except UserError as exc:
+        message = str(exc)
+        suffix = f" (in --filter {spec})"
+        if message.endswith(suffix):
+            message = f"{message[: -len(suffix)]} (in filter {spec})"
+        raise SteeringError(message) from None
 
 
 def _seconds(value: object, what: str) -> float:
