@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import require_tool
 
-from buselab.backends.base import BackendError
+from buselab.backends.base import BackendError, DataLost
 from buselab.backends.cow import CowBackend, Overlay
 from buselab.backends.ram import RamBackend
 from buselab.errors import UserError
@@ -198,6 +198,168 @@ def test_cache_close_writes_back():
     assert written == [b"keep"]
 
 
+class FlakyRam(RamBackend):
+    """A RAM disk whose writes (or reads) fail while `failing` says so: a lower layer that breaks and heals."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.failing = False
+        self.failing_reads = False
+        self.closed = False
+
+    def read(self, offset, length):
+        if self.failing_reads:
+            raise BackendError(c.EIO, "the read failed below")
+        return super().read(offset, length)
+
+    def write(self, offset, data, fua=False):
+        if self.failing:
+            raise BackendError(c.EIO, "the write failed below")
+        super().write(offset, data, fua)
+
+    def trim(self, offset, length, fua=False):
+        if self.failing:
+            raise BackendError(c.EIO, "the trim failed below")
+        super().trim(offset, length, fua)
+
+    def write_zeroes(self, offset, length, *, may_trim, fast, fua=False):
+        if self.failing:
+            raise BackendError(c.EIO, "the zeroing failed below")
+        super().write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+
+    def close(self):
+        self.closed = True
+
+
+def cache_over(below, spec: str = "cache"):
+    f = parse_filter_spec(spec, below.size)
+    f.inner = below
+    return f
+
+
+def test_cache_fua_write_that_fails_below_leaves_nothing_behind():
+    below = FlakyRam(MiB)
+    f = cache_over(below)
+    f.write(0, b"old!" * 1024)  # dirty, cached
+    below.failing = True
+    for fua_call in (
+        lambda: f.write(0, b"new!" * 1024, fua=True),
+        lambda: f.write(4096 + 100, b"part", fua=True),  # a partial block, not cached before
+        lambda: f.trim(0, 8192, fua=True),
+        lambda: f.write_zeroes(0, 8192, may_trim=False, fast=False, fua=True),
+    ):
+        with pytest.raises(BackendError):
+            fua_call()
+    assert bytes(f.read(0, 4)) == b"old!"  # the client was told the writes failed: it reads what was there
+    assert bytes(f.read(4096 + 100, 4)) == bytes(4)
+    assert f.dirty_bytes() == 4096  # only the earlier, successful write is dirty
+    below.failing = False
+    f.write(4096, b"fua!", fua=True)
+    assert bytes(below.read(4096, 4)) == b"fua!" and bytes(f.read(4096, 4)) == b"fua!"
+
+
+def test_cache_over_readonly_refuses_a_fua_write_and_keeps_nothing():
+    f = stacked("cache")
+    f.inner = parse_filter_spec("readonly", 4 * MiB)
+    f.inner.inner = RamBackend(4 * MiB)
+    with pytest.raises(BackendError) as info:
+        f.write(0, b"x" * 4096, fua=True)
+    assert info.value.errno == c.EPERM
+    assert bytes(f.read(0, 4096)) == bytes(4096)
+    assert f.dirty_bytes() == 0
+
+
+def test_cache_partial_write_whose_read_below_fails_changes_nothing():
+    below = FlakyRam(MiB)
+    f = cache_over(below)
+    below.failing_reads = True
+    # Whole blocks in the middle, partial blocks at both ends: the tail's read fails.
+    with pytest.raises(BackendError):
+        f.write(4096, b"z" * (3 * 4096 + 10))
+    with pytest.raises(BackendError):
+        f.trim(100, 3 * 4096)
+    below.failing_reads = False
+    assert bytes(f.read(0, 5 * 4096)) == bytes(5 * 4096)
+    assert f.dirty_bytes() == 0
+
+
+def test_cache_failed_flush_keeps_dirty_data_for_a_retry():
+    below = FlakyRam(MiB)
+    f = cache_over(below)
+    f.write(0, b"A" * 4096)
+    f.write(8192, b"B" * 4096)
+    f.trim(65536, 65536)
+    below.failing = True
+    with pytest.raises(BackendError):
+        f.flush()
+    assert bytes(f.read(0, 4)) == b"AAAA" and bytes(f.read(8192, 4)) == b"BBBB"  # still readable
+    assert f.dirty_bytes() == 2 * 4096 + 65536
+    assert bytes(below.read(0, 4)) == bytes(4)
+    below.failing = False
+    f.flush()  # the retry writes everything back
+    assert f.dirty_bytes() == 0
+    assert bytes(below.read(0, 4)) == b"AAAA" and bytes(below.read(8192, 4)) == b"BBBB"
+    assert f.stats()["written_back"] == 2 * 4096 + 65536
+
+
+def test_cache_writeback_that_fails_halfway_keeps_only_the_rest():
+    below = FlakyRam(4 * MiB)
+    f = cache_over(below)
+    f.write(0, b"A" * 4096)
+    f.write(2 * MiB, b"B" * 4096)  # not adjacent: a second write below
+    writes = []
+    real_write = below.write
+
+    def second_write_fails(offset, data, fua=False):
+        writes.append(offset)
+        if len(writes) == 2:
+            raise BackendError(c.EIO, "the second write failed")
+        real_write(offset, data, fua)
+
+    below.write = second_write_fails
+    with pytest.raises(BackendError):
+        f.flush()
+    assert writes == [0, 2 * MiB]
+    assert bytes(below.read(0, 4)) == b"AAAA"  # the first went down and is clean now
+    assert f.dirty_bytes() == 4096  # the second is still dirty
+    assert f.stats()["written_back"] == 4096
+    below.write = real_write
+    f.flush()
+    assert bytes(below.read(2 * MiB, 4)) == b"BBBB" and f.dirty_bytes() == 0
+
+
+def test_cache_max_writes_back_before_caching_and_a_failure_keeps_the_new_write_out():
+    below = FlakyRam(MiB)
+    f = cache_over(below, "cache:max=8K")
+    f.write(0, b"A" * 4096)
+    f.write(4096, b"B" * 4096)
+    assert bytes(below.read(0, 4)) == bytes(4)  # 8 KiB dirty: still within max
+    f.write(8192, b"C" * 4096)  # would make 12 KiB: the 8 KiB go down first
+    assert bytes(below.read(0, 4)) == b"AAAA" and bytes(below.read(4096, 4)) == b"BBBB"
+    assert f.dirty_bytes() == 4096 and bytes(below.read(8192, 4)) == bytes(4)
+    f.write(12288, b"D" * 4096)
+    below.failing = True
+    with pytest.raises(BackendError):
+        f.write(16384, b"E" * 4096)  # needs room, the write-back fails: an error, and E is not cached
+    assert bytes(f.read(16384, 4)) == bytes(4)
+    assert bytes(f.read(8192, 4)) == b"CCCC" and f.dirty_bytes() == 8192
+
+
+def test_cache_close_that_cannot_write_back_says_what_was_lost_and_closes_below():
+    below = FlakyRam(MiB)
+    f = cache_over(below)
+    f.write(0, b"A" * 4096)
+    f.write(MiB - 8192, b"B" * 8192)
+    below.failing = True
+    with pytest.raises(DataLost) as info:
+        f.close()
+    assert info.value.lost == 3 * 4096
+    assert "12,288 bytes (12.0 KiB) of unflushed cached writes were lost" in str(info.value)
+    assert "BackendError: the write failed below" in str(info.value)
+    assert below.closed
+    assert f.dirty_bytes() == 0 and f.dropped == 3 * 4096
+
+
 # --- the overlay behind cow and cache, against a model -----------------------------------------
 
 
@@ -276,3 +438,35 @@ def test_error_filter_gives_qemu_io_an_eio(buselab_server):
         ["qemu-io", "-f", "raw", "-c", "read 0 4k", served.uri], capture_output=True, text=True, timeout=30
     )
     assert "Input/output error" in read.stdout + read.stderr
+
+
+def test_nbdsh_fua_write_refused_below_the_cache_is_not_readable(buselab_server):
+    """readonly under cache: the FUA write gets EPERM and leaves nothing; a plain write stays dirty through a failed FLUSH."""
+    import subprocess
+
+    from test_control import nbdsh
+
+    served = buselab_server(["ram", "--size", "8M", "--filter", "readonly", "--filter", "cache"])
+    script = (
+        "import errno\n"
+        "def attempt(what, call):\n"
+        "    try:\n"
+        "        call()\n"
+        "        print(what, 'ok')\n"
+        "    except nbd.Error as e:\n"
+        "        print(what, errno.errorcode.get(e.errno, e.errno))\n"
+        "attempt('fua', lambda: h.pwrite(b'F' * 4096, 0, nbd.CMD_FLAG_FUA))\n"
+        "print('after fua', bytes(h.pread(4, 0)))\n"
+        "attempt('write', lambda: h.pwrite(b'W' * 4096, 8192))\n"
+        "attempt('flush', lambda: h.flush())\n"
+        "print('after flush', bytes(h.pread(4, 8192)))\n"
+    )
+    run = subprocess.run([*nbdsh(), "-u", served.uri, "-c", script], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "fua EPERM",
+        "after fua b'\\x00\\x00\\x00\\x00'",  # told it failed, so it is not there
+        "write ok",  # cached
+        "flush EPERM",
+        "after flush b'WWWW'",  # kept dirty for the next FLUSH to retry
+    ]

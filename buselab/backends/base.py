@@ -11,6 +11,8 @@ size. Backends report failure by raising `BackendError(errno)` or `OSError`.
 from __future__ import annotations
 
 import errno as host_errno
+import os
+import sysconfig
 from dataclasses import dataclass
 
 from ..protocol import constants as c
@@ -22,6 +24,53 @@ class BackendError(Exception):
     def __init__(self, errno: int, message: str = "") -> None:
         super().__init__(message or c.ERRNO_NAMES.get(errno, str(errno)))
         self.errno = errno
+
+
+class DataLost(Exception):
+    """Closing a layer threw away `lost` bytes a client had written (e.g. a cache that could not write back).
+
+    The message is one complete line for the log: what was lost and why.
+    """
+
+    def __init__(self, lost: int, message: str) -> None:
+        super().__init__(message)
+        self.lost = lost
+
+
+def where(exc: BaseException, prefer: str | None = None) -> str:
+    """Where `exc` was raised, as "mydisk.py:42 in read"; "" without a traceback.
+
+    The innermost frame in the file `prefer` (a plugin's source) wins; then the
+    innermost one outside buselab itself and the standard library (the user's
+    code, wherever it lives); then the innermost frame of all.
+    """
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code, tb.tb_lineno))
+        tb = tb.tb_next
+    if not frames:
+        return ""
+    chosen = None
+    if prefer:
+        prefer = os.path.abspath(prefer)
+        chosen = next((f for f in reversed(frames) if os.path.abspath(f[0].co_filename) == prefer), None)
+    if chosen is None:
+        chosen = next((f for f in reversed(frames) if _is_user_code(f[0].co_filename)), frames[-1])
+    code, line = chosen
+    return f"{os.path.basename(code.co_filename)}:{line} in {code.co_name}"
+
+
+_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the buselab package
+_PATHS = sysconfig.get_paths()
+_LIBRARIES = tuple({os.path.abspath(_PATHS[k]) + os.sep for k in ("stdlib", "purelib", "platlib") if _PATHS.get(k)})
+
+
+def _is_user_code(filename: str) -> bool:
+    if filename.startswith("<"):
+        return False
+    path = os.path.abspath(filename)
+    return not path.startswith(_OURS + os.sep) and not path.startswith(_LIBRARIES)
 
 
 # Host errno -> NBD wire errno. Anything unknown becomes EIO.

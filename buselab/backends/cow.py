@@ -117,9 +117,23 @@ class Overlay:
             self.blocks[i] = block
         return block
 
+    def _fetch_edges(self, lower: Backend, offset: int, end: int) -> None:
+        """Bring in the partly covered first and last blocks before a change touches anything.
+
+        Their reads from below are all that can fail, so a change either fails
+        with the overlay as it was or cannot fail at all (a cache answering an
+        error must not keep half of the data).
+        """
+        for i in {offset // BLOCK, (end - 1) // BLOCK}:
+            base = i * BLOCK
+            if offset > base or end < base + self._block_len(i):
+                self._materialize(lower, i)
+
     def write(self, lower: Backend, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         end = offset + len(view)
+        if (offset | end) % BLOCK and end > offset:
+            self._fetch_edges(lower, offset, end)
         pos = offset
         blocks = self.blocks
         while pos < end:
@@ -135,6 +149,8 @@ class Overlay:
 
     def zero(self, lower: Backend, offset: int, length: int) -> None:
         end = offset + length
+        if (offset | end) % BLOCK and length:
+            self._fetch_edges(lower, offset, end)
         first_full = -(-offset // BLOCK)
         last_full = self._nblocks if end >= self.size else end // BLOCK
         if first_full >= last_full:
@@ -171,11 +187,23 @@ class Overlay:
         ze[lo:hi] = [end]
 
     def writeback(self, target: Backend) -> int:
-        """Apply every change to `target` (zero runs first, then blocks); empty the overlay."""
+        """Apply every change to `target` (zero runs first, then blocks); empty the overlay.
+
+        Each piece leaves the overlay as soon as `target` has taken it, so when
+        a write fails partway the overlay holds exactly what is still to be
+        written (and reads still see every change): a retry goes on from there.
+        """
         written = self.dirty_bytes()
-        for s, e in zip(self._zs, self._ze):
-            start, end = s * BLOCK, min(e * BLOCK, self.size)
-            target.write_zeroes(start, end - start, may_trim=True, fast=False)
+        done = 0
+        try:
+            for s, e in zip(self._zs, self._ze):
+                start, end = s * BLOCK, min(e * BLOCK, self.size)
+                target.write_zeroes(start, end - start, may_trim=True, fast=False)
+                done += 1
+        finally:
+            # Stored blocks win over zero runs, so dropping the runs written
+            # so far is right whatever happens to the blocks below.
+            del self._zs[:done], self._ze[:done]
         run: list[int] = []
         for i in sorted(self.blocks):
             if run and (i != run[-1] + 1 or len(run) >= _WRITEBACK_CHUNK):
@@ -190,6 +218,8 @@ class Overlay:
     def _write_run(self, target: Backend, run: list[int]) -> None:
         blocks = self.blocks
         target.write(run[0] * BLOCK, b"".join(blocks[i] for i in run))
+        for i in run:
+            del blocks[i]
 
 
 class CowBackend(Backend):

@@ -12,6 +12,10 @@
 must define exactly one class with `read` and `write`; `size` may be a class
 attribute or set in `__init__`, and an `__init__` with a `size` parameter gets
 `--size`. Which optional methods exist decides what the server advertises.
+
+To fail a request, raise `OSError` or `BackendError`. Any other exception is
+a bug: the engine logs it with the line of this file that raised it (the full
+traceback with -v), the first ten times, and the client gets EIO.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class PluginBackend(Backend):
 
     def __init__(self, spec: str, size: int | None = None) -> None:
         self.spec = spec
+        # The engine points at the line in this file when the plugin raises.
+        self.source_file = os.path.abspath(spec.partition(":")[0])
         cls = load_plugin_class(spec)
         if size is not None and not _takes_size(cls):
             raise UserError(f"plugin class {cls.__name__} takes no size argument: drop --size")
@@ -128,10 +134,12 @@ class PluginBackend(Backend):
             super().write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
     def close(self) -> None:
-        self.flush()
-        close = getattr(self.disk, "close", None)
-        if callable(close):
-            close()
+        try:
+            self.flush()
+        finally:
+            close = getattr(self.disk, "close", None)
+            if callable(close):
+                close()
 
 
 def _takes_size(cls: type) -> bool:

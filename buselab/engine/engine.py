@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Iterator
 
-from ..backends.base import Backend, wire_errno
+from ..backends.base import Backend, DataLost, where, wire_errno
 from ..protocol import constants as c
 from ..protocol.handshake import ExportInfo
 from ..protocol.transmission import Request, clip_extents
@@ -24,6 +24,9 @@ from .gate import Gate
 from .telemetry import Telemetry
 
 log = logging.getLogger("buselab")
+
+_ERRORS_LOGGED = 10  # backend bugs logged before going quiet
+_ERROR_EVENT_EVERY = 10.0  # seconds between telemetry events with the count after that
 
 
 def transmission_flags(backend: Backend, readonly: bool) -> int:
@@ -67,7 +70,9 @@ class Engine:
         self.description = description or f"buselab {backend.describe()}"
         self.telemetry = Telemetry(backend.size)
         self.gate = Gate(self)
-        self._errors_logged = 0
+        self.backend_errors = 0  # exceptions from backend bugs (not BackendError/OSError), logged or not
+        self._errors_lock = threading.Lock()
+        self._errors_reported = 0.0
         # Connections set `busy` while a request of theirs is in the backend;
         # `quiesce` waits on it to swap backends or filters safely.
         self.connections: weakref.WeakSet = weakref.WeakSet()
@@ -122,21 +127,42 @@ class Engine:
                 return 0, clip_extents(extents, req.length, bool(req.flags & c.CMD_FLAG_REQ_ONE))
             return 0, None
         except Exception as exc:  # noqa: BLE001 - a failing backend must not kill the server
-            error = wire_errno(exc)
-            if not isinstance(exc, OSError) and type(exc).__name__ != "BackendError":
-                # A bug in a backend or plugin: say so, but not a thousand times.
-                self._errors_logged += 1
-                if self._errors_logged <= 10:
-                    log.warning(
-                        "%s %d+%d failed in the backend: %s: %s",
-                        req.name,
-                        req.offset,
-                        req.length,
-                        type(exc).__name__,
-                        exc,
-                    )
-                    self.telemetry.event(f"backend error on {req.name} at {req.offset}: {type(exc).__name__}: {exc}")
-            return error, None
+            if isinstance(exc, OSError) or type(exc).__name__ == "BackendError":
+                return wire_errno(exc), None  # a failure the backend meant to report
+            return self._backend_bug(req, exc), None
+
+    def _backend_bug(self, req: Request, exc: Exception) -> int:
+        """A bug in a backend or plugin: say where, but not a thousand times. Returns the errno to send."""
+        with self._errors_lock:
+            self.backend_errors += 1
+            count = self.backend_errors
+        if count > _ERRORS_LOGGED:
+            now = time.monotonic()
+            if now - self._errors_reported >= _ERROR_EVENT_EVERY:
+                self._errors_reported = now
+                self.telemetry.event(f"{count:,} backend errors so far (not logged), last: {type(exc).__name__}: {exc}")
+            return wire_errno(exc)
+        at = where(exc, getattr(self.backend, "source_file", None))
+        what = f"{type(exc).__name__}: {exc}" + (f" ({at})" if at else "")
+        # With -v the whole traceback, for the ones that are logged at all.
+        log.warning(
+            "%s %d+%d failed in the backend: %s",
+            req.name,
+            req.offset,
+            req.length,
+            what,
+            exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
+        )
+        self.telemetry.event(f"backend error on {req.name} at {req.offset}: {what}")
+        if count == _ERRORS_LOGGED:
+            self._errors_reported = time.monotonic()
+            note = (
+                f"further backend errors are not logged ({count} so far); the lab's stream shows every failed"
+                f" request and an event every {_ERROR_EVENT_EVERY:.0f} s gives the count"
+            )
+            log.warning("%s", note)
+            self.telemetry.event(note)
+        return wire_errno(exc)
 
     @contextlib.contextmanager
     def quiesce(self, timeout: float = 30.0) -> Iterator[None]:
@@ -166,15 +192,33 @@ class Engine:
                 gate.resume()
 
     def close(self) -> None:
-        """Release held requests, flush and close the backend (idempotent)."""
+        """Release held requests, flush and close the backend (idempotent).
+
+        Never raises: a flush or close that fails is one line in the log
+        (a cache that could not write back says how much was lost).
+        """
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
         self.gate.close()
+        flush_error: Exception | None = None
         try:
             self.backend.flush()
         except Exception as exc:  # noqa: BLE001 - e.g. an error filter: still close (a cache writes back)
-            log.warning("flush at shutdown failed: %s: %s", type(exc).__name__, exc)
-        finally:
+            flush_error = exc
+        try:
             self.backend.close()
+        except DataLost as exc:
+            # Says what was lost and why; the failed flush was the same write-back failing first.
+            log.warning("%s", exc)
+            self.telemetry.event(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - shutting down: report, do not crash
+            log.warning("closing the backend at shutdown failed: %s", self._describe(exc))
+        if flush_error is not None:
+            log.warning("flush at shutdown failed: %s", self._describe(flush_error))
+
+    def _describe(self, exc: BaseException) -> str:
+        at = where(exc, getattr(self.backend, "source_file", None))
+        return f"{type(exc).__name__}: {exc}" + (f" ({at})" if at else "")
