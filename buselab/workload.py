@@ -8,15 +8,23 @@ deletes half the files (TRIM, and a journal commit), then starts again. It is
 a real NBD client, so the server, telemetry and lab see exactly what they
 would see from a kernel. Between steps it waits `pace` seconds, so the story
 can be watched; with pace=0 it runs flat out (tests, traces).
+
+Failing requests is what the lab invites (N, an error filter, a power cut), so
+a request that fails is counted and the story carries on (a write that failed
+leaves no file to read back); a connection that breaks is made again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
 
-from .client import NBDClient
+from .client import NBDClient, NBDError
 
 BLOCK = 4096
 GROUPS = 16  # block groups the "format" lays out (fewer on tiny disks)
@@ -25,7 +33,60 @@ JOURNAL_BLOCKS = 64
 SUPERBLOCK_MAGIC = b"\x53\xef"  # ext4's, at offset 56 of the superblock
 
 
+RECONNECT_WAIT = 0.5  # seconds before connecting again after the connection broke
+KEEP_ERRORS = 50  # the newest error messages kept (the count keeps counting)
+
+
+class TolerantClient:
+    """The client as the story uses it: a request that fails (EIO from an error
+    filter, a step that failed it) is counted and the story goes on. read gives
+    None for a failure, the others False. A broken connection still raises."""
+
+    def __init__(self, nbd: NBDClient, workload: DemoWorkload) -> None:
+        self.nbd = nbd
+        self.size = nbd.size
+        self.workload = workload
+
+    def _failed(self, exc: NBDError) -> None:
+        self.workload.requests += 1
+        self.workload._error(str(exc))
+
+    def read(self, offset: int, length: int) -> bytes | None:
+        try:
+            data = self.nbd.read(offset, length)
+        except NBDError as exc:
+            self._failed(exc)
+            return None
+        self.workload.requests += 1
+        return data
+
+    def _done(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
+        try:
+            fn(*args, **kwargs)
+        except NBDError as exc:
+            self._failed(exc)
+            return False
+        self.workload.requests += 1
+        return True
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> bool:
+        return self._done(self.nbd.write, offset, data, fua=fua)
+
+    def flush(self) -> bool:
+        return self._done(self.nbd.flush)
+
+    def trim(self, offset: int, length: int) -> bool:
+        return self._done(self.nbd.trim, offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> bool:
+        return self._done(self.nbd.write_zeroes, offset, length)
+
+
 class DemoWorkload:
+    """The demo's client. Injected errors are what the lab invites: a request that
+    fails is counted (`error_count`, the newest messages in `errors`) and the story
+    carries on; a connection that breaks is made again."""
+
     def __init__(self, socket_path: str, *, pace: float = 0.002, seed: int = 1) -> None:
         self.socket_path = socket_path
         self.pace = pace  # seconds between requests: slow enough to watch
@@ -33,7 +94,11 @@ class DemoWorkload:
         self.stop_event = threading.Event()
         self.rounds = 0
         self.phase = "starting"  # the step of the story running now (the lab shows it)
-        self.errors: list[str] = []
+        self.errors: deque[str] = deque(maxlen=KEEP_ERRORS)  # the newest error messages
+        self.error_count = 0  # every error since the start
+        self.requests = 0  # requests answered, successfully or not
+        self.connects = 0  # connections made (more than one: it reconnected)
+        self.client: NBDClient | None = None  # the connection in use
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -45,6 +110,14 @@ class DemoWorkload:
         if self._thread is not None:
             self._thread.join(5)
 
+    @property
+    def last_error(self) -> str | None:
+        return self.errors[-1] if self.errors else None
+
+    def _error(self, message: str) -> None:
+        self.error_count += 1
+        self.errors.append(message)
+
     def _sleep(self, factor: float = 1.0) -> bool:
         """Wait between requests; True when asked to stop."""
         if self.pace <= 0:
@@ -52,20 +125,40 @@ class DemoWorkload:
         return self.stop_event.wait(self.pace * factor)
 
     def _run(self) -> None:
-        try:
-            with NBDClient.connect_unix(self.socket_path) as nbd:
+        """Rounds until stopped; connect again (after RECONNECT_WAIT) whenever the connection breaks."""
+        while not self.stop_event.is_set():
+            try:
+                nbd = NBDClient.connect_unix(self.socket_path)
+            except (OSError, ConnectionError) as exc:
+                if self.stop_event.is_set():
+                    return
+                self._error(f"connect: {exc}")
+                self.phase = "reconnecting"
+                self.stop_event.wait(RECONNECT_WAIT)
+                continue
+            self.connects += 1
+            self.client = nbd
+            try:
                 while not self.stop_event.is_set():
                     self.run_round(nbd)
                     if not self.stop_event.is_set():
                         self.rounds += 1
-        except (OSError, ConnectionError) as exc:
-            if not self.stop_event.is_set():
-                self.errors.append(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a workload failure is shown, not raised
-            self.errors.append(f"{type(exc).__name__}: {exc}")
+            except (OSError, ConnectionError) as exc:
+                if self.stop_event.is_set():
+                    return
+                self._error(f"connection lost: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a workload failure is shown, not raised
+                self._error(f"{type(exc).__name__}: {exc}")
+            finally:
+                self.client = None
+                with contextlib.suppress(OSError):
+                    nbd.close()
+            self.phase = "reconnecting"
+            self.stop_event.wait(RECONNECT_WAIT)
 
-    def run_round(self, nbd: NBDClient) -> None:
+    def run_round(self, client: NBDClient | TolerantClient) -> None:
         """One pass of the story; each step checks the stop flag."""
+        nbd = client if isinstance(client, TolerantClient) else TolerantClient(client, self)
         blocks = nbd.size // BLOCK
         rnd = self.random
         files: list[tuple[int, bytes, int]] = []
@@ -110,7 +203,7 @@ class DemoWorkload:
         return slots
 
     # -- the steps --------------------------------------------------------------
-    def _format(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
+    def _format(self, nbd: TolerantClient, blocks: int, rnd: random.Random, files: list) -> None:
         groups = self.groups(blocks)
         per_group = blocks // groups
         for g in range(groups):
@@ -133,7 +226,7 @@ class DemoWorkload:
         nbd.write_zeroes(journal * BLOCK, JOURNAL_BLOCKS * BLOCK)
         nbd.flush()
 
-    def _commit(self, nbd: NBDClient, blocks: int, rnd: random.Random, count: int) -> None:
+    def _commit(self, nbd: TolerantClient, blocks: int, rnd: random.Random, count: int) -> None:
         """A journal transaction: descriptor and data blocks, FLUSH, then the commit block with FUA."""
         journal = self.journal_start(blocks)
         slot = rnd.randrange(JOURNAL_BLOCKS - count - 1)
@@ -144,31 +237,32 @@ class DemoWorkload:
         nbd.flush()
         nbd.write((journal + slot + count) * BLOCK, b"\xc0\x3b\x39\x98commit" + bytes(BLOCK - 10), fua=True)
 
-    def _write_files(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
+    def _write_files(self, nbd: TolerantClient, blocks: int, rnd: random.Random, files: list) -> None:
         slots = self.data_slots(blocks)
         for start in rnd.sample(slots, min(8, len(slots))):
             count = rnd.choice([1, 2, 4, 8, 16, 32])
             data = rnd.randbytes(count * BLOCK)
-            nbd.write(start * BLOCK, data)
-            files.append((start * BLOCK, hashlib.sha256(data).digest(), len(data)))
+            if nbd.write(start * BLOCK, data):  # a write that failed wrote no file to read back
+                files.append((start * BLOCK, hashlib.sha256(data).digest(), len(data)))
             if self._sleep(4):
                 return
         self._commit(nbd, blocks, rnd, 4)
 
-    def _read_back(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
+    def _read_back(self, nbd: TolerantClient, blocks: int, rnd: random.Random, files: list) -> None:
         for offset, digest, length in files:
-            if hashlib.sha256(nbd.read(offset, length)).digest() != digest:
-                self.errors.append(f"read back of {length} bytes at {offset} did not match")
+            data = nbd.read(offset, length)
+            if data is not None and hashlib.sha256(data).digest() != digest:
+                self._error(f"read back of {length} bytes at {offset} did not match")
             if self._sleep():
                 return
 
-    def _random_reads(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
+    def _random_reads(self, nbd: TolerantClient, blocks: int, rnd: random.Random, files: list) -> None:
         for _ in range(64):
             nbd.read(rnd.randrange(blocks) * BLOCK, BLOCK)
             if self._sleep(0.5):
                 return
 
-    def _delete(self, nbd: NBDClient, blocks: int, rnd: random.Random, files: list) -> None:
+    def _delete(self, nbd: TolerantClient, blocks: int, rnd: random.Random, files: list) -> None:
         for offset, _digest, length in files[: len(files) // 2]:
             nbd.trim(offset, length)
             if self._sleep():
