@@ -25,7 +25,7 @@ from buselab.screens.help import HelpScreen
 from buselab.session import ServeOptions, Session
 from buselab.ui.heatmap import NEVER, READ_RGB, WRITE_RGB
 from buselab.ui.lab import LabApp, run_lab
-from buselab.ui.model import Gap
+from buselab.ui.model import Gap, LabModel
 
 SIZE = 16 << 20
 MiB = 1 << 20
@@ -323,3 +323,66 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@aio
+async def test_the_header_total_keeps_up_with_the_stream_between_snapshots(session):
+    """Under load the model takes a snapshot only every busy_snapshot_every seconds;
+    the header's request total follows the newest row's seq in between."""
+    clock = [100.0]
+    model = LabModel(session, clock=lambda: clock[0], busy_rows=50, busy_snapshot_every=10.0)
+    app = LabApp(session, auto_poll=False, model=model)
+    telemetry = session.engine.telemetry
+    rec = telemetry.recorder()
+
+    def flood(n: int) -> None:
+        now = time.perf_counter()
+        for i in range(n):
+            telemetry.record(rec, c.CMD_READ, 0, i * 4096, 4096, now, now + 1e-5, 0, 1, i, None)
+
+    async with app.run_test(size=(160, 50)) as pilot:
+        clock[0] += 0.1
+        await settle(app, pilot)
+        for _ in range(3):
+            flood(400)
+            clock[0] += 0.1  # well inside busy_snapshot_every: no snapshot this tick
+            tick = app.poll()
+            await pilot.pause()
+            assert not tick.snapshot_taken and tick.requests_changed
+            newest = app.stream.rows[-1].seq
+            assert newest == telemetry.snapshot().last_seq
+            assert f"requests {newest:,}" in app.header_widget.plain
+            assert model.snapshot.total_requests < newest  # the snapshot is stale; the header is not
+        header_lines = app.header_widget.plain.splitlines()
+        assert len(header_lines) == 3 and "SERVING" in header_lines[0]
+
+
+@aio
+async def test_the_footer_and_help_fit_80x24(session):
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        for key in ("q Quit", "? Help", "p Pause", "n Step", "k Break", "f Filter", "b Disk", "r Rec", "e Save"):
+            assert key in footer, footer
+        await pilot.press("question_mark")
+        await pilot.pause()
+        lines = screen_text(app).splitlines()
+        # The intro reflows as one paragraph; a key's description wraps beside its key.
+        first = next(i for i, line in enumerate(lines) if "quit: answer in-flight" in line)
+        column = lines[first].index("quit: answer")
+        assert lines[first + 1][column:].lstrip("│ ").startswith("detach, exit"), lines[first : first + 2]
+        assert lines[first + 1][column - 3 : column].strip() == "", "the wrapped description lost its indent"
+        intro = next(i for i, line in enumerate(lines) if "Every request a client" in line)
+        assert "engine; the lab reads its telemetry" in lines[intro + 1], lines[intro : intro + 2]
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await settle(app, pilot)
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert "l Live" in footer and "k Breaks" in footer and "e Export" in footer, footer
+
+
+def screen_text(app: LabApp) -> str:
+    return "\n".join(strip.text.rstrip() for strip in app.screen._compositor.render_strips())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from rich.console import Group
+from rich.padding import Padding
+from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -33,51 +36,108 @@ KEYS: list[tuple[str, str]] = [
 ]
 
 
+INTRO = (
+    "Every request a client or the kernel sends passes through buselab's engine; the lab "
+    "reads its telemetry a dozen times a second. The disk never waits for the screen."
+)
+
+COLOURS = (
+    ("READ", fmt.READ_COLOUR),
+    ("WRITE", fmt.WRITE_COLOUR),
+    ("FLUSH", fmt.OP_COLOURS[3]),
+    ("TRIM", fmt.TRIM_COLOUR),
+    ("ZERO (write zeroes)", fmt.OP_COLOURS[6]),
+)
+
+# (heading, paragraphs): one string per paragraph, never broken by hand, so the
+# help reflows to whatever width the terminal gives it.
+SECTIONS: list[tuple[str, list[str]]] = [
+    (
+        "The stream",
+        [
+            "One row per request: sequence number, arrival time, op, byte offset, length, flags "
+            "(FUA: force unit access), latency and result (the errno name on failure). At very "
+            "high rates each tick shows its newest rows and one '+N more' row for the rest.",
+            "While the I/O is paused, held requests wait at the bottom with their wait so far.",
+        ],
+    ),
+    (
+        "The heatmap",
+        [
+            "The disk laid out like a page, offset 0 at the top left. Each half-character cell "
+            "covers the bytes the legend names; recent I/O lights it up and fades within seconds; "
+            "a dim tint stays where data was ever written. m plots offset against time instead.",
+        ],
+    ),
+    (
+        "The graphs",
+        [
+            "Throughput (MB/s, decimal like fio) and IOPS for reads, writes and other ops, one "
+            "sample a second; latency p50/p99 on a log scale (power-of-two buckets: it steps).",
+        ],
+    ),
+    (
+        "Steering",
+        [
+            "The third header line shows a recording (● REC), a replay's progress, the control "
+            "socket `buselab ctl` talks to, the breakpoints and the filter stack (top first).",
+            "Pause holds new requests; those in a backend finish. A breakpoint pauses by itself and "
+            "names itself in the header; the stream marks its request 'break'. Events (pause, step, "
+            "filters, switches, power cuts) are ◆ rows in the stream.",
+            "In the breakpoints (k) and filters (f) panels you type a spec and press enter; tab "
+            "moves to the list, where space, enter, x and the panel's other keys act on it. What "
+            "loses data (a power cut, a cow commit or discard) asks first.",
+            "Everything the keys do, `buselab ctl` does from scripts; a request that makes no sense "
+            "is refused in one line.",
+        ],
+    ),
+]
+
+KEY_WIDTH = 20  # the keys column; descriptions wrap beside it
+TEXT = "#d8dee9"
+
+
 def help_text(extra_keys: list[tuple[str, str]] | None = None) -> Text:
+    """The whole help as one unwrapped Text (for tests and plain output): one line a paragraph."""
     text = Text()
     text.append("buselab lab\n\n", style="bold #4fb3ff")
-    text.append(
-        "Every request a client or the kernel sends passes through buselab's engine; the lab\n"
-        "reads its telemetry a dozen times a second. The disk never waits for the screen.\n\n",
-        style="#d8dee9",
-    )
+    text.append(INTRO + "\n\n", style=TEXT)
     text.append("Keys\n", style="bold #d8dee9")
     for key, what in KEYS + (extra_keys or []):
-        text.append(f"  {key:<20}", style=f"bold {fmt.HELD_COLOUR}")
-        text.append(what + "\n", style="#d8dee9")
+        text.append(f"  {key:<{KEY_WIDTH}}", style=f"bold {fmt.HELD_COLOUR}")
+        text.append(what + "\n", style=TEXT)
     text.append("\nColours\n", style="bold #d8dee9")
-    for name, colour in (
-        ("READ", fmt.READ_COLOUR),
-        ("WRITE", fmt.WRITE_COLOUR),
-        ("FLUSH", fmt.OP_COLOURS[3]),
-        ("TRIM", fmt.TRIM_COLOUR),
-        ("ZERO (write zeroes)", fmt.OP_COLOURS[6]),
-    ):
+    for name, colour in COLOURS:
         text.append("  ■ ", style=colour)
-        text.append(name + "\n", style="#d8dee9")
-    text.append(
-        "\nThe stream\n"
-        "  One row per request: sequence number, arrival time, op, byte offset, length, flags\n"
-        "  (FUA: force unit access), latency and result (the errno name on failure). At very\n"
-        "  high rates each tick shows its newest rows and one '+N more' row for the rest.\n"
-        "  While the I/O is paused, held requests wait at the bottom with their wait so far.\n"
-        "\nThe heatmap\n"
-        "  The disk laid out like a page, offset 0 at the top left. Each half-character cell\n"
-        "  covers the bytes the legend names; recent I/O lights it up and fades within seconds;\n"
-        "  a dim tint stays where data was ever written. m plots offset against time instead.\n"
-        "\nThe graphs\n"
-        "  Throughput (MB/s, decimal like fio) and IOPS for reads, writes and other ops, one\n"
-        "  sample a second; latency p50/p99 on a log scale (power-of-two buckets: it steps).\n"
-        "\nSteering\n"
-        "  The third header line shows a recording (● REC), a replay's progress, the control\n"
-        "  socket `buselab ctl` talks to, the breakpoints and the filter stack (top first).\n"
-        "  Pause holds new requests; those in a backend finish. A breakpoint pauses by itself and\n"
-        "  names itself in the header; the stream marks its request 'break'. Events (pause, step,\n"
-        "  filters, switches, power cuts) are ◆ rows in the stream. Everything the keys do,\n"
-        "  `buselab ctl` does from scripts; a request that makes no sense is refused in one line.\n",
-        style="#d8dee9",
-    )
+        text.append(name + "\n", style=TEXT)
+    for heading, paragraphs in SECTIONS:
+        text.append(f"\n{heading}\n", style="bold #d8dee9")
+        for paragraph in paragraphs:
+            text.append(f"  {paragraph}\n", style=TEXT)
     return text
+
+
+def help_renderable(extra_keys: list[tuple[str, str]] | None = None) -> Group:
+    """The help as the screen shows it: paragraphs reflow to the width they get, and key
+    descriptions wrap beside their keys, under their own first line."""
+    parts: list = [Text("buselab lab\n", style="bold #4fb3ff"), Text(INTRO + "\n", style=TEXT)]
+    parts.append(Text("Keys", style="bold #d8dee9"))
+    keys = Table.grid(padding=(0, 1))
+    keys.add_column(width=KEY_WIDTH, style=f"bold {fmt.HELD_COLOUR}", overflow="fold")
+    keys.add_column(ratio=1, style=TEXT, overflow="fold")
+    for key, what in KEYS + (extra_keys or []):
+        keys.add_row(key, what)
+    parts.append(Padding(keys, (0, 0, 0, 2)))
+    parts.append(Text("\nColours", style="bold #d8dee9"))
+    for name, colour in COLOURS:
+        line = Text("  ■ ", style=colour)
+        line.append(name, style=TEXT)
+        parts.append(line)
+    for heading, paragraphs in SECTIONS:
+        parts.append(Text(f"\n{heading}", style="bold #d8dee9"))
+        for paragraph in paragraphs:
+            parts.append(Padding(Text(paragraph, style=TEXT), (0, 0, 0, 2)))
+    return Group(*parts)
 
 
 class HelpScreen(ModalScreen[None]):
@@ -103,7 +163,12 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll() as scroll:
             scroll.border_title = "help"
-            yield Static(help_text(self.extra_keys))
+            yield Static(help_renderable(self.extra_keys), id="help")
+
+    @property
+    def plain(self) -> str:
+        """The help's text, unwrapped (for tests)."""
+        return help_text(self.extra_keys).plain
 
     def action_dismiss(self) -> None:  # type: ignore[override]
         self.dismiss(None)

@@ -30,8 +30,10 @@ from pathlib import Path
 from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer
+from textual.widgets._footer import FooterKey
 
 from ..protocol import constants as c
 from ..screens.help import HelpScreen
@@ -51,6 +53,33 @@ MIN_TICK_GAP = 0.03  # seconds: catching up after a late tick, still leave time 
 LAB_GC_THRESHOLD = 50_000  # net allocations between young collections while the lab runs
 INSPECTOR_FOLLOW_EVERY = 0.25  # seconds between inspector updates while following
 INSPECTOR_FOLLOW_BUSY = 1.0  # ... and while requests pour in (it is unreadable faster anyway)
+
+
+NARROW_FOOTER = 100  # columns: below this the footer drops and shortens keys to fit 80
+# In a narrow footer: l is left out (the stream's frame says "l to stop" / "end/l to
+# follow"), and these descriptions are shortened, so every other key fits in 80 columns.
+NARROW_HIDDEN = frozenset({"toggle_follow"})
+NARROW_DESCRIPTIONS = {
+    "heat_mode": "Heat",
+    "breakpoints": "Break",
+    "filters": "Filter",
+    "switch_backend": "Disk",
+    "export": "Save",
+}
+
+
+class LabFooter(Footer):
+    """Textual's footer, with shorter descriptions (and no l) when the terminal is narrow."""
+
+    narrow: reactive[bool] = reactive(False, recompose=True)
+
+    def compose(self) -> ComposeResult:
+        for widget in super().compose():
+            if self.narrow and isinstance(widget, FooterKey):
+                if widget.action in NARROW_HIDDEN:
+                    continue
+                widget.description = NARROW_DESCRIPTIONS.get(widget.action, widget.description)
+            yield widget
 
 
 def _rss_bytes() -> int:
@@ -76,7 +105,7 @@ class LabScreen(Screen):
         yield app.heatmap
         yield app.graphs
         yield app.inspector
-        yield Footer()
+        yield LabFooter()
 
 
 class LabApp(SteeringActions, App[int]):
@@ -175,8 +204,9 @@ class LabApp(SteeringActions, App[int]):
         screen = self.lab_screen
         screen.set_class(width < 130, "narrow")
         screen.set_class(height < 40, "short")
-        for footer in screen.query(Footer):
+        for footer in screen.query(LabFooter):
             footer.compact = width < 130  # every key still fits at 100 columns
+            footer.narrow = width < NARROW_FOOTER  # ... and at 80 with shorter words
         self.call_after_refresh(self._fit_heatmap)
 
     def _fit_heatmap(self) -> None:
@@ -224,7 +254,9 @@ class LabApp(SteeringActions, App[int]):
             self.heatmap.refresh_heat()
         if tick.sampled:
             self.graphs.refresh_graphs()
-        if tick.snapshot_taken or tick.held or tick.events:
+        if tick.snapshot_taken or tick.requests_changed or tick.held or tick.events:
+            # Under load snapshots are rarer; the request total still follows the stream
+            # (only the header's changed line is drawn again).
             self.header_widget.update_from_model()
         if self.stream.follow and tick.records:
             now = time.monotonic()

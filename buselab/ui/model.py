@@ -66,6 +66,7 @@ class Tick:
     heat_changed: bool = False
     sampled: bool = False
     snapshot_taken: bool = False
+    requests_changed: bool = False  # LabModel.requests moved (between snapshots too)
     held: list[HeldRequest] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)  # (wall time, message), oldest first
     new_break: dict | None = None  # the steering's last breakpoint hit, when it is new
@@ -137,6 +138,7 @@ class LabModel:
         self.busy_rows = busy_rows
         self.busy_snapshot_every = busy_snapshot_every
         self.last_seq = 0
+        self.requests = 0  # requests served: the snapshot's total, or the newest row's seq when later
         self.ticks = 0
         self.rows_seen = 0
         self.rows_skipped = 0
@@ -151,6 +153,7 @@ class LabModel:
         self._last_break: dict | None = None
         self._last_snapshot = self.started
         self._reset_heat(self.snapshot)
+        self.requests = self.snapshot.total_requests
 
     # -- heat ------------------------------------------------------------------
     def _reset_heat(self, snap: Snapshot) -> None:
@@ -249,6 +252,9 @@ class LabModel:
         The stream's new records are read every tick. The snapshot (counters,
         histograms and the heat matrix, summed over every serving thread) costs
         more, so under load it is taken only every `busy_snapshot_every` seconds.
+        In between, `requests` follows the newest record's seq (telemetry numbers
+        every request it records, from 1), so the header's total keeps up with the
+        stream at no cost; `Tick.requests_changed` says when it moved.
         """
         now = self.clock()
         self.ticks += 1
@@ -278,6 +284,10 @@ class LabModel:
                 self._sample_base = snap
                 self._sample_base_t = now
                 tick.sampled = True
+        requests = max(self.snapshot.total_requests, self.last_seq)
+        if requests != self.requests:
+            self.requests = requests
+            tick.requests_changed = True
         gate = self.gate
         if gate.paused or self.held:
             self.held = gate.held()
