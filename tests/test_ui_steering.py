@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from textual.widgets import Input, OptionList, Static
 
 from buselab.backends import open_backend
 from buselab.backends.file import FileBackend
@@ -217,7 +218,8 @@ async def test_a_breakpoint_on_flush_added_in_the_panel_pauses_on_the_flush(sess
         assert isinstance(screen, BreakpointsScreen)
         label = str(screen.query_one("#list").get_option_at_index(0).prompt)
         assert "op=flush" in label and "1 hit" in label and "fired last" in label
-        await pilot.press("space")
+        assert isinstance(screen.focused, Input)  # the panel opens in its spec input
+        await pilot.press("tab", "space")
         assert not session.engine.steering.breakpoints[1].enabled
         await pilot.press("escape")
         await pilot.press("n")
@@ -225,7 +227,7 @@ async def test_a_breakpoint_on_flush_added_in_the_panel_pauses_on_the_flush(sess
         assert flush.error is None
         await pilot.press("p")  # resume (the breakpoint halted the gate)
         client.flush()  # the disabled breakpoint no longer catches it
-        await pilot.press("k", "x", "escape")
+        await pilot.press("k", "tab", "x", "escape")
         assert not session.engine.steering.breakpoints
 
 
@@ -269,6 +271,67 @@ async def test_an_error_filter_added_in_the_panel_fails_reads_until_toggled_off(
         await settle(app, pilot)
         assert "filters cache → error:errno=EIO,op=read" in app.header_widget.plain
         assert any("POWER CUT" in row.message for row in app.stream.events)
+
+
+@aio
+async def test_the_filters_panel_keeps_typing_in_the_spec_input(session, client):
+    app = LabApp(session, auto_poll=False)
+    steering = app.model.steering
+    steering.add_filter("delay:read=1ms")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f")
+        screen = app.screen
+        assert isinstance(screen, FiltersScreen)
+        spec = screen.query_one("#spec", Input)
+        assert screen.focused is spec, "the panel opened in the list: typing would run its keys"
+        await pilot.press(*"error:rate=1,errno=EIO,op=trim", "enter")
+        await finish_workers(app, pilot)
+        assert "filter 2 added on top" in screen.status_text and len(steering.filters) == 2
+        assert screen.focused is spec, "enter moved the focus away from the spec input"
+        # The list's keys are letters of the next spec while the input has the focus.
+        await pilot.press(*"xc d!", "space")
+        assert spec.value == "xc d! " and not isinstance(app.screen, ConfirmScreen)
+        assert [f.spec for f in steering.filters] == ["delay:read=1ms", "error:errno=EIO,op=trim"]
+        assert all(f.enabled for f in steering.filters)
+        spec.value = ""
+        await pilot.press(*"cache", "enter")
+        await finish_workers(app, pilot)
+        assert len(steering.filters) == 3 and screen.focused is spec
+        # Tab reaches the list (the new filter highlighted, top first): there they act.
+        await pilot.press("tab")
+        assert isinstance(screen.focused, OptionList)
+        await pilot.press("enter")  # enter toggles the highlighted filter: the cache
+        await finish_workers(app, pilot)
+        assert "filter 3 disabled: cache" in screen.status_text
+        await pilot.press("x")
+        await finish_workers(app, pilot)
+        assert "filter 3 removed: cache" in screen.status_text and len(steering.filters) == 2
+        await pilot.press("c")  # not cow: one line says so, nothing else happens
+        assert "not cow" in screen.status_text
+
+
+@aio
+async def test_the_breakpoints_panel_keeps_typing_in_the_spec_input(session):
+    app = LabApp(session, auto_poll=False)
+    steering = app.model.steering
+    steering.add_breakpoint("op=trim")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("k")
+        screen = app.screen
+        assert isinstance(screen, BreakpointsScreen)
+        spec = screen.query_one("#spec", Input)
+        assert screen.focused is spec
+        await pilot.press(*"op=flush", "enter")
+        assert "breakpoint 2 set: op=flush" in screen.status_text and screen.focused is spec
+        await pilot.press(*"Xx ", "enter")  # typed, not "remove all", "remove", "toggle"
+        assert sorted(steering.breakpoints) == [1, 2] and all(bp.enabled for bp in steering.breakpoints.values())
+        assert "Xx" in screen.status_text  # refused as a spec, in one line
+        spec.value = ""
+        await pilot.press("tab", "space")  # the new one is highlighted in the list
+        assert isinstance(screen.focused, OptionList)
+        assert not steering.breakpoints[2].enabled and steering.breakpoints[1].enabled
+        await pilot.press("x")
+        assert sorted(steering.breakpoints) == [1]
 
 
 @aio
@@ -402,7 +465,7 @@ async def test_the_lab_stays_readable_with_everything_on_at_100x30(session, clie
         await pilot.press("r")
         await finish_workers(app, pilot)
         await pilot.press("question_mark")
-        help_text = str(app.screen.query_one("Static").render())
+        help_text = app.screen.plain
         assert "step with a choice" in help_text and "switch the backend live" in help_text
 
 
@@ -483,7 +546,14 @@ async def test_cow_from_the_switch_screen_then_discard_and_commit_in_the_filters
         assert "discarded 4.0 KiB" in screen.status_text
         assert client.read(0, 4096) == b"base" * 1024
         client.write(4096, b"kept" * 1024)
-        await pilot.press("c")
+        await pilot.press("c")  # a commit cannot be undone either: it asks first
+        assert isinstance(app.screen, ConfirmScreen) and "4.0 KiB of changes" in str(
+            app.screen.query_one(Static).render()
+        )
+        await pilot.press("n")
+        await finish_workers(app, pilot)
+        assert "no cow commit" in screen.status_text and steering.base.base.read(4096, 4) != b"kept"
+        await pilot.press("c", "y")
         await finish_workers(app, pilot)
         assert "committed 4.0 KiB" in screen.status_text
         assert steering.base.base.read(4096, 4) == b"kept"  # in the backend under the overlay

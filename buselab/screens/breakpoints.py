@@ -55,7 +55,7 @@ class BreakpointsScreen(PanelScreen):
     def compose(self) -> ComposeResult:
         with Vertical(id="panel") as panel:
             panel.border_title = "breakpoints"
-            panel.border_subtitle = "enter add · space on/off · x remove · X all · tab list/input · esc close"
+            panel.border_subtitle = "enter add · tab list: space on/off · x remove · X all · esc close"
             yield Static(
                 "A request that matches an enabled breakpoint is held and the device pauses:\n"
                 "n steps, N steps with a choice, p resumes.",
@@ -69,10 +69,8 @@ class BreakpointsScreen(PanelScreen):
 
     def on_mount(self) -> None:
         self.refresh_list()
-        if self.steering.breakpoints:
-            self.query_one(OptionList).focus()
-        else:
-            self.query_one(Input).focus()
+        # Typing a spec is what the panel is for: start there; tab reaches the list.
+        self.query_one(Input).focus()
         self.set_interval(REFRESH_EVERY, self.refresh_list, name="breakpoints")
 
     # -- the list ------------------------------------------------------------------
@@ -124,8 +122,8 @@ class BreakpointsScreen(PanelScreen):
         self.say(f"breakpoint {bp['id']} set: {bp['spec']}")
         self.refresh_list()
         options = self.query_one(OptionList)
-        options.highlighted = options.option_count - 1  # the new one, ready for space or x
-        options.focus()
+        options.highlighted = options.option_count - 1  # the new one, for space or x after a tab
+        # The focus stays in the input: the next spec can be typed at once.
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()

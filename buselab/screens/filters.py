@@ -67,8 +67,9 @@ class FiltersScreen(PanelScreen):
         Binding("escape", "close", "Close"),
         Binding("space", "toggle", "On/off", show=False),
         Binding("x,delete", "remove", "Remove", show=False),
-        # No filter spec has a "!": it cuts the power from the input line too.
-        Binding("exclamation_mark", "powercut", "Power cut", show=False, priority=True),
+        # These act on the list, so only while it has the focus: in the spec input
+        # every key is typed (tab moves between the two).
+        Binding("exclamation_mark", "powercut", "Power cut", show=False),
         Binding("c", "cow('commit')", "Commit", show=False),
         Binding("d", "cow('discard')", "Discard", show=False),
     ]
@@ -81,7 +82,7 @@ class FiltersScreen(PanelScreen):
     def compose(self) -> ComposeResult:
         with Vertical(id="panel") as panel:
             panel.border_title = "filters · top first, as requests meet them"
-            panel.border_subtitle = "enter add · space on/off · x remove · ! power cut · c/d cow · esc close"
+            panel.border_subtitle = "enter add · tab list: space on/off · x remove · c/d cow · ! power cut · esc"
             yield OptionList(id="list", compact=True)
             yield Static("", id="actions", classes="hint")
             yield Input(placeholder="a filter spec to add on top (enter)", id="spec", compact=True)
@@ -90,10 +91,8 @@ class FiltersScreen(PanelScreen):
 
     def on_mount(self) -> None:
         self.refresh_list()
-        if self.steering.filters:
-            self.query_one(OptionList).focus()
-        else:
-            self.query_one(Input).focus()
+        # Typing a spec is what the panel is for: start there; tab reaches the list.
+        self.query_one(Input).focus()
         self.set_interval(REFRESH_EVERY, self.refresh_list, name="filters")
 
     # -- the list ------------------------------------------------------------------
@@ -134,13 +133,18 @@ class FiltersScreen(PanelScreen):
 
     def _selected_id(self) -> str | None:
         options = self.query_one(OptionList)
-        if options.highlighted is None or not isinstance(self.focused, OptionList):
+        if options.highlighted is None or not self._list_focused():
             return None
         option = options.get_option_at_index(options.highlighted)
         return option.id
 
+    def _list_focused(self) -> bool:
+        """Single-key actions act on the list only when it has the focus (not while a spec is typed)."""
+        return isinstance(self.focused, OptionList)
+
     def _steer(self, what: str, fn, done_message, *, select: bool = False) -> None:  # type: ignore[no-untyped-def]
-        """Run a stack change in the lab's thread worker; `select`: highlight the result in the list."""
+        """Run a stack change in the lab's thread worker; `select`: highlight the result in the
+        list (the focus stays where it is: in the spec input after an add, ready for the next)."""
         self.say(f"{what}…")
 
         def done(result: object) -> None:
@@ -154,7 +158,6 @@ class FiltersScreen(PanelScreen):
                 for i in range(options.option_count):
                     if options.get_option_at_index(i).id == str(getattr(result, "id", "")):
                         options.highlighted = i
-                        options.focus()
                         break
 
         self.app.steer(what, fn, done=done, failed=lambda message: self.say(message, error=True))  # type: ignore[attr-defined]
@@ -198,6 +201,8 @@ class FiltersScreen(PanelScreen):
         )
 
     def action_powercut(self) -> None:
+        if not self._list_focused():
+            return
         caches = [f for f in self.steering.filters if isinstance(f, CacheFilter) and f.enabled]
         if not caches:
             self.say("no cache filter to lose writes from: add one (type cache below)", error=True)
@@ -224,29 +229,41 @@ class FiltersScreen(PanelScreen):
         )
 
     def action_cow(self, what: str) -> None:
+        if not self._list_focused():
+            return
         if not isinstance(self.steering.base, CowBackend):
             self.say(
                 f"the backend is {self.steering.base.kind}, not cow: b switches to cow (an overlay over it)",
                 error=True,
             )
             return
+        changed = human_bytes(self.steering.base.changed_bytes())
         if what == "commit":
-            self._steer(
-                "cow commit",
-                self.steering.cow_commit,
-                lambda r: f"committed {human_bytes(r['committed_bytes'])} of changes into the base",
-            )
-            return
+            question = "Commit every change into the base?"
+            detail = f"{changed} of changes are written into the backend under the overlay; they cannot be undone."
 
-        def answered(yes: bool | None) -> None:
-            if yes:
+            def run() -> None:
+                self._steer(
+                    "cow commit",
+                    self.steering.cow_commit,
+                    lambda r: f"committed {human_bytes(r['committed_bytes'])} of changes into the base",
+                )
+
+        else:
+            question = "Discard every change?"
+            detail = f"{changed} of changes are thrown away: the disk goes back to its base, as it was when cow started."
+
+            def run() -> None:
                 self._steer(
                     "cow discard",
                     self.steering.cow_discard,
                     lambda r: f"discarded {human_bytes(r['discarded_bytes'])} of changes",
                 )
 
-        self.app.push_screen(
-            ConfirmScreen("Discard every change?", "The disk goes back to its base, as it was when cow started."),
-            answered,
-        )
+        def answered(yes: bool | None) -> None:
+            if yes:
+                run()
+            else:
+                self.say(f"no cow {what}")
+
+        self.app.push_screen(ConfirmScreen(question, detail), answered)
