@@ -15,34 +15,11 @@ import os
 import sys
 import time
 from typing import TextIO
-from urllib.parse import quote
 
 from .engine.telemetry import Snapshot, percentile
 from .protocol import constants as c
 from .session import Session
 from .sizes import human_bytes, human_rate
-
-
-def export_uri(address: str, export_name: str) -> str:
-    """An NBD URI with the export name in it, percent-encoded (nbd://h:p/NAME, nbd+unix:///NAME?socket=S).
-
-    Clients asking for "" get the export too, but a URI naming it is the one
-    to copy into qemu or nbdinfo.
-    """
-    name = quote(export_name, safe="")
-    if address.startswith("nbd+unix:///?socket="):
-        socket_path = address[len("nbd+unix:///?socket=") :]
-        return f"nbd+unix:///{name}?socket={quote(socket_path, safe='/')}"
-    if address.startswith(("nbd://", "nbds://")) and name:
-        return f"{address}/{name}"
-    return address
-
-
-def served_where(session: Session) -> str:
-    """Where the session serves, NBD addresses as URIs with the export name."""
-    places = [session.kernel.device] if session.kernel is not None else []
-    places += [export_uri(address, session.engine.export_name) for address in session.network.addresses]
-    return ", ".join(places) or "nowhere"
 
 
 def _latency(window: list[int], q: float) -> str:
@@ -104,7 +81,7 @@ def run_headless(session: Session, *, out: TextIO = sys.stdout, seconds: float |
     done = session.stop_requested
     say = _Out(out).say
     say(
-        f"buselab: serving {session.backend.describe()}, {human_bytes(session.engine.size)}, on {served_where(session)}"
+        f"buselab: serving {session.backend.describe()}, {human_bytes(session.engine.size)}, on {session.where}"
     )
     deadline = None if seconds is None else time.monotonic() + seconds
     try:

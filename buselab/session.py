@@ -12,6 +12,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from .backends import Backend
 from .engine import Engine
@@ -19,6 +20,21 @@ from .transport.network import NetworkServer
 
 log = logging.getLogger("buselab")
 
+
+
+def export_uri(address: str, export_name: str) -> str:
+    """An NBD URI with the export name in it, percent-encoded (nbd://h:p/NAME, nbd+unix:///NAME?socket=S).
+
+    Clients asking for "" get the export too, but a URI naming it is the one
+    to copy into qemu or nbdinfo.
+    """
+    name = quote(export_name, safe="")
+    if address.startswith("nbd+unix:///?socket="):
+        socket_path = address[len("nbd+unix:///?socket=") :]
+        return f"nbd+unix:///{name}?socket={quote(socket_path, safe='/')}"
+    if address.startswith(("nbd://", "nbds://")) and name:
+        return f"{address}/{name}"
+    return address
 
 @dataclass
 class ServeOptions:
@@ -58,11 +74,11 @@ class Session:
 
     @property
     def where(self) -> str:
-        """Device or addresses, for headers and the stats line."""
+        """Device or NBD URIs (with the export name), for headers and the stats line."""
         places = []
         if self.kernel is not None:
             places.append(self.kernel.device)
-        places.extend(self.network.addresses)
+        places.extend(export_uri(address, self.engine.export_name) for address in self.network.addresses)
         return ", ".join(places) or "nowhere"
 
     @property

@@ -293,6 +293,14 @@ def test_export_name(tmp_path):
         raw.sock.close()
 
 
+def test_where_names_the_export_in_its_uri(tmp_path):
+    """The header, ctl status and the stats line show Session.where: a URI a client can use as is."""
+    with serve(RamBackend(MiB), tmp_path, export_name="disk 1") as session:
+        assert session.where == f"nbd+unix:///disk%201?socket={session.socket}"
+    with serve(RamBackend(MiB), tmp_path) as session:
+        assert session.where == f"nbd+unix:///?socket={session.socket}"
+
+
 def test_tcp_listener(tmp_path):
     backend = RamBackend(MiB)
     session = Session(backend, ServeOptions())
