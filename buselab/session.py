@@ -141,6 +141,9 @@ class Session:
         # A paused gate would keep a replay, the demo's client or a kernel
         # flush waiting forever: answer everything held before joining them.
         self.engine.gate.release_all()
+        # ... and let the gate's worker send those answers before the
+        # connections close under it (stopping the network does that).
+        self.engine.gate.wait_released()
         if self.replayer is not None:
             self.replayer.join()
         if self.control is not None:

@@ -28,9 +28,17 @@ def test_quiesce_keeps_a_pause_made_meanwhile():
     engine.close()
 
 
+class SlowReads(RamBackend):
+    """Reads take a while: the answer of a released request comes after stop() has moved on."""
+
+    def read(self, offset: int, length: int):
+        time.sleep(0.3)
+        return super().read(offset, length)
+
+
 def test_session_stop_while_paused_answers_the_held_read(tmp_path):
     sock = str(tmp_path / "nbd.sock")
-    session = Session(RamBackend(1 << 20), ServeOptions(unix=[sock]))
+    session = Session(SlowReads(1 << 20), ServeOptions(unix=[sock]))
     session.start()
     client = NBDClient.connect_unix(sock)
     client.write(0, b"kept" * 1024)

@@ -128,6 +128,15 @@ class Gate:
         """Released requests are still queued or running on the worker."""
         return self.worker_busy or not self._work.empty()
 
+    def wait_released(self, timeout: float = 10.0) -> bool:
+        """Wait until released requests have been answered; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.releasing:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
     def held(self) -> list[HeldRequest]:
         with self._lock:
             return list(self._held)
