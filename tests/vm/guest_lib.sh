@@ -94,7 +94,8 @@ expect_stop() {
 
 # counters NAME: "flush N trim N" from the last stats line of NAME.log
 counters() {
-    grep ' | flush ' "$1.log" | tail -1 | sed -n 's/.*| \(flush [0-9]* trim [0-9]*\) |.*/\1/p'
+    # the headless line ends "| totals: requests 1,234, flush 3, trim 0, errors 0"
+    grep ' | totals: ' "$1.log" | tail -1 | sed -n 's/.* | totals: .* flush \([0-9,]*\), trim \([0-9,]*\),.*/flush \1 trim \2/p' | tr -d ,
 }
 
 # expect_flush_trim NAME: the stats lines show at least one FLUSH and one TRIM (waits 10 s).
