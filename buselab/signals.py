@@ -21,7 +21,13 @@ def stop_on_signals(event: threading.Event) -> Iterator[threading.Event]:
     """While inside, SIGINT/SIGTERM set `event` instead of killing the process."""
 
     def handle(signum: int, _frame: object) -> None:
-        event.set()
+        # Not event.set() here: the handler runs in the main thread between two
+        # bytecodes, possibly inside event.wait() while that holds the event's
+        # (non-reentrant) lock -- a signal delivered to another thread is handled
+        # just after the main thread's wait times out and retakes that lock --
+        # and set() would then wait for ever on a lock its own thread holds.
+        # A short-lived thread sets it as soon as the wait lets go.
+        threading.Thread(target=event.set, name="buselab-stop-signal", daemon=True).start()
 
     previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
     try:
