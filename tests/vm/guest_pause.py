@@ -16,6 +16,7 @@ show what the kernel does without the long timeout.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import re
 import subprocess
@@ -46,6 +47,8 @@ def main() -> int:
     parser.add_argument("--devices", nargs=2, default=["/dev/nbd0", "/dev/nbd1"])
     parser.add_argument("--nofix", action="store_true")
     args = parser.parse_args()
+    # The run takes about a minute; if it ever hangs, say where before the guest's watchdog kills it.
+    faulthandler.dump_traceback_later(args.pause + 200, exit=False)
     if args.nofix:
         kernel._kernel_timeout = lambda options: options.timeout
     pause = args.pause
