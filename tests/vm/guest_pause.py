@@ -100,6 +100,13 @@ def main() -> int:
                     same = same and f.read() == expected[part << 18 : (part + 1) << 18]
             ok = codes == [0] * 4 and same
             check(ok, f"{dev}: after resume the reads completed (exit {codes}), data intact: {same}")
+            if not ok:  # what the kernel said, before anything else can hang
+                name = os.path.basename(dev)
+                for line in dmesg()[kernel_log_start:]:
+                    if name in line:
+                        print(f"dmesg: {line}", flush=True)
+                for session in sessions.values():
+                    print(f"held now: {len(session.engine.gate.held())}, releasing: {session.engine.gate.releasing}")
             print(f"{dev}: waited {time.monotonic() - start:.1f} s in all", flush=True)
             again = subprocess.run(
                 ["dd", f"if={dev}", "of=/dev/null", "bs=64k", "count=16", "iflag=direct", "status=none"],
