@@ -415,10 +415,10 @@ def run_speed(args, tmp: Path, cases: list[Case]) -> tuple[list[CaseResult], dic
         info["buselab_exit_status"] = status
         lines = buselab.log.read_text(errors="replace").splitlines()
         info["buselab_log_tail"] = lines[-5:]
-        # Headless stats lines end in "| errors N"; anything else that mentions an
-        # error, a warning or a traceback is worth showing.
-        stats = [ln for ln in lines if re.search(r"\| errors [\d,]+$", ln)]
-        info["buselab_error_replies"] = sum(int(ln.rsplit(" ", 1)[1].replace(",", "")) for ln in stats)
+        # Headless stats lines end in "| totals: ..., errors N" (N since the start);
+        # anything else that mentions an error, a warning or a traceback is worth showing.
+        stats = [ln for ln in lines if re.search(r"\| totals: .*, errors [\d,]+$", ln)]
+        info["buselab_error_replies"] = int(stats[-1].rsplit(" ", 1)[1].replace(",", "")) if stats else 0
         info["buselab_log_error_lines"] = [
             ln for ln in lines if ln not in stats and re.search(r"traceback|error|warn|exception", ln, re.I)
         ][:20]
