@@ -113,3 +113,17 @@ def buselab_server(tmp_path: Path) -> Iterator:
         if served.proc.poll() is None:
             served.proc.kill()
             served.proc.wait()
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator:
+    """A started Session serving a 16 MiB RAM disk on tmp_path/nbd.sock (as `.sock`); stopped afterwards."""
+    from buselab.backends import open_backend
+    from buselab.session import ServeOptions, Session
+
+    sock = str(tmp_path / "nbd.sock")
+    s = Session(open_backend("ram", size=16 << 20), ServeOptions(unix=[sock]))
+    s.start()
+    s.sock = sock  # type: ignore[attr-defined]
+    yield s
+    s.stop()

@@ -13,32 +13,18 @@ import asyncio
 import functools
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from buselab.backends import open_backend
 from buselab.client import NBDClient
 from buselab.engine.telemetry import RequestRecord
 from buselab.protocol import constants as c
 from buselab.screens.help import HelpScreen
-from buselab.session import ServeOptions, Session
 from buselab.ui.heatmap import NEVER, READ_RGB, WRITE_RGB
 from buselab.ui.lab import LabApp, run_lab
 from buselab.ui.model import Gap, LabModel
 
-SIZE = 16 << 20
 MiB = 1 << 20
-
-
-@pytest.fixture
-def session(tmp_path: Path):
-    sock = str(tmp_path / "nbd.sock")
-    s = Session(open_backend("ram", size=SIZE), ServeOptions(unix=[sock]))
-    s.start()
-    s.sock = sock  # type: ignore[attr-defined]
-    yield s
-    s.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
@@ -22,16 +21,6 @@ from buselab.ui.model import LabModel
 from buselab.workload import DemoWorkload
 
 SIZE = 16 << 20
-
-
-@pytest.fixture
-def session(tmp_path: Path):
-    sock = str(tmp_path / "nbd.sock")
-    s = Session(open_backend("ram", size=SIZE), ServeOptions(unix=[sock]))
-    s.start()
-    s.sock = sock  # type: ignore[attr-defined]
-    yield s
-    s.stop()
 
 
 @pytest.fixture

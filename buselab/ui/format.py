@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from ..protocol import constants as c
-from ..sizes import human_bytes
+from ..sizes import human_bytes, human_rate
 
 # One colour per op, used by the stream, the heatmap legend and the graphs.
 OP_COLOURS: dict[int, str] = {
@@ -153,14 +153,7 @@ def duration_text(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def rate_text(bytes_per_second: float) -> str:
-    """MB/s with a precision that suits the value (decimal units, like fio)."""
-    mb = bytes_per_second / 1e6
-    if mb >= 100:
-        return f"{mb:.0f} MB/s"
-    if mb >= 10:
-        return f"{mb:.1f} MB/s"
-    return f"{mb:.2f} MB/s"
+rate_text = human_rate  # the lab and the headless line say rates the same way
 
 
 def count_text(n: float) -> str:
