@@ -21,7 +21,6 @@ from .transport.network import NetworkServer
 log = logging.getLogger("buselab")
 
 
-
 def export_uri(address: str, export_name: str) -> str:
     """An NBD URI with the export name in it, percent-encoded (nbd://h:p/NAME, nbd+unix:///NAME?socket=S).
 
@@ -35,6 +34,7 @@ def export_uri(address: str, export_name: str) -> str:
     if address.startswith(("nbd://", "nbds://")) and name:
         return f"{address}/{name}"
     return address
+
 
 @dataclass
 class ServeOptions:
