@@ -1,19 +1,22 @@
 """Recording every request of a running engine to a trace file.
 
 The telemetry calls our tap on the serving thread after each reply. The tap
-copies the payload (the connection reuses its buffer, and a RAM disk's read
-data is a view of memory the next write may change) and appends to a deque:
-well under a microsecond. A feeder thread takes what has queued every few
-milliseconds and sends it, marshalled in one piece, to a writer *process*
-(buselab/trace/writer.py) that hashes, formats, compresses and writes. In a
-thread those few microseconds per request would be taken from the serving
-threads, which need the GIL: measured, that cost 30-60% of the IOPS at
-4 jobs x iodepth 8; in a process it costs what the CPU can spare.
+hashes a read with crc32 there (0.4 us for 4 KiB with zlib-ng) or copies the
+payload, once, into memory shared with the writer (buselab/trace/ring.py:
+the connection reuses its buffer, and a RAM disk's read data is a view of
+memory the next write may change), and appends the record to a deque. A
+feeder thread takes what has queued every few milliseconds and sends it,
+marshalled in one piece, to a writer *process* (buselab/trace/writer.py)
+that hashes, formats, compresses and writes. In a thread those few
+microseconds per request would be taken from the serving threads, which need
+the GIL: measured, that cost 30-60% of the IOPS at 4 jobs x iodepth 8; in a
+process it costs what the CPU can spare.
 
-If the writer falls behind by more than `backlog_limit` bytes of payload, the
-tap waits: a trace that silently loses requests is worse than a slower disk
-while recording. If writing fails (disk full), recording stops, the error is
-kept in `error` and shown as a telemetry event; serving goes on.
+If the writer falls behind by more than `backlog_limit` bytes of payload (the
+size of the shared ring), the tap waits: a trace that silently loses
+requests is worse than a slower disk while recording. If writing fails (disk
+full), recording stops, the error is kept in `error` and shown as a
+telemetry event; serving goes on.
 
     recorder = TraceRecorder.start(engine, "run.jsonl.zst")   # `r` in the lab
     ...
@@ -32,7 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from itertools import repeat, starmap
@@ -41,7 +43,9 @@ from typing import Any
 from ..engine.telemetry import RequestRecord
 from ..errors import UserError
 from ..protocol import constants as c
+from .codecs import crc32
 from .format import HASH_NAME, HASHES, PAYLOAD_MODES, TraceHeader, compression_of
+from .ring import PayloadRing
 
 log = logging.getLogger("buselab")
 
@@ -84,7 +88,7 @@ class TraceRecorder:
         hash: str = HASH_NAME,  # noqa: A002 - the header field's name
         level: int | None = None,
         flush_interval: float = 1.0,
-        backlog_limit: int = 256 << 20,
+        backlog_limit: int = 16 << 20,
     ) -> None:
         if payload not in PAYLOAD_MODES:
             raise UserError(f"unknown payload mode {payload!r}: choose one of {', '.join(PAYLOAD_MODES)}")
@@ -104,7 +108,10 @@ class TraceRecorder:
         self.payload_bytes = 0
         self.complete = False
         self._queue: deque[tuple[tuple, bytes | None]] = deque()
-        self._backlog = 0  # payload bytes queued, not yet sent (approximate: see _tap)
+        self._backlog = 0  # payload bytes queued outside the ring, not yet sent (approximate: see _tap)
+        # Payloads of up to half the ring go through it; bigger ones (rare: NBD allows 32 MiB
+        # requests) and all of them where there is no memfd, through the pipe.
+        self._ring = PayloadRing.create(backlog_limit)
         self._drained = threading.Event()  # the queue is empty
         self._progress = threading.Event()  # a batch went to the writer
         self._stopping = threading.Event()
@@ -115,20 +122,26 @@ class TraceRecorder:
         self.header = header
         self._started = time.monotonic()
         self._ended: float | None = None
-        self._proc = self._spawn(
-            path,
-            {
-                "header": dataclasses.asdict(header),
-                "path": path,
-                "level": level,
-                "flush_interval": flush_interval,
-            },
-        )
-        self._tap_fn = self._make_tap()
+        setup = {
+            "header": dataclasses.asdict(header),
+            "path": path,
+            "level": level,
+            "flush_interval": flush_interval,
+        }
+        if self._ring is not None:
+            setup["ring_fd"] = self._ring.fd
+            setup["ring_size"] = self._ring.size
+        try:
+            self._proc = self._spawn(path, setup, () if self._ring is None else (self._ring.fd,))
+        except BaseException:
+            if self._ring is not None:
+                self._ring.close()
+            raise
         self._thread = threading.Thread(target=self._feed, name="buselab-trace", daemon=True)
+        self._tap_fn = self._make_tap()
 
     @staticmethod
-    def _spawn(path: str, setup: dict[str, Any]) -> subprocess.Popen:
+    def _spawn(path: str, setup: dict[str, Any], fds: tuple[int, ...]) -> subprocess.Popen:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -143,7 +156,7 @@ class TraceRecorder:
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                pass_fds=(fd,),
+                pass_fds=(fd, *fds),
                 start_new_session=True,  # Ctrl-C is for the server; it tells the writer when to end
                 bufsize=0,
             )
@@ -175,7 +188,6 @@ class TraceRecorder:
     def _make_tap(self) -> Any:
         """The tap, as a closure: every attribute lookup saved here is saved per request."""
         append = self._queue.append
-        crc32 = zlib.crc32
         keep = frozenset(
             ([c.CMD_WRITE] if self.payload in ("writes", "all") else [])
             + ([c.CMD_READ] if self.payload == "all" else [])
@@ -186,8 +198,19 @@ class TraceRecorder:
         limit = self.backlog_limit
         queued = self._queue.__len__
         recorder = self
+        ring = self._ring
+        ring_lock = ring.lock if ring is not None else None
+        ring_size = ring.size if ring is not None else 0
+        ring_data = ring.data if ring is not None else None
+        ring_max = ring_size // 2 if ring is not None else -1
+        freed_now = ring.freed if ring is not None else None
+        feeder_alive = self._thread.is_alive
+        sleep = time.sleep
+        head = 0  # ring bytes ever reserved
+        freed = 0  # what the writer had freed when we last looked: we look only when short of room
 
         def tap(record: RequestRecord, payload: bytes | bytearray | memoryview | None) -> None:
+            nonlocal head, freed
             # record[:10] is a plain tuple without the preview: marshal takes it, and it is smaller.
             if payload is None:
                 append((record[:10], None))
@@ -199,6 +222,35 @@ class TraceRecorder:
                 if queued() > _MAX_QUEUED:  # a writer starved of CPU: do not grow without end
                     recorder._wait_for_writer()
             else:
+                try:
+                    n = len(payload)
+                except TypeError:
+                    n = -1
+                if 0 <= n <= ring_max:
+                    # Reserve, copy and queue in one step, so the writer frees the ring in queue
+                    # order. Inline rather than a function: a call costs more than the copy.
+                    with ring_lock:
+                        start = head
+                        pos = start % ring_size
+                        if pos + n > ring_size:  # would wrap: start again at the beginning
+                            start += ring_size - pos
+                            pos = 0
+                        end = start + n
+                        while end - freed > ring_size:  # full as far as we knew: look again
+                            freed = freed_now()
+                            if end - freed > ring_size:
+                                if not feeder_alive():  # the writer is gone
+                                    append((record[:10], None))
+                                    return
+                                sleep(0.0005)
+                        try:
+                            ring_data[pos : pos + n] = payload
+                        except (TypeError, ValueError):  # not a flat byte buffer (or recording ended)
+                            pass
+                        else:
+                            head = end
+                            append((record[:10], (start, n)))
+                            return
                 try:
                     data = bytes(payload)
                 except TypeError:
@@ -316,6 +368,8 @@ class TraceRecorder:
             self._stopped = True
             already_failed = self.error is not None  # and said so
             self._finish(timeout)
+            if self._ring is not None:
+                self._ring.close()
             if self.error is None:
                 self.engine.telemetry.event(f"recording stopped: {self.records:,} requests in {self.path}")
             elif not already_failed:

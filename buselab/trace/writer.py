@@ -27,12 +27,13 @@ import select
 import signal
 import sys
 import time
-from binascii import b2a_base64
 from operator import itemgetter
 from typing import Any
 
 from ..protocol import constants as c
+from .codecs import b64encode
 from .format import RECORD_FORMAT, TraceHeader, TraceWriter, encode_trailer, hasher
+from .ring import RingReader
 
 _OP_NAMES = [c.CMD_NAMES.get(i, f"CMD{i}") for i in range(8)]
 _FRAME = 4
@@ -101,6 +102,8 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
     data_head = fmt + b',"hash":"%s","data":"'
     with_zeros = fmt + b',"hash":"%s","zeros":true}\n'
     write = writer.write_bytes
+    ring = RingReader(setup["ring_fd"], setup["ring_size"]) if "ring_fd" in setup else None
+    freed = 0  # how far the ring's payloads are encoded (and the server told)
     dirty = False  # written to the compressor but not yet flushed to the file
     while True:
         if dirty:
@@ -123,6 +126,8 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
         lines = []
         add = lines.append
         for (seq, t, cmd, flags, offset, length, latency, error, conn, handle), data in batch:
+            if cmd < 8:
+                ops[cmd] += 1
             fields = (
                 seq,
                 t - start,
@@ -137,22 +142,28 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
             )
             if data is None:
                 add(plain % fields)
-            elif data.__class__ is int:  # a crc32 the server took itself
+                continue
+            if data.__class__ is int:  # a crc32 the server took itself
                 add(with_crc % (*fields, data))
-            elif (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
+                continue
+            if data.__class__ is tuple:  # (start, length) in the shared ring
+                begin, n = data
+                data = ring.get(begin, n)
+                freed = max(freed, begin + n)
+            if (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
                 payload_bytes += len(data)
                 digest = digest_of(data).encode()
-                if data and not data[0] and not data[-1] and data == bytes(len(data)):
+                if data and not data[0] and not data[-1] and bytes(data) == bytes(len(data)):
                     add(with_zeros % (*fields, digest))  # file systems write a lot of these
                 else:  # in pieces: formatting the payload into the line would copy it once more
                     add(data_head % (*fields, digest))
-                    add(b2a_base64(data, newline=False))
+                    add(b64encode(data))
                     add(b'"}\n')
             else:
                 add(with_hash % (*fields, digest_of(data).encode()))
-            if cmd < 8:
-                ops[cmd] += 1
         write(b"".join(lines))
+        if ring is not None:
+            ring.free(freed)  # the lines hold copies: the server may overwrite those payloads now
         records += len(batch)
         dirty = True
         now = time.monotonic()
