@@ -705,3 +705,33 @@ def test_backend_errors_logged_only_for_bugs(tmp_path, caplog):
         messages = [r.getMessage() for r in caplog.records if r.name == "buselab"]
         assert messages and all("RuntimeError: the disk is on fire" in m for m in messages)
         assert client.read(0, 4) == bytes(4)
+
+
+def test_a_lone_request_is_answered_before_its_bookkeeping(session) -> None:
+    """At iodepth 1 the client waits for each reply: telemetry (and recording) come after it."""
+    import threading
+
+    from buselab.client import NBDClient
+
+    in_tap = threading.Event()
+    go_on = threading.Event()
+
+    def slow_tap(record, payload) -> None:
+        in_tap.set()
+        go_on.wait(30)
+
+    session.engine.telemetry.taps.append(slow_tap)
+    try:
+        with NBDClient.connect_unix(session.sock) as nbd:
+            written = threading.Event()
+            writer = threading.Thread(target=lambda: (nbd.write(0, b"x" * 4096), written.set()))
+            writer.start()
+            # The reply comes while the tap still blocks; before, it waited for the tap.
+            assert written.wait(5), "the reply waited for the telemetry"
+            assert in_tap.is_set() or in_tap.wait(5)
+            go_on.set()
+            writer.join()
+            assert nbd.read(0, 4096) == b"x" * 4096
+    finally:
+        go_on.set()
+        session.engine.telemetry.taps.remove(slow_tap)

@@ -297,6 +297,12 @@ class Connection:
                 out += (pack_simple(_SIMPLE_MAGIC, 0, handle), data)
             else:
                 out.append(pack_simple(_SIMPLE_MAGIC, 0, handle))
+            end = now()
+            if self._end - self._pos < _HEADER:
+                # No further request is buffered: we would send the replies before waiting
+                # anyway, so send them before the bookkeeping below, which a client waiting
+                # for this reply (iodepth 1, the kernel's sync I/O) need not wait for.
+                self._flush_replies()
             record(
                 rec,
                 cmd,
@@ -304,7 +310,7 @@ class Connection:
                 offset,
                 length,
                 start,
-                now(),
+                end,
                 error,
                 number,
                 handle,
