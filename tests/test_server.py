@@ -735,3 +735,52 @@ def test_a_lone_request_is_answered_before_its_bookkeeping(session) -> None:
     finally:
         go_on.set()
         session.engine.telemetry.taps.remove(slow_tap)
+
+
+@pytest.mark.parametrize("scale", [1, 16], ids=["real-buffer", "buffer-16x-smaller"])
+def test_pipelined_writes_of_every_size_land_intact(tmp_path, monkeypatch, scale) -> None:
+    """Requests sent back to back, big and small, cross the receive buffer's end many times.
+
+    Writes up to _SMALL_WRITE are applied from where they were received, bigger ones are
+    assembled apart; a request split across the buffer's end must be moved, not lost or
+    mixed up. With the buffer 16x smaller the same code moves partial requests hundreds
+    of times in this test.
+    """
+    import random
+    import threading
+
+    from buselab.transport import connection
+
+    monkeypatch.setattr(connection, "_SMALL_WRITE", connection._SMALL_WRITE // scale)
+    monkeypatch.setattr(connection, "_RECV_BUFFER", connection._RECV_BUFFER // scale)
+    rng = random.Random(5)
+    size = 32 * MiB
+    model = bytearray(size)
+    blob = bytearray()
+    expected_reads: list[tuple[int, bytes]] = []
+    handle = 0
+    small = connection._SMALL_WRITE
+    for _ in range(300):
+        handle += 1
+        length = rng.choice([0, 512, 4096, 12_345, small // 3, small - 28, small, small + 4096, 3 * small // 2])
+        offset = rng.randrange(0, size - length + 1) // 512 * 512
+        if rng.random() < 0.6:
+            data = rng.randbytes(length)
+            model[offset : offset + length] = data
+            blob += encode_request(c.CMD_WRITE, handle, offset, length) + data
+        else:
+            blob += encode_request(c.CMD_READ, handle, offset, length)
+            expected_reads.append((handle, bytes(model[offset : offset + length])))
+    reads = dict(expected_reads)
+    with serve(RamBackend(size), tmp_path) as session:
+        raw = RawClient(session.socket)
+        sender = threading.Thread(target=raw.send, args=(bytes(blob),))
+        sender.start()
+        for _ in range(handle):
+            error, got = raw.simple_reply()
+            assert error == 0, f"request {got} failed with {error}"
+            if got in reads:
+                assert raw.recv_exact(len(reads[got])) == reads[got], f"READ {got} returned other data"
+        sender.join()
+        with connect(session) as nbd:
+            assert nbd.read(0, size) == bytes(model)

@@ -43,8 +43,12 @@ _READ, _WRITE, _DISC = c.CMD_READ, c.CMD_WRITE, c.CMD_DISC
 _HEADER = c.REQUEST.size
 _MAX_PAYLOAD = c.MAX_PAYLOAD
 _DISCARD_CHUNK = 1 << 20
-_RECV_BUFFER = 512 * 1024  # holds a burst of pipelined requests
-_SMALL_WRITE = 128 * 1024  # payloads up to this size are taken from the receive buffer
+# Writes of up to _SMALL_WRITE are parsed where they were received: the backend copies
+# the payload straight out of the receive buffer. Bigger ones are assembled in a buffer
+# of their own, which costs a copy of whatever part had been received with the header.
+# The buffer is anonymous memory: only what a client's requests reach becomes resident.
+_SMALL_WRITE = 1 << 20
+_RECV_BUFFER = 4 * _SMALL_WRITE  # a burst of pipelined requests, or a few whole 1 MiB writes
 _SPIN = float(os.environ.get("BUSELAB_SPIN_US", "50")) / 1e6
 _DONTWAIT = socket.MSG_DONTWAIT
 # Poll only while the client's requests usually come this soon after we wait
@@ -141,12 +145,16 @@ class Connection:
             self._flush_replies()
         view = self._recv_view
         pos, end = self._pos, self._end
-        if pos:
-            # Move the unread tail to the front so the buffer never runs out.
+        if pos and pos + need > len(view):
+            # Move the unread tail to the front, but only when what we need would not fit
+            # after it: a big write's partial payload is moved once per trip round the
+            # buffer, not on every request.
             n = end - pos
             if n:
                 view[:n] = view[pos:end]
             pos, end = 0, n
+        elif pos == end:
+            pos = end = 0  # nothing unread: start again at the front, for free
         recv_into = self.sock.recv_into
         if end - pos >= need:
             self._pos, self._end = pos, end

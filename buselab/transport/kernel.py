@@ -71,6 +71,9 @@ KERNEL_FLAGS = (
 # is an unsigned int of jiffies, and 30 days at HZ=1000 still fits.
 LONG_TIMEOUT = 30 * 24 * 3600
 
+_SO_SNDBUFFORCE = 32  # Linux; not in Python's socket module
+_KERNEL_SOCKET_BUFFER = 4 << 20
+
 # Signals that must reach the main thread, never interrupt NBD_DO_IT: the kernel treats an
 # interrupted DO_IT as "the server went away" and fails every request in flight.
 _MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
@@ -421,6 +424,24 @@ def attach(
     return attachment
 
 
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    """The pair the kernel and we talk over, with room for several whole 1 MiB requests.
+
+    With the default ~200 KiB the kernel's sender stops a few times in every 1 MiB write
+    until we have read what it sent, and we stop for it in turn; with 4 MiB it sends the
+    next request while we copy the last one into the backend. Measured in the VM: fio 1 MiB
+    libaio writes went from 0.73x to 0.78x of nbdkit with this alone. SO_SNDBUFFORCE, as
+    root (attaching needs root anyway), is not capped by net.core.wmem_max.
+    """
+    pair = socket.socketpair()
+    for sock in pair:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _KERNEL_SOCKET_BUFFER)
+        except OSError:
+            pass  # the default buffer works, only slower
+    return pair
+
+
 def _kernel_timeout(options: KernelOptions) -> int:
     if options.timeout == 0 and options.connections > 1:
         return LONG_TIMEOUT
@@ -437,7 +458,7 @@ def _busy_message(device: str, index: int) -> str:
 def _attach_netlink(device, index, engine, network, netlink, size, block_size, flags, options) -> KernelAttachment:
     attachment = KernelAttachment(device, index, "netlink", engine)
     attachment.connections = options.connections
-    pairs = [socket.socketpair() for _ in range(options.connections)]
+    pairs = [_socketpair() for _ in range(options.connections)]
     try:
         netlink.connect(
             [kernel_end.fileno() for _, kernel_end in pairs],
@@ -470,7 +491,7 @@ def _attach_ioctl(device, index, engine, network, size, block_size, flags, optio
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise UserError(f"cannot open {device}: {exc.strerror}") from None
-    ours, kernel_end = socket.socketpair()
+    ours, kernel_end = _socketpair()
     try:
         # Order matters: block size before the size in blocks, both before the socket.
         fcntl.ioctl(fd, NBD_SET_BLKSIZE, block_size)
