@@ -69,6 +69,7 @@ class Engine:
         self.readonly = readonly
         self.description = description or f"buselab {backend.describe()}"
         self.telemetry = Telemetry(backend.size)
+        self.telemetry.settle = self.settle
         self.gate = Gate(self)
         self.backend_errors = 0  # exceptions from backend bugs (not BackendError/OSError), logged or not
         self._errors_lock = threading.Lock()
@@ -163,6 +164,23 @@ class Engine:
             log.warning("%s", note)
             self.telemetry.event(note)
         return wire_errno(exc)
+
+    def settle(self, timeout: float = 1.0) -> None:
+        """Wait until every request whose reply was sent has been counted and recorded.
+
+        A connection sends a lone request's reply before its bookkeeping, so a client can
+        hold the answer a few microseconds before telemetry and taps have seen the request.
+        Readers that must agree with what clients saw (snapshots, the stream, stopping a
+        recording) wait here; it is one pass over the connections when nothing is pending.
+        """
+        deadline = 0.0
+        while any(getattr(conn, "accounting", False) or getattr(conn, "completing", False) for conn in list(self.connections)):
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + timeout
+            elif now > deadline:
+                return  # a serving thread stuck in a tap: readers go on with what there is
+            time.sleep(0.0002)
 
     @contextlib.contextmanager
     def quiesce(self, timeout: float = 30.0) -> Iterator[None]:

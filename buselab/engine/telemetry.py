@@ -139,6 +139,9 @@ class Telemetry:
         self._conn_numbers = itertools.count(1)
         self.events: deque[tuple[float, str]] = deque(maxlen=500)
         self.taps: list[Tap] = []  # called on the serving thread: keep them cheap
+        # Waits until replies already sent are counted here too (the engine sets it: a lone
+        # request's reply goes out before its record is made; see Connection._transmission).
+        self.settle: Callable[[], None] = lambda: None
         self.resize(size, cells)
 
     def resize(self, size: int, cells: int | None = None) -> None:
@@ -262,6 +265,7 @@ class Telemetry:
 
     # -- readers -------------------------------------------------------------
     def snapshot(self) -> Snapshot:
+        self.settle()
         with self._lock:
             self._retire_finished()
             recorders = [*self._recorders, self._retired]
@@ -302,6 +306,7 @@ class Telemetry:
         Only the tail of the ring is touched, so a reader polling at 10-20 Hz
         pays for what is new, not for the whole ring.
         """
+        self.settle()
         ring = self.ring
         if not ring or ring[-1][0] <= after_seq:
             return []

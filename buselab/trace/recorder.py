@@ -354,6 +354,7 @@ class TraceRecorder:
         with self._stop_lock:
             if self._stopped:
                 return self.info()
+            self.engine.settle()  # every request a client has its answer to is in the trace
             self._detach()
             self._ended = time.monotonic()
             self._stopping.set()

@@ -74,6 +74,8 @@ class Connection:
         self.number = engine.telemetry.connection_opened(peer)
         self._send_lock = threading.Lock()
         self.busy = False  # a request of ours is in the backend (see Engine.quiesce)
+        self.accounting = False  # a reply is sent, its bookkeeping not yet done (see Engine.settle)
+        self.completing = False  # the same for a released request, on the gate's thread
         self._prefix = b""  # bytes read past the handshake
         # Anonymous memory: pages become resident only as they are used.
         self._recv_buffer = mmap.mmap(-1, _RECV_BUFFER)
@@ -306,10 +308,12 @@ class Connection:
             else:
                 out.append(pack_simple(_SIMPLE_MAGIC, 0, handle))
             end = now()
-            if self._end - self._pos < _HEADER:
+            early = self._end - self._pos < _HEADER
+            if early:
                 # No further request is buffered: we would send the replies before waiting
                 # anyway, so send them before the bookkeeping below, which a client waiting
                 # for this reply (iodepth 1, the kernel's sync I/O) need not wait for.
+                self.accounting = True
                 self._flush_replies()
             record(
                 rec,
@@ -324,18 +328,23 @@ class Connection:
                 handle,
                 data if cmd == _READ else req.payload,
             )
+            if early:
+                self.accounting = False
             if len(out) >= _MAX_QUEUED_PARTS:
                 self._flush_replies()
 
     # -- replies ------------------------------------------------------------------
     def complete(self, req: Request, start: float, error: int, data: object) -> None:
         """Reply and record; called from any thread (the gate's, for held requests)."""
+        self.completing = True  # see Engine.settle
         try:
             parts = self._reply_parts(req, error, data)
             with self._send_lock:
                 self._sendmsg_all(parts)
-        except OSError:
-            pass  # the client is gone; its serve loop notices and cleans up
+        except OSError as exc:
+            # The client is gone (its serve loop notices and cleans up), or the reply could
+            # not be sent: say so, a client left waiting for it is a hang to explain.
+            log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
         telemetry = self.engine.telemetry
         telemetry.record(
             telemetry.recorder(),
@@ -350,6 +359,7 @@ class Connection:
             req.handle,
             data if req.cmd == _READ and not error else req.payload,
         )
+        self.completing = False
 
     def _reply_parts(self, req: Request, error: int, data: object) -> list:
         cmd = req.cmd
