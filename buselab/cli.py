@@ -14,12 +14,15 @@ More subcommands live in buselab/commands/ and register themselves.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
 import pkgutil
 import select
+import signal
 import sys
+import threading
 
 from . import __version__
 from .backends import open_backend
@@ -190,6 +193,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `kill -USR1 PID` prints every thread's stack to stderr: for a device that seems stuck,
+    # it says whether buselab waits for the kernel or the kernel for buselab.
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         code = _main(argv)
         sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe is a traceback

@@ -38,6 +38,7 @@ if _REPO not in sys.path:
     sys.path.append(_REPO)
 
 from tests.vm.fixtures import require_tool, unavailable, vm, vm_image  # noqa: E402, F401  (pytest fixtures)
+from tests.vm.vm import VmError  # noqa: E402
 
 GUEST = Path(__file__).resolve().parent / "vm"
 GUEST_TOOLS = ("mkfs.ext4", "fsck.ext4", "fstrim", "sha256sum", "timeout", "dd", "mount", "umount")
@@ -92,9 +93,23 @@ def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
     if importlib.util.find_spec("pyroute2") is None:
         unavailable("needs pyroute2 (pip install 'buselab[kernel]') for the netlink path")
     # Six devices: the pause check runs on nbd4 and nbd5 in the background.
-    result = vm(
-        f"sh {GUEST / 'guest_kernel_netlink.sh'}\n", timeout=840, modules=("nbd nbds_max=6",), env={"PAUSE": "40"}
-    )
+    def boot():
+        return vm(
+            f"sh {GUEST / 'guest_kernel_netlink.sh'}\n", timeout=840, modules=("nbd nbds_max=6",), env={"PAUSE": "40"}
+        )
+
+    try:
+        result = boot()
+    except VmError as exc:
+        # Known and not understood (README, "Known problems"): in about 1 run of 6, a device with
+        # two netlink connections stops getting requests from the guest's kernel -- every
+        # buselab thread waits in recv, the I/O waits in the kernel. The guest's watchdog prints
+        # what it can see and powers off; one more boot decides. Anything else fails at once.
+        if "hang: still running" not in exc.output:
+            raise
+        print(exc.output)
+        print("the guest hung (see the hang: lines above); booting once more")
+        result = boot()
     _guest_checks(
         result,
         [
@@ -119,7 +134,8 @@ def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
         ],
     )
     assert re.search(r"pause: ok: /dev/nbd5: reads held for 40 s", result.output)
-    assert "pause: ok: the kernel killed nothing" in result.output
+    assert "pause: ok: /dev/nbd5: the kernel killed nothing" in result.output
+    assert re.search(r"pause: ok: /dev/nbd4: after resume the reads completed", result.output)
     assert re.search(
         r"pause: ok: /dev/nbd5: stopped while paused in .*the held read \(\d+\) got its answer", result.output
     )

@@ -2,6 +2,8 @@
 # BUSE's ioctl path (--ioctl): no module, buselab loading it, ext4 on /dev/nbd0, FLUSH and TRIM,
 # clear errors, kill -9 recovery, the file backend across a restart.
 . "$(dirname "$0")/guest_lib.sh"
+watchdog "${WATCHDOG:-420}" &
+WATCHDOG_PID=$!
 T0=$(now)
 
 echo "== no nbd module, and modprobe cannot load it"
@@ -73,4 +75,5 @@ if start file1 file /tmp/disk.img /dev/nbd3 --size 64M --ioctl; then
 fi
 
 echo "took $(echo "$(now) $T0" | awk '{printf "%.1f", $1 - $2}') s"
+kill "$WATCHDOG_PID" 2>/dev/null
 finish

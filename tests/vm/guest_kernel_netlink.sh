@@ -1,16 +1,22 @@
 # Runs *inside* the test VM, nbd loaded with nbds_max=6 (tests/test_kernel_vm.py).
 # The netlink path: ext4 on /dev/nbd0 over 2 connections, chaining (lo /dev/nbd0 /dev/nbd1),
 # --device auto, a busy device, kill -9 recovery (by netlink and by the ioctls alone), and a
-# pause longer than the kernel's 30 s request timeout (guest_pause.py on /dev/nbd4 and
-# /dev/nbd5, in the background while the rest runs: it mostly sleeps) unless PAUSE=0.
+# pause longer than the kernel's 30 s request timeout (guest_pause.py on /dev/nbd4 by ioctl and
+# /dev/nbd5 by netlink with 2 connections, one process each as buselab serves them, in the
+# background while the rest runs: they mostly sleep) unless PAUSE=0.
 . "$(dirname "$0")/guest_lib.sh"
+watchdog "${WATCHDOG:-420}" &
+WATCHDOG_PID=$!
 HERE=$(cd "$(dirname "$0")" && pwd)
 T0=$(now)
 
 if [ "${PAUSE:-40}" != 0 ]; then
-    timeout -s KILL 400 python3 "$HERE/guest_pause.py" --pause "${PAUSE:-40}" --devices /dev/nbd4 /dev/nbd5 \
-        >pause.log 2>&1 &
+    timeout -s KILL 400 python3 "$HERE/guest_pause.py" --pause "${PAUSE:-40}" --device /dev/nbd4 --ioctl \
+        >pause4.log 2>&1 &
     PAUSE_PID=$!
+    timeout -s KILL 400 python3 "$HERE/guest_pause.py" --pause "${PAUSE:-40}" --device /dev/nbd5 --connections 2 \
+        >pause5.log 2>&1 &
+    PAUSE5_PID=$!
 fi
 
 echo "== ext4 on /dev/nbd0 via netlink, 2 connections"
@@ -93,13 +99,18 @@ fi
 
 if [ -n "$PAUSE_PID" ]; then
     echo "== a ${PAUSE:-40} s pause does not kill the device (started at the beginning)"
-    if wait "$PAUSE_PID"; then
+    wait "$PAUSE_PID"
+    rc4=$?
+    wait "$PAUSE5_PID"
+    rc5=$?
+    if [ "$rc4" = 0 ] && [ "$rc5" = 0 ]; then
         ok "pause: guest_pause.py passed"
     else
-        fail "pause: guest_pause.py failed"
+        fail "pause: guest_pause.py failed (nbd4: $rc4, nbd5: $rc5)"
     fi
-    sed 's/^/pause: /' pause.log
+    sed 's/^/pause: /' pause4.log pause5.log
 fi
 
 echo "took $(echo "$(now) $T0" | awk '{printf "%.1f", $1 - $2}') s"
+kill "$WATCHDOG_PID" 2>/dev/null
 finish

@@ -186,6 +186,46 @@ expect_dd() {
     run "$desc" timeout -s KILL 60 dd "$@" status=none
 }
 
+# watchdog SECONDS, in the background: if the script is still running then, something is stuck
+# in a way no deadline can end (a process in uninterruptible sleep ignores SIGKILL). Print what
+# waits on what -- the nbd devices' in-flight counts, every task in D state with its kernel
+# stack, buselab's own threads (SIGUSR1 makes it dump them to its log), the kernel's last
+# lines -- and power off, so the host learns of it in minutes, not at its own timeout.
+watchdog() {
+    sleep "$1"
+    echo "hang: still running after $1 s"
+    for f in /sys/block/nbd*/inflight; do
+        [ "$(cat "$f")" = "       0        0" ] || echo "hang: in flight (reads writes) on $f: $(cat "$f")"
+    done
+    # blk-mq's view: which hardware queue holds the requests, and in what state.
+    mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null
+    for h in /sys/kernel/debug/block/nbd*/hctx*; do
+        [ -d "$h" ] || continue
+        for f in state dispatch busy flags dispatched queued run active; do
+            [ -r "$h/$f" ] && [ -n "$(cat "$h/$f" 2>/dev/null)" ] && echo "hang: $h/$f: $(cat "$h/$f" | tr '\n' ' ')"
+        done
+    done
+    for p in /proc/[0-9]*; do
+        if grep -q '^[0-9]* ([^)]*) D' "$p/stat" 2>/dev/null; then
+            echo "hang: D state: pid ${p#/proc/} $(cat "$p/comm" 2>/dev/null), waiting in $(cat "$p/wchan" 2>/dev/null)"
+            sed 's/^/hang:     /' "$p/stack" 2>/dev/null
+        fi
+    done
+    for pid in $(pgrep -f 'python.* -m buselab|bin/buselab|guest_pause.py'); do
+        kill -USR1 "$pid" 2>/dev/null
+    done
+    sleep 3
+    for log in *.log; do
+        grep -q 'most recent call first' "$log" 2>/dev/null || continue
+        echo "hang: threads of the buselab writing $log:"
+        grep -A4 '^Thread\|^Current thread' "$log" | grep -v '^--' | tail -60 | sed 's/^/hang:     /'
+    done
+    dmesg | tail -25 | sed 's/^/hang: dmesg: /'
+    echo "hang: powering off"
+    sync
+    echo o >/proc/sysrq-trigger
+}
+
 finish() {
     echo "summary: $FAILED failure(s)"
     [ "$FAILED" -eq 0 ]

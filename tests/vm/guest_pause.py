@@ -3,14 +3,15 @@
 With timeout 0 the kernel's nbd driver waits for ever on a single connection (it only logs
 "Possible stuck request" every 30 s), but with several connections it marks a connection dead
 after 30 s and requeues its requests; buselab therefore asks for a very long timeout there.
-Two devices are paused at once: the first (ioctl, one connection) and the second (netlink, two
-connections), /dev/nbd0 and /dev/nbd1 unless --devices says otherwise. Reads are held by the gate
-for --pause seconds (default 40), then released; they must complete with the right data and the
-kernel must not have failed anything on those devices.
+One device per process, as `buselab` itself serves it: the guest script runs this twice at
+once, for the ioctl path with one connection (--ioctl) and for netlink with two
+(--connections 2). Reads are held by the gate for --pause seconds (default 40), then
+released; they must complete with the right data and the kernel must not have failed
+anything on the device.
 
-No CLI for pausing yet, so this drives the engine's gate through the library. Prints one
-``ok:`` or ``FAIL:`` line per check. ``--nofix`` sends timeout 0 on the netlink device too, to
-show what the kernel does without the long timeout.
+No CLI for a held read's data, so this drives the engine's gate through the library. Prints
+one ``ok:`` or ``FAIL:`` line per check. ``--nofix`` sends timeout 0 on a multi-connection
+device too, to show what the kernel does without the long timeout.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import faulthandler
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -44,77 +46,72 @@ def dmesg() -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pause", type=float, default=40.0)
-    parser.add_argument("--devices", nargs=2, default=["/dev/nbd0", "/dev/nbd1"])
+    parser.add_argument("--device", default="/dev/nbd0")
+    parser.add_argument("--ioctl", action="store_true", help="attach with the ioctls (one connection)")
+    parser.add_argument("--connections", type=int, default=2, help="netlink connections (default 2)")
     parser.add_argument("--nofix", action="store_true")
     args = parser.parse_args()
     # The run takes about a minute; if it ever hangs, say where before the guest's watchdog kills it.
     faulthandler.dump_traceback_later(args.pause + 200, exit=False)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the guest's watchdog asks for it
     if args.nofix:
         kernel._kernel_timeout = lambda options: options.timeout
     pause = args.pause
-    one, two = args.devices
+    dev = args.device
+    name = os.path.basename(dev)
     pattern = f"/tmp/pause-pattern-{os.getpid()}"
     with open(pattern, "wb") as f:
         f.write(os.urandom(1 << 20))
-    devices = {
-        one: ServeOptions(device=one, use_ioctl=True),
-        two: ServeOptions(device=two, connections=2),
-    }
-    sessions = {dev: Session(open_backend("ram", size=SIZE), options) for dev, options in devices.items()}
+    with open(pattern, "rb") as g:
+        expected = g.read()
+    options = (
+        ServeOptions(device=dev, use_ioctl=True)
+        if args.ioctl
+        else ServeOptions(device=dev, connections=args.connections)
+    )
+    session = Session(open_backend("ram", size=SIZE), options)
     kernel_log_start = len(dmesg())
-    for dev, session in sessions.items():
-        session.start()
-        print(f"attached {dev} via {session.kernel.method}, {session.options.connections} connection(s)", flush=True)
+    session.start()
+    print(f"attached {dev} via {session.kernel.method}, {session.options.connections} connection(s)", flush=True)
+    gate = session.engine.gate
     try:
-        for dev in sessions:
-            subprocess.run(["dd", f"if={pattern}", f"of={dev}", "bs=64k", "oflag=direct", "status=none"], check=True)
-        readers: dict[str, list] = {}
-        for dev, session in sessions.items():
-            session.engine.gate.pause()
-            # Four readers of 256 KiB each at once (O_DIRECT, 64 KiB requests): several requests
-            # in flight, on both CPUs, so over both connections of the netlink device.
-            readers[dev] = []
-            for part in range(4):
-                out = f"/tmp/pause-out-{os.path.basename(dev)}-{part}"
-                cmd = ["dd", f"if={dev}", f"of={out}", "bs=64k", "count=4", f"skip={4 * part}", "iflag=direct"]
-                readers[dev].append((subprocess.Popen([*cmd, "status=none"]), out, part))
+        subprocess.run(["dd", f"if={pattern}", f"of={dev}", "bs=64k", "oflag=direct", "status=none"], check=True)
+        gate.pause()
+        # Four readers of 256 KiB each at once (O_DIRECT, 64 KiB requests): several requests
+        # in flight, on both CPUs, so over both connections of a netlink device.
+        readers = []
+        for part in range(4):
+            out = f"/tmp/pause-out-{name}-{part}"
+            cmd = ["dd", f"if={dev}", f"of={out}", "bs=64k", "count=4", f"skip={4 * part}", "iflag=direct"]
+            readers.append((subprocess.Popen([*cmd, "status=none"]), out, part))
         start = time.monotonic()
         time.sleep(pause)
-        for dev, session in sessions.items():
-            held = len(session.engine.gate.held())
-            waiting = sum(proc.poll() is None for proc, _, _ in readers[dev])
-            check(waiting == 4 and held > 0, f"{dev}: reads held for {pause:.0f} s ({held} held, {waiting} dd waiting)")
-        for session in sessions.values():
-            session.engine.gate.resume()
-        with open(pattern, "rb") as g:
-            expected = g.read()
-        for dev, procs in readers.items():
-            codes, same = [], True
-            for proc, out, part in procs:
-                try:
-                    codes.append(proc.wait(60))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    codes.append("timeout")
-                with open(out, "rb") as f:
-                    same = same and f.read() == expected[part << 18 : (part + 1) << 18]
-            ok = codes == [0] * 4 and same
-            check(ok, f"{dev}: after resume the reads completed (exit {codes}), data intact: {same}")
-            if not ok:  # what the kernel said, before anything else can hang
-                name = os.path.basename(dev)
-                for line in dmesg()[kernel_log_start:]:
-                    if name in line:
-                        print(f"dmesg: {line}", flush=True)
-                for session in sessions.values():
-                    print(f"held now: {len(session.engine.gate.held())}, releasing: {session.engine.gate.releasing}")
-            print(f"{dev}: waited {time.monotonic() - start:.1f} s in all", flush=True)
-            again = subprocess.run(
-                ["dd", f"if={dev}", "of=/dev/null", "bs=64k", "count=16", "iflag=direct", "status=none"],
-                timeout=60,
-            )
-            check(again.returncode == 0, f"{dev}: the device still works after the pause")
-        names = "|".join(os.path.basename(dev) for dev in sessions)
-        lines = [line for line in dmesg()[kernel_log_start:] if re.search(rf"\b({names})\b", line)]
+        held = len(gate.held())
+        waiting = sum(proc.poll() is None for proc, _, _ in readers)
+        check(waiting == 4 and held > 0, f"{dev}: reads held for {pause:.0f} s ({held} held, {waiting} dd waiting)")
+        gate.resume()
+        codes, same = [], True
+        for proc, out, part in readers:
+            try:
+                codes.append(proc.wait(60))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append("timeout")
+            with open(out, "rb") as f:
+                same = same and f.read() == expected[part << 18 : (part + 1) << 18]
+        ok = codes == [0] * 4 and same
+        check(ok, f"{dev}: after resume the reads completed (exit {codes}), data intact: {same}")
+        if not ok:  # what the kernel said, before anything else can hang
+            for line in dmesg()[kernel_log_start:]:
+                if name in line:
+                    print(f"dmesg: {line}", flush=True)
+            print(f"held now: {len(gate.held())}, releasing: {gate.releasing}", flush=True)
+        print(f"{dev}: waited {time.monotonic() - start:.1f} s in all", flush=True)
+        again = subprocess.run(
+            ["dd", f"if={dev}", "of=/dev/null", "bs=64k", "count=16", "iflag=direct", "status=none"], timeout=60
+        )
+        check(again.returncode == 0, f"{dev}: the device still works after the pause")
+        lines = [line for line in dmesg()[kernel_log_start:] if re.search(rf"\b{name}\b", line)]
         for line in lines:
             print(f"dmesg: {line}")
         bad = [
@@ -122,35 +119,32 @@ def main() -> int:
             for line in lines
             if any(s in line for s in ("timed out", "Dead connection", "I/O error", "Receive control failed"))
         ]
-        check(not bad, f"the kernel killed nothing ({len(bad)} bad kernel lines)")
+        check(not bad, f"{dev}: the kernel killed nothing ({len(bad)} bad kernel lines)")
 
         # Stopping while paused answers what is held (Session.stop -> detach releases the gate).
-        for dev, session in sessions.items():
-            session.engine.gate.pause()
-            reader = subprocess.Popen(
-                ["dd", f"if={dev}", "of=/dev/null", "bs=64k", "count=1", "iflag=direct", "status=none"]
-            )
-            deadline = time.monotonic() + 30
-            while not session.engine.gate.held() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            held = len(session.engine.gate.held())
-            t0 = time.monotonic()
-            session.stop()
-            took = time.monotonic() - t0
-            try:
-                rc = reader.wait(30)
-            except subprocess.TimeoutExpired:
-                reader.kill()
-                rc = "timeout"
-            check(
-                held > 0 and rc == 0,
-                f"{dev}: stopped while paused in {took:.1f} s; the held read ({held}) got its answer",
-            )
+        gate.pause()
+        reader = subprocess.Popen(
+            ["dd", f"if={dev}", "of=/dev/null", "bs=64k", "count=1", "iflag=direct", "status=none"]
+        )
+        deadline = time.monotonic() + 30
+        while not gate.held() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = len(gate.held())
+        t0 = time.monotonic()
+        session.stop()
+        took = time.monotonic() - t0
+        try:
+            rc = reader.wait(30)
+        except subprocess.TimeoutExpired:
+            reader.kill()
+            rc = "timeout"
+        check(
+            held > 0 and rc == 0, f"{dev}: stopped while paused in {took:.1f} s; the held read ({held}) got its answer"
+        )
     finally:
-        for dev, session in sessions.items():
-            session.stop()
-            size = open(f"/sys/block/{os.path.basename(dev)}/size").read().strip()
-            check(size == "0", f"{dev}: detached, size {size}")
+        session.stop()
+        size = open(f"/sys/block/{name}/size").read().strip()
+        check(size == "0", f"{dev}: detached, size {size}")
     print(f"summary: {failures} failure(s)")
     return 1 if failures else 0
 
