@@ -92,6 +92,7 @@ def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
     require_tool(*GUEST_TOOLS)
     if importlib.util.find_spec("pyroute2") is None:
         unavailable("needs pyroute2 (pip install 'buselab[kernel]') for the netlink path")
+
     # Six devices: the pause check runs on nbd4 and nbd5 in the background.
     def boot():
         return vm(

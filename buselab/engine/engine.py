@@ -174,7 +174,9 @@ class Engine:
         recording) wait here; it is one pass over the connections when nothing is pending.
         """
         deadline = 0.0
-        while any(getattr(conn, "accounting", False) or getattr(conn, "completing", False) for conn in list(self.connections)):
+        while any(
+            getattr(conn, "accounting", False) or getattr(conn, "completing", False) for conn in list(self.connections)
+        ):
             now = time.monotonic()
             if not deadline:
                 deadline = now + timeout
