@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -99,18 +100,23 @@ def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
             f"sh {GUEST / 'guest_kernel_netlink.sh'}\n", timeout=840, modules=("nbd nbds_max=6",), env={"PAUSE": "40"}
         )
 
-    try:
-        result = boot()
-    except VmError as exc:
-        # Known and not understood (README, "Known problems"): in about 1 run of 6, a device with
-        # two netlink connections stops getting requests from the guest's kernel -- every
-        # buselab thread waits in recv, the I/O waits in the kernel. The guest's watchdog prints
-        # what it can see and powers off; one more boot decides. Anything else fails at once.
-        if "hang: still running" not in exc.output:
-            raise
-        print(exc.output)
-        print("the guest hung (see the hang: lines above); booting once more")
-        result = boot()
+    for attempt in range(3):
+        try:
+            result = boot()
+            break
+        except VmError as exc:
+            # Known and not understood (README, "Known problems"): in about 1 run of 4, a device
+            # with two netlink connections stops getting requests from the guest's kernel --
+            # every buselab thread waits in recv, the I/O waits in the kernel. The guest's
+            # watchdog prints what it can see and powers off; the test boots again, at most
+            # twice. Any other failure fails at once.
+            if "hang: still running" not in exc.output or attempt == 2:
+                raise
+            print(exc.output)
+            # A warning, so that CI's summary shows what the watchdog saw even when a later
+            # boot passes (a passing test's output is not shown).
+            seen = "\n".join(line for line in exc.output.splitlines() if line.startswith(("hang:", "FAIL:", "==")))
+            warnings.warn(f"the netlink VM test's guest hung; booting again. It saw:\n{seen}", stacklevel=1)
     _guest_checks(
         result,
         [

@@ -5,7 +5,7 @@
 # /dev/nbd5 by netlink with 2 connections, one process each as buselab serves them, in the
 # background while the rest runs: they mostly sleep) unless PAUSE=0.
 . "$(dirname "$0")/guest_lib.sh"
-watchdog "${WATCHDOG:-420}" &
+watchdog "${WATCHDOG:-300}" &
 WATCHDOG_PID=$!
 HERE=$(cd "$(dirname "$0")" && pwd)
 T0=$(now)
