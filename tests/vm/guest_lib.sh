@@ -222,7 +222,8 @@ watchdog() {
     done
     dmesg | tail -25 | sed 's/^/hang: dmesg: /'
     echo "hang: powering off"
-    sync
+    # No sync: it would wait for the stuck device's dirty pages for ever. The output file is
+    # on 9p, written through.
     echo o >/proc/sysrq-trigger
 }
 
