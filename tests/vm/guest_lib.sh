@@ -211,6 +211,20 @@ watchdog() {
             sed 's/^/hang:     /' "$p/stack" 2>/dev/null
         fi
     done
+    # Whoever is in the middle of sending a request is asleep, not in D state: every kernel
+    # worker that is doing something (not idling in worker_thread) and every task waiting in
+    # a socket call.
+    for p in /proc/[0-9]*; do
+        w=$(cat "$p/wchan" 2>/dev/null)
+        c=$(cat "$p/comm" 2>/dev/null)
+        case "$c:$w" in
+        kworker*:worker_thread | *:0 | *: ) ;;
+        kworker*:* | *:*sock* | *:*unix* | *:*nbd* | *:*blk_mq*)
+            echo "hang: busy: pid ${p#/proc/} $c, waiting in $w"
+            sed 's/^/hang:     /' "$p/stack" 2>/dev/null
+            ;;
+        esac
+    done
     for pid in $(pgrep -f 'python.* -m buselab|bin/buselab|guest_pause.py'); do
         kill -USR1 "$pid" 2>/dev/null
     done
