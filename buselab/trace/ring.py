@@ -66,7 +66,7 @@ class PayloadRing:
         return _FREED.unpack_from(self._map, 0)[0]
 
     def close(self) -> None:
-        """Unmap and close; a serving thread still inside `put` keeps its view alive until it returns."""
+        """Unmap and close; a serving thread still copying in keeps the mapping alive until it is done."""
         try:
             self.data.release()
             self._map.close()

@@ -107,6 +107,7 @@ class Connection:
         except OSError as exc:
             reason = f"socket error: {exc.strerror or exc}"
         finally:
+            self.accounting = False  # a tap that raised must not keep readers waiting in Engine.settle
             serving_threads.leave()
             self.closed_reason = reason
             for held in self.engine.gate.forget_connection(self):
@@ -338,28 +339,30 @@ class Connection:
         """Reply and record; called from any thread (the gate's, for held requests)."""
         self.completing = True  # see Engine.settle
         try:
-            parts = self._reply_parts(req, error, data)
-            with self._send_lock:
-                self._sendmsg_all(parts)
-        except OSError as exc:
-            # The client is gone (its serve loop notices and cleans up), or the reply could
-            # not be sent: say so, a client left waiting for it is a hang to explain.
-            log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
-        telemetry = self.engine.telemetry
-        telemetry.record(
-            telemetry.recorder(),
-            req.cmd,
-            req.flags,
-            req.offset,
-            req.length,
-            start,
-            time.perf_counter(),
-            error,
-            self.number,
-            req.handle,
-            data if req.cmd == _READ and not error else req.payload,
-        )
-        self.completing = False
+            try:
+                parts = self._reply_parts(req, error, data)
+                with self._send_lock:
+                    self._sendmsg_all(parts)
+            except OSError as exc:
+                # The client is gone (its serve loop notices and cleans up), or the reply could
+                # not be sent: say so, a client left waiting for it is a hang to explain.
+                log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
+            telemetry = self.engine.telemetry
+            telemetry.record(
+                telemetry.recorder(),
+                req.cmd,
+                req.flags,
+                req.offset,
+                req.length,
+                start,
+                time.perf_counter(),
+                error,
+                self.number,
+                req.handle,
+                data if req.cmd == _READ and not error else req.payload,
+            )
+        finally:
+            self.completing = False
 
     def _reply_parts(self, req: Request, error: int, data: object) -> list:
         cmd = req.cmd
