@@ -105,11 +105,12 @@ def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
             result = boot()
             break
         except VmError as exc:
-            # Known and not understood (README, "Known problems"): in about 1 run of 4, a device
-            # with two netlink connections stops getting requests from the guest's kernel --
-            # every buselab thread waits in recv, the I/O waits in the kernel. The guest's
-            # watchdog prints what it can see and powers off; the test boots again, at most
-            # twice. Any other failure fails at once.
+            # A bug of the guest's kernel (Debian 6.1; README, "Known problems"): in about 1 run
+            # of 4, with several nbd devices busy, a device with two connections loses a request
+            # on its second hardware queue -- it never reaches the socket. nbdkit + nbd-client
+            # -C 2 lose it the same way (tests/vm/repro_multiconn_hang.sh). The guest's watchdog
+            # prints what it can see and powers off; the test boots again, at most twice. Any
+            # other failure fails at once.
             if "hang: still running" not in exc.output or attempt == 2:
                 raise
             print(exc.output)

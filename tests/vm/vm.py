@@ -271,9 +271,14 @@ def _run(cmd: Sequence[str], **kwargs: object) -> str:
 def _kernel_package(cache: Path) -> str:
     """The versioned kernel package behind the metapackage, e.g. linux-image-6.1.0-56-amd64.
 
+    BUSELAB_VM_KERNEL names another one (a package apt can download), to try a newer kernel.
+
     Without apt (or offline with a broken apt cache) fall back to the newest kernel already
     downloaded, so a warm cache keeps working.
     """
+    override = os.environ.get("BUSELAB_VM_KERNEL")
+    if override:  # another kernel, e.g. from bookworm-backports (see README, Known problems)
+        return override
     try:
         out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
         match = re.search(r"Depends:\s*(linux-image-\S+)", out)
@@ -377,11 +382,15 @@ def _module_closure(moddir: Path, roots: Iterable[str]) -> list[str]:
         path, _, rest = line.partition(":")
         deps[path] = rest.split()
         by_name[_module_name(path)] = path
+    builtin_list = moddir / "modules.builtin"
+    builtin = {_module_name(line) for line in builtin_list.read_text().split()} if builtin_list.exists() else set()
     needed: list[str] = []
     todo = []
     for name in roots:
         key = name.replace("-", "_")
         if key not in by_name:
+            if key in builtin:  # newer kernels build some of them in (6.12: virtio_pci, fuse)
+                continue
             raise VmUnavailable(f"kernel has no module {name} (built in or missing?)")
         todo.append(by_name[key])
     while todo:
