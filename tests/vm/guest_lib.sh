@@ -194,6 +194,16 @@ expect_dd() {
 watchdog() {
     sleep "$1"
     echo "hang: still running after $1 s"
+    hang_report
+    echo "hang: powering off"
+    # No sync: it would wait for the stuck device's dirty pages for ever. The output file is
+    # on 9p, written through.
+    echo o >/proc/sysrq-trigger
+}
+
+# hang_report: what the guest can see of stuck I/O, as "hang: ..." lines (the watchdog's, and
+# tests/vm/repro_multiconn_hang.sh's).
+hang_report() {
     for f in /sys/block/nbd*/inflight; do
         [ "$(cat "$f")" = "       0        0" ] || echo "hang: in flight (reads writes) on $f: $(cat "$f")"
     done
@@ -235,10 +245,6 @@ watchdog() {
         grep -A4 '^Thread\|^Current thread' "$log" | grep -v '^--' | tail -60 | sed 's/^/hang:     /'
     done
     dmesg | tail -25 | sed 's/^/hang: dmesg: /'
-    echo "hang: powering off"
-    # No sync: it would wait for the stuck device's dirty pages for ever. The output file is
-    # on 9p, written through.
-    echo o >/proc/sysrq-trigger
 }
 
 finish() {
