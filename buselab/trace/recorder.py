@@ -4,9 +4,10 @@ The telemetry calls our tap on the serving thread after each reply. The tap
 hashes a read with crc32 there (0.4 us for 4 KiB with zlib-ng) or copies the
 payload, once, into memory shared with the writer (buselab/trace/ring.py:
 the connection reuses its buffer, and a RAM disk's read data is a view of
-memory the next write may change), and appends the record to a deque. A
-feeder thread takes what has queued every few milliseconds and sends it,
-marshalled in one piece, to a writer *process* (buselab/trace/writer.py)
+memory the next write may change), and appends the request, packed into a
+fixed-size binary record (buselab/trace/wire.py), to a deque. A feeder
+thread takes what has queued every few milliseconds and sends it, joined
+into one frame, to a writer *process* (buselab/trace/writer.py)
 that hashes, formats, compresses and writes. In a thread those few
 microseconds per request would be taken from the serving threads, which need
 the GIL: measured, that cost 30-60% of the IOPS at 4 jobs x iodepth 8; in a
@@ -31,6 +32,7 @@ import json
 import logging
 import marshal
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -40,12 +42,12 @@ from dataclasses import dataclass
 from itertools import repeat, starmap
 from typing import Any
 
-from ..engine.telemetry import RequestRecord
 from ..errors import UserError
 from ..protocol import constants as c
 from .codecs import crc32
 from .format import HASH_NAME, HASHES, PAYLOAD_MODES, TraceHeader, compression_of
 from .ring import PayloadRing
+from .wire import CRC, IN_RING, INLINE, NO_DATA, RECORD, frame
 
 log = logging.getLogger("buselab")
 
@@ -107,7 +109,7 @@ class TraceRecorder:
         self.records = 0  # records in the file (known when the writer is done)
         self.payload_bytes = 0
         self.complete = False
-        self._queue: deque[tuple[tuple, bytes | None]] = deque()
+        self._queue: deque[bytes] = deque()  # records packed by the tap (wire.py)
         self._backlog = 0  # payload bytes queued outside the ring, not yet sent (approximate: see _tap)
         # Payloads of up to half the ring go through it; bigger ones (rare: NBD allows 32 MiB
         # requests) and all of them where there is no memfd, through the pipe.
@@ -188,6 +190,7 @@ class TraceRecorder:
     def _make_tap(self) -> Any:
         """The tap, as a closure: every attribute lookup saved here is saved per request."""
         append = self._queue.append
+        pack = RECORD.pack
         keep = frozenset(
             ([c.CMD_WRITE] if self.payload in ("writes", "all") else [])
             + ([c.CMD_READ] if self.payload == "all" else [])
@@ -209,16 +212,18 @@ class TraceRecorder:
         head = 0  # ring bytes ever reserved
         freed = 0  # what the writer had freed when we last looked: we look only when short of room
 
-        def tap(record: RequestRecord, payload: bytes | bytearray | memoryview | None) -> None:
+        def tap(record: tuple, payload: bytes | bytearray | memoryview | None) -> None:
             nonlocal head, freed
-            # record[:10] is a plain tuple without the preview: marshal takes it, and it is smaller.
+            seq, t, cmd, flags, offset, length, latency, error, conn, handle, _ = record
             if payload is None:
-                append((record[:10], None))
-            elif hash_here and record[2] not in keep:
+                append(pack(seq, t, cmd, flags, offset, length, latency, error, conn, handle, NO_DATA, 0, 0))
+            elif hash_here and cmd not in keep:
                 try:
-                    append((record[:10], crc32(payload)))
+                    crc = crc32(payload)
                 except TypeError:  # not bytes-like: record the request without its data
-                    append((record[:10], None))
+                    append(pack(seq, t, cmd, flags, offset, length, latency, error, conn, handle, NO_DATA, 0, 0))
+                else:
+                    append(pack(seq, t, cmd, flags, offset, length, latency, error, conn, handle, CRC, crc, 0))
                 if queued() > _MAX_QUEUED:  # a writer starved of CPU: do not grow without end
                     recorder._wait_for_writer()
             else:
@@ -240,7 +245,7 @@ class TraceRecorder:
                             freed = freed_now()
                             if end - freed > ring_size:
                                 if not feeder_alive():  # the writer is gone
-                                    append((record[:10], None))
+                                    append(pack(seq, t, cmd, flags, offset, length, latency, error, conn, handle, NO_DATA, 0, 0))
                                     return
                                 sleep(0.0005)
                         try:
@@ -249,17 +254,17 @@ class TraceRecorder:
                             pass
                         else:
                             head = end
-                            append((record[:10], (start, n)))
+                            append(pack(seq, t, cmd, flags, offset, length, latency, error, conn, handle, IN_RING, start, n))
                             return
                 try:
-                    data = bytes(payload)
-                except TypeError:
-                    append((record[:10], None))
+                    item = pack(seq, t, cmd, flags, offset, length, latency, error, conn, handle, INLINE, 0, n) + payload
+                except (TypeError, struct.error):  # not bytes-like (n is -1)
+                    append(pack(seq, t, cmd, flags, offset, length, latency, error, conn, handle, NO_DATA, 0, 0))
                     return
-                append((record[:10], data))
+                append(item)
                 # Not a lock-protected counter: `+=` on an attribute has no switch point
                 # inside it on CPython, and the limit is a soft one anyway.
-                recorder._backlog += len(data)
+                recorder._backlog += n
                 if recorder._backlog > limit:
                     recorder._wait_for_writer()
 
@@ -276,7 +281,6 @@ class TraceRecorder:
     def _feed(self) -> None:
         queue = self._queue
         popleft = queue.popleft
-        dumps = marshal.dumps
         proc = self._proc
         try:
             while True:
@@ -289,12 +293,11 @@ class TraceRecorder:
                     continue
                 self._drained.clear()
                 batch = list(starmap(popleft, repeat((), min(n, _MAX_BATCH))))  # a loop in C
-                # Version 2: no back-references. Versions 3+ put every object shared with the
-                # telemetry's ring into a table first, which costs 3-10x more per record.
-                _send(proc, dumps(batch, 2))
+                body, inline = frame(batch)
+                _send(proc, body)
                 self.sent += len(batch)
-                if self._backlog:  # only payloads count; reads hashed in the tap do not
-                    self._backlog -= sum(len(data) for _, data in batch if data.__class__ is bytes)
+                if inline:  # only payloads outside the ring count
+                    self._backlog -= inline
                 self._progress.set()
                 if n <= _MAX_BATCH:
                     self._stopping.wait(_FEED_INTERVAL)  # let a batch build up

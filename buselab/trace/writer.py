@@ -3,12 +3,11 @@
 `TraceRecorder` starts it as `python -m buselab.trace.writer FD` with the
 trace file already open on FD, and feeds it on stdin with frames
 
-    4-byte little-endian length + marshal.dumps(value)
+    4-byte little-endian length + body
 
-The first frame is a dict (the header line and the options), each later frame
-a list of (seq, time, cmd, flags, offset, length, latency, error, conn,
-handle) + (payload or None) pairs, and an empty frame (length 0) means "that
-was all": the writer writes the end line, closes the file, prints a JSON
+The first frame is a marshalled dict (the header line and the options), each
+later frame a batch of requests in wire.py's binary records, and an empty
+frame (length 0) means "that was all": the writer writes the end line, closes the file, prints a JSON
 status line on stdout and exits 0. End of input without the empty frame (the
 server was killed) leaves the trace without an end line, which readers report
 as cut short. On an error it prints `error: ...` on stdout and exits 1.
@@ -27,13 +26,13 @@ import select
 import signal
 import sys
 import time
-from operator import itemgetter
 from typing import Any
 
 from ..protocol import constants as c
 from .codecs import b64encode
 from .format import RECORD_FORMAT, TraceHeader, TraceWriter, encode_trailer, hasher
 from .ring import RingReader
+from .wire import CRC, IN_RING, INLINE, unframe
 
 _OP_NAMES = [c.CMD_NAMES.get(i, f"CMD{i}") for i in range(8)]
 _FRAME = 4
@@ -57,8 +56,8 @@ class FrameReader:
             pos += got
         return True
 
-    def read(self) -> Any:
-        """The next frame's value; None for the empty (last) frame; EOFError at end of input."""
+    def read(self) -> memoryview | None:
+        """The next frame's body (valid until the next read); None for the empty (last) frame; EOFError at end of input."""
         head = bytearray(_FRAME)
         if not self._fill(memoryview(head)):
             raise EOFError
@@ -67,15 +66,15 @@ class FrameReader:
             return None
         if n > len(self.buffer):
             self.buffer = bytearray(max(n, 2 * len(self.buffer)))
-        with memoryview(self.buffer) as whole, whole[:n] as view:
-            if not self._fill(view):
-                raise EOFError
-            return marshal.loads(view)
+        view = memoryview(self.buffer)[:n]
+        if not self._fill(view):
+            raise EOFError
+        return view
 
 
 def run(trace_fd: int, inp: int) -> dict[str, Any]:
     frames = FrameReader(inp)
-    setup = frames.read()
+    setup = marshal.loads(frames.read())
     header = TraceHeader(**setup["header"])
     payload = header.payload
     keep_reads = payload == "all"
@@ -92,7 +91,6 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
     payload_bytes = 0
     read_cmd, write_cmd = c.CMD_READ, c.CMD_WRITE
     ended = False
-    first = itemgetter(0)
     names = [name.encode() for name in _OP_NAMES]
     # Lines are made as bytes: str lines would be joined, then encoded, copying every payload twice more.
     fmt = RECORD_FORMAT.encode()
@@ -115,17 +113,18 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
                 next_flush = time.monotonic() + flush_interval
                 continue
         try:
-            batch = frames.read()
+            body = frames.read()
         except EOFError:
             break  # the server died: leave the trace without its end line
-        if batch is None:
+        if body is None:
             ended = True
             break
-        # Serving threads append in nearly, not exactly, seq order.
-        batch.sort(key=first)
+        batch, inline = unframe(body)
+        # Serving threads append in nearly, not exactly, seq order (seqs are unique: only they are compared).
+        batch.sort()
         lines = []
         add = lines.append
-        for (seq, t, cmd, flags, offset, length, latency, error, conn, handle), data in batch:
+        for seq, t, cmd, flags, offset, length, latency, error, conn, handle, kind, extra, n in batch:
             if cmd < 8:
                 ops[cmd] += 1
             fields = (
@@ -140,16 +139,17 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
                 conn,
                 handle,
             )
-            if data is None:
+            if kind == CRC:  # a crc32 the server took itself
+                add(with_crc % (*fields, extra))
+                continue
+            if kind == IN_RING:
+                data = ring.get(extra, n)
+                freed = max(freed, extra + n)
+            elif kind == INLINE:
+                data = inline[seq]
+            else:
                 add(plain % fields)
                 continue
-            if data.__class__ is int:  # a crc32 the server took itself
-                add(with_crc % (*fields, data))
-                continue
-            if data.__class__ is tuple:  # (start, length) in the shared ring
-                begin, n = data
-                data = ring.get(begin, n)
-                freed = max(freed, begin + n)
             if (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
                 payload_bytes += len(data)
                 digest = digest_of(data).encode()
