@@ -127,10 +127,16 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
         for seq, t, cmd, flags, offset, length, latency, error, conn, handle, kind, extra, n in batch:
             if cmd < 8:
                 ops[cmd] += 1
+                op = names[cmd]
+            else:
+                op = b"CMD%d" % cmd
+            if kind == CRC:  # a read the server took the crc32 of: most lines, so no tuple in between
+                add(with_crc % (seq, t - start, op, flags, offset, length, latency, error, conn, handle, extra))
+                continue
             fields = (
                 seq,
                 t - start,
-                names[cmd] if cmd < 8 else b"CMD%d" % cmd,
+                op,
                 flags,
                 offset,
                 length,
@@ -139,9 +145,6 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
                 conn,
                 handle,
             )
-            if kind == CRC:  # a crc32 the server took itself
-                add(with_crc % (*fields, extra))
-                continue
             if kind == IN_RING:
                 data = ring.get(extra, n)
                 freed = max(freed, extra + n)
