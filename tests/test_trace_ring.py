@@ -1,4 +1,5 @@
-"""Payloads reach the trace writer through shared memory (buselab/trace/ring.py).
+"""Requests reach the trace writer: packed records (trace/wire.py), payloads through shared
+memory (buselab/trace/ring.py).
 
 The ring is small here so that it wraps many times, fills up (the serving
 thread must wait for the writer), and some payloads are too big for it and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,12 @@ from buselab.backends import open_backend
 from buselab.client import NBDClient
 from buselab.protocol import constants as c
 from buselab.session import ServeOptions, Session
+from buselab.trace import recorder as recorder_module
 from buselab.trace.codecs import b64decode, b64encode, crc32
 from buselab.trace.format import data_hash, open_trace
 from buselab.trace.recorder import TraceRecorder
 from buselab.trace.ring import PayloadRing, RingReader
+from buselab.trace.wire import CRC, IN_RING, INLINE, NO_DATA, RECORD, SIZE, frame, unframe
 
 
 def test_ring_memory_is_shared_with_the_reader() -> None:
@@ -76,3 +80,86 @@ def test_codecs_agree_with_the_standard_library() -> None:
     assert b64decode(base64.b64encode(data).decode()) == data
     with pytest.raises(ValueError):  # binascii.Error is a ValueError
         b64decode("not base64!")
+
+
+def test_frames_carry_records_and_inline_payloads_in_order() -> None:
+    fields = (7, 1.5, c.CMD_WRITE, 1, 4096, 3, 0.25, 0, 2, 99)
+    items = [
+        RECORD.pack(*fields, INLINE, 0, 3) + b"abc",
+        RECORD.pack(8, 1.6, c.CMD_READ, 0, 0, 4096, 0.5, 0, 2, 100, CRC, 0xDEADBEEF, 0),
+        RECORD.pack(9, 1.7, c.CMD_WRITE, 0, 0, 4096, 0.5, 0, 2, 101, IN_RING, 1 << 40, 4096),
+        RECORD.pack(10, 1.8, c.CMD_WRITE, 0, 8, 2, 0.5, 0, 2, 102, INLINE, 0, 2) + b"xy",
+        RECORD.pack(11, 1.9, c.CMD_FLUSH, 0, 0, 0, 0.5, 5, 2, 103, NO_DATA, 0, 0),
+    ]
+    body, inline = frame(items)
+    assert inline == 5
+    rows, payloads = unframe(memoryview(body))
+    assert len(body) == 4 + 5 * SIZE + 5
+    assert rows[0] == (*fields, INLINE, 0, 3)
+    assert [row[0] for row in rows] == [7, 8, 9, 10, 11]
+    assert rows[1][10:12] == (CRC, 0xDEADBEEF) and rows[2][10:] == (IN_RING, 1 << 40, 4096)
+    assert payloads == {7: b"abc", 10: b"xy"}
+    body, inline = frame(items[1:3])  # no payload in the items: no copying them apart
+    assert inline == 0 and unframe(memoryview(body))[1] == {}
+
+
+def _record_without_the_feeder(tmp_path: Path, monkeypatch, **options):
+    """A session recording whose feeder thread never sweeps: only serving threads send."""
+    monkeypatch.setattr(recorder_module, "_SWEEP_INTERVAL", 3600.0)
+    sock = str(tmp_path / "s.sock")
+    session = Session(open_backend("ram", size=8 << 20), ServeOptions(unix=[sock]))
+    session.start()
+    session.recorder = TraceRecorder.start(session.engine, str(tmp_path / "t.jsonl.zst"), **options)
+    return session, sock
+
+
+def _wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_busy_recording_reaches_the_writer_from_the_serving_threads(tmp_path: Path, monkeypatch) -> None:
+    session, sock = _record_without_the_feeder(tmp_path, monkeypatch)
+    try:
+        count = recorder_module._BATCH + 10
+        with NBDClient.connect_unix(sock) as nbd:
+            for i in range(count):
+                nbd.read((i % 256) * 4096, 4096)
+        # The request that filled a batch sent it; the feeder, asleep for an hour, did not.
+        assert _wait_until(lambda: session.recorder.sent >= recorder_module._BATCH), session.recorder.sent
+        assert session.recorder.sent < count  # the rest waits for a full batch, or the end
+    finally:
+        session.stop()
+    info = session.recorder.info()
+    assert info.complete and info.records == count  # stopping wakes the feeder, which sends the rest
+
+
+def test_big_payloads_are_sent_before_the_ring_fills(tmp_path: Path, monkeypatch) -> None:
+    # A 1 MiB ring and 32 KiB writes: a quarter of the ring waits after 8 writes, long before
+    # _BATCH requests have queued up and before the ring is full.
+    session, sock = _record_without_the_feeder(tmp_path, monkeypatch, backlog_limit=1 << 20)
+    try:
+        with NBDClient.connect_unix(sock) as nbd:
+            for i in range(12):
+                nbd.write(i * 32768, bytes([i]) * 32768)
+            assert _wait_until(lambda: session.recorder.sent >= 8), session.recorder.sent
+    finally:
+        session.stop()
+    assert session.recorder.info().records == 12
+
+
+def test_a_trickle_reaches_the_writer_within_the_sweep(tmp_path: Path) -> None:
+    sock = str(tmp_path / "s.sock")
+    session = Session(open_backend("ram", size=1 << 20), ServeOptions(unix=[sock]))
+    session.start()
+    session.recorder = TraceRecorder.start(session.engine, str(tmp_path / "t.jsonl"))
+    try:
+        with NBDClient.connect_unix(sock) as nbd:
+            nbd.write(0, b"t" * 512)
+            assert _wait_until(lambda: session.recorder.sent == 1, 2.0), "one request waited more than 2 s"
+    finally:
+        session.stop()
