@@ -34,6 +34,11 @@ from .format import RECORD_FORMAT, TraceHeader, TraceWriter, encode_trailer, has
 from .ring import RingReader
 from .wire import CRC, IN_RING, INLINE, unframe
 
+try:  # the compiled formatter (setup.py builds it where it can); the Python loop below is the reference
+    from ._fastlines import format_frame as format_reads
+except ImportError:  # pragma: no cover - not built here
+    format_reads = None
+
 _OP_NAMES = [c.CMD_NAMES.get(i, f"CMD{i}") for i in range(8)]
 _FRAME = 4
 
@@ -92,6 +97,7 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
     read_cmd, write_cmd = c.CMD_READ, c.CMD_WRITE
     ended = False
     names = [name.encode() for name in _OP_NAMES]
+    name_tuple = tuple(names)
     # Lines are made as bytes: str lines would be joined, then encoded, copying every payload twice more.
     fmt = RECORD_FORMAT.encode()
     plain = fmt + b"}\n"
@@ -119,55 +125,63 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
         if body is None:
             ended = True
             break
-        batch, inline = unframe(body)
-        # Serving threads append in nearly, not exactly, seq order (seqs are unique: only they are compared).
-        batch.sort()
-        lines = []
-        add = lines.append
-        for seq, t, cmd, flags, offset, length, latency, error, conn, handle, kind, extra, n in batch:
-            if cmd < 8:
-                ops[cmd] += 1
-                op = names[cmd]
-            else:
-                op = b"CMD%d" % cmd
-            if kind == CRC:  # a read the server took the crc32 of: most lines, so no tuple in between
-                add(with_crc % (seq, t - start, op, flags, offset, length, latency, error, conn, handle, extra))
-                continue
-            fields = (
-                seq,
-                t - start,
-                op,
-                flags,
-                offset,
-                length,
-                latency,
-                error,
-                conn,
-                handle,
-            )
-            if kind == IN_RING:
-                data = ring.get(extra, n)
-                freed = max(freed, extra + n)
-            elif kind == INLINE:
-                data = inline[seq]
-            else:
-                add(plain % fields)
-                continue
-            if (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
-                payload_bytes += len(data)
-                digest = digest_of(data).encode()
-                if data and not data[0] and not data[-1] and bytes(data) == bytes(len(data)):
-                    add(with_zeros % (*fields, digest))  # file systems write a lot of these
-                else:  # in pieces: formatting the payload into the line would copy it once more
-                    add(data_head % (*fields, digest))
-                    add(b64encode(data))
-                    add(b'"}\n')
-            else:
-                add(with_hash % (*fields, digest_of(data).encode()))
-        write(b"".join(lines))
-        if ring is not None:
-            ring.free(freed)  # the lines hold copies: the server may overwrite those payloads now
-        records += len(batch)
+        fast = format_reads(body, start, name_tuple) if format_reads is not None else None
+        if fast is not None:  # reads and requests without data only: lines made in C (_fastlines.c)
+            lines, counts = fast
+            write(lines)
+            for cmd, count in enumerate(counts):
+                ops[cmd] += count
+            records += sum(counts)
+        else:
+            batch, inline = unframe(body)
+            # Serving threads append in nearly, not exactly, seq order (seqs are unique: only they are compared).
+            batch.sort()
+            lines = []
+            add = lines.append
+            for seq, t, cmd, flags, offset, length, latency, error, conn, handle, kind, extra, n in batch:
+                if cmd < 8:
+                    ops[cmd] += 1
+                    op = names[cmd]
+                else:
+                    op = b"CMD%d" % cmd
+                if kind == CRC:  # a read the server took the crc32 of: most lines, so no tuple in between
+                    add(with_crc % (seq, t - start, op, flags, offset, length, latency, error, conn, handle, extra))
+                    continue
+                fields = (
+                    seq,
+                    t - start,
+                    op,
+                    flags,
+                    offset,
+                    length,
+                    latency,
+                    error,
+                    conn,
+                    handle,
+                )
+                if kind == IN_RING:
+                    data = ring.get(extra, n)
+                    freed = max(freed, extra + n)
+                elif kind == INLINE:
+                    data = inline[seq]
+                else:
+                    add(plain % fields)
+                    continue
+                if (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
+                    payload_bytes += len(data)
+                    digest = digest_of(data).encode()
+                    if data and not data[0] and not data[-1] and bytes(data) == bytes(len(data)):
+                        add(with_zeros % (*fields, digest))  # file systems write a lot of these
+                    else:  # in pieces: formatting the payload into the line would copy it once more
+                        add(data_head % (*fields, digest))
+                        add(b64encode(data))
+                        add(b'"}\n')
+                else:
+                    add(with_hash % (*fields, digest_of(data).encode()))
+            write(b"".join(lines))
+            if ring is not None:
+                ring.free(freed)  # the lines hold copies: the server may overwrite those payloads now
+            records += len(batch)
         dirty = True
         now = time.monotonic()
         if now >= next_flush:
