@@ -527,3 +527,42 @@ def test_a_slow_writer_slows_serving_rather_than_losing_requests(tmp_path: Path)
     assert info.error is None and info.complete
     assert info.records == 200 and info.payload_bytes == 200 * 32768
     assert sum(1 for _ in open_trace(path)) == 200
+
+
+def test_a_request_sent_after_a_reply_is_numbered_and_recorded_after_it(tmp_path: Path, monkeypatch) -> None:
+    """A lone request's reply leaves before its bookkeeping; its number must not come later.
+
+    The first write's thread is held for a moment just after its reply has gone out. Meanwhile
+    the client, holding that reply, reads the block back on a second connection, and that read
+    is finished and recorded first. The write must still have the smaller seq and come first in
+    the trace, or the replayed read would run before the write and differ.
+    """
+    from buselab.transport.connection import Connection
+
+    flush = Connection._flush_replies
+    held = []
+
+    def flush_then_wait(self) -> None:
+        flush(self)
+        if not held and self.number == 1:
+            held.append(self.number)
+            time.sleep(0.5)  # without the GIL: the other connection runs
+
+    monkeypatch.setattr(Connection, "_flush_replies", flush_then_wait)
+    sock = str(tmp_path / "s.sock")
+    session = Session(open_backend("ram", size=1 << 20), ServeOptions(unix=[sock]))
+    session.start()
+    trace = str(tmp_path / "order.jsonl")
+    session.recorder = TraceRecorder.start(session.engine, trace)
+    try:
+        with NBDClient.connect_unix(sock) as first, NBDClient.connect_unix(sock) as second:
+            first.write(0, b"w" * 4096)
+            assert second.read(0, 4096) == b"w" * 4096
+    finally:
+        session.stop()
+    assert held, "the write's reply never took the early path"
+    records = [r for r in open_trace(trace) if r.cmd in (c.CMD_WRITE, c.CMD_READ)]
+    print([(r.seq, r.op, r.conn) for r in open_trace(trace)])
+    assert [(r.op, r.conn) for r in records] == [("WRITE", 1), ("READ", 2)]
+    assert records[0].seq < records[1].seq
+    assert replay(trace, "ram", speed=None).ok

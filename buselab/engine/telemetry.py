@@ -131,6 +131,10 @@ class Telemetry:
         self.clock_offset = time.time() - time.perf_counter()
         self.ring: deque[RequestRecord] = deque(maxlen=ring)
         self._seq = itertools.count(1)
+        # A request's number, for a caller that replies before it records the request: taken
+        # before the reply leaves, so a request a client sends once it has that reply always
+        # gets a bigger number (a trace in seq order replays a write before the read it answers).
+        self.next_seq = self._seq.__next__
         self._last_seq = 0
         self._local = threading.local()
         self._recorders: list[Recorder] = []
@@ -202,9 +206,12 @@ class Telemetry:
         conn: int,
         handle: int,
         payload: bytes | bytearray | memoryview | None,
+        seq: int = 0,
     ) -> tuple:
+        """Count one finished request; `seq` if the caller took it (next_seq) before replying."""
         latency = end - start
-        seq = next(self._seq)
+        if not seq:
+            seq = next(self._seq)
         slot = cmd if cmd < OTHER_CMD else OTHER_CMD
         # A plain tuple: cheapest to build on the serving thread, and the
         # garbage collector stops tracking tuples of atoms (it keeps tracking
@@ -224,7 +231,8 @@ class Telemetry:
             bytes(payload[:PREVIEW_BYTES]) if payload is not None else None,
         )
         self.ring.append(record)
-        self._last_seq = seq
+        if seq > self._last_seq:
+            self._last_seq = seq
         rec.count[slot] += 1
         rec.latency_sum[slot] += latency
         rec.latency[slot][min(int(latency * 1e6).bit_length(), _LAST_BUCKET)] += 1

@@ -234,6 +234,7 @@ class Connection:
         gate = engine.gate
         rec = telemetry.recorder()
         record = telemetry.record
+        next_seq = telemetry.next_seq
         execute = engine.execute
         now = time.perf_counter
         unpack = _REQUEST.unpack_from
@@ -310,11 +311,13 @@ class Connection:
                 out.append(pack_simple(_SIMPLE_MAGIC, 0, handle))
             end = now()
             early = self._end - self._pos < _HEADER
+            seq = 0
             if early:
                 # No further request is buffered: we would send the replies before waiting
                 # anyway, so send them before the bookkeeping below, which a client waiting
                 # for this reply (iodepth 1, the kernel's sync I/O) need not wait for.
                 self.accounting = True
+                seq = next_seq()  # before the reply: see Telemetry.next_seq
                 self._flush_replies()
             record(
                 rec,
@@ -328,6 +331,7 @@ class Connection:
                 number,
                 handle,
                 data if cmd == _READ else req.payload,
+                seq,
             )
             if early:
                 self.accounting = False
@@ -339,6 +343,7 @@ class Connection:
         """Reply and record; called from any thread (the gate's, for held requests)."""
         self.completing = True  # see Engine.settle
         try:
+            seq = self.engine.telemetry.next_seq()  # before the reply: see Telemetry.next_seq
             try:
                 parts = self._reply_parts(req, error, data)
                 with self._send_lock:
@@ -360,6 +365,7 @@ class Connection:
                 self.number,
                 req.handle,
                 data if req.cmd == _READ and not error else req.payload,
+                seq,
             )
         finally:
             self.completing = False
