@@ -21,7 +21,7 @@ from conftest import missing
 from buselab.protocol import constants as c
 from buselab.trace import writer
 from buselab.trace.format import open_trace, read_trailer
-from buselab.trace.wire import CRC, INLINE, NO_DATA, RECORD, frame
+from buselab.trace.wire import CRC, INLINE, NO_DATA, RECORD, SIZE, frame
 
 START = 1_764_590_000.25
 U64 = (1 << 64) - 1
@@ -121,13 +121,17 @@ def test_the_c_formatter_hands_back_what_it_does_not_do() -> None:
     names = tuple(name.encode() for name in writer._OP_NAMES)
     rng = random.Random(5)
     reads = frame([_record(2, rng, kind=CRC), _record(1, rng, kind=NO_DATA)])[0]
-    lines, counts = fastlines.format_frame(reads, START, names)
+    lines, counts, held = fastlines.format_frame(reads, START, names, 0)
     assert lines.count(b"\n") == 2 and lines.index(b'"seq":1,') < lines.index(b'"seq":2,')
-    assert sum(counts) == 2
+    assert sum(counts) == 2 and held == b""
+    # Held back: the records within `hold` of the newest seq, as they came, for the next frame.
+    lines, counts, held = fastlines.format_frame(reads, START, names, 1)
+    assert b'"seq":1,' in lines and b'"seq":2,' not in lines and sum(counts) == 1
+    assert held == bytes(reads[4 : 4 + SIZE])  # seq 2 was the first record
     inline = frame([_record(3, rng, cmd=c.CMD_WRITE, kind=INLINE)[:-4] + (2).to_bytes(4, "little") + b"xy"])[0]
-    assert fastlines.format_frame(inline, START, names) is None
-    assert fastlines.format_frame(frame([_record(4, rng, cmd=8)])[0], START, names) is None
-    assert fastlines.format_frame(reads, START, names[:7]) is None
+    assert fastlines.format_frame(inline, START, names, 0) is None
+    assert fastlines.format_frame(frame([_record(4, rng, cmd=8)])[0], START, names, 0) is None
+    assert fastlines.format_frame(reads, START, names[:7], 0) is None
 
 
 def test_a_recorded_read_trace_reads_back(tmp_path: Path) -> None:
@@ -155,7 +159,7 @@ def test_times_are_rounded_as_python_rounds_them() -> None:
         RECORD.pack(seq, START + value, 0, 0, 0, 0, value, 0, 1, 1, NO_DATA, 0, 0)
         for seq, value in enumerate(values, 1)
     ]
-    lines, counts = fastlines.format_frame(frame(records)[0], START, names)
+    lines, counts, _ = fastlines.format_frame(frame(records)[0], START, names, 0)
     lines = lines.splitlines()
     assert len(lines) == len(values) == counts[0]
     for line, value in zip(lines, values):

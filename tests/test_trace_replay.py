@@ -562,7 +562,6 @@ def test_a_request_sent_after_a_reply_is_numbered_and_recorded_after_it(tmp_path
         session.stop()
     assert held, "the write's reply never took the early path"
     records = [r for r in open_trace(trace) if r.cmd in (c.CMD_WRITE, c.CMD_READ)]
-    print([(r.seq, r.op, r.conn) for r in open_trace(trace)])
     assert [(r.op, r.conn) for r in records] == [("WRITE", 1), ("READ", 2)]
     assert records[0].seq < records[1].seq
     assert replay(trace, "ram", speed=None).ok

@@ -163,3 +163,28 @@ def test_a_trickle_reaches_the_writer_within_the_sweep(tmp_path: Path) -> None:
             assert _wait_until(lambda: session.recorder.sent == 1, 2.0), "one request waited more than 2 s"
     finally:
         session.stop()
+
+
+@pytest.mark.parametrize("c_lines", [True, False])
+def test_a_record_a_frame_late_is_written_in_seq_order(tmp_path: Path, monkeypatch, c_lines: bool) -> None:
+    """The writer holds the newest records of a frame back (writer.Encoder.HOLD) for late ones."""
+    from buselab.trace import writer
+
+    if not c_lines:
+        monkeypatch.setattr(writer, "format_reads", None)
+
+    def read(seq: int) -> bytes:
+        return RECORD.pack(seq, 1000.0 + seq, c.CMD_READ, 0, 0, 4096, 1e-5, 0, 1, seq, CRC, seq, 0)
+
+    late_write = RECORD.pack(300, 1300.0, c.CMD_WRITE, 0, 0, 3, 1e-5, 0, 2, 300, INLINE, 0, 3) + b"abc"
+    setup = {"header": {"size": 1 << 20, "start": 1000.0}, "path": str(tmp_path / "t.jsonl"), "level": None}
+    fd = os.open(setup["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    encoder = writer.Encoder(setup, fd)
+    encoder.encode(frame([read(s) for s in [*range(1, 300), 301]])[0])  # 300's record is late
+    assert encoder.records == 301 - writer.Encoder.HOLD  # seqs up to 45 are written
+    encoder.encode(frame([late_write, *(read(s) for s in range(302, 601))])[0])
+    status = encoder.close(ended=True)
+    assert status["records"] == 600
+    records = list(open_trace(setup["path"]))
+    assert [r.seq for r in records] == list(range(1, 601))
+    assert records[299].op == "WRITE" and records[299].data == b"abc"

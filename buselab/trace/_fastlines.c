@@ -6,13 +6,16 @@
  * takes that time from the client and the server, and recording reads at 4
  * jobs x iodepth 8 cost about 4% more IOPS than with the lines made here.
  *
- * format_frame(body, start, names) -> (lines, counts) | None
+ * format_frame(body, start, names, hold) -> (lines, counts, held) | None
  *
  * body is one frame (a u32 count, then that many RECORDs); start is the
  * trace's start time (record times are written relative to it); names are
  * the eight op names, as bytes. It returns the lines, sorted by seq, exactly
  * as writer.py's Python loop would write them, and how many records each
- * command 0-7 had. It returns None, and the caller does it all in Python,
+ * command 0-7 had. The records within `hold` of the frame's biggest seq are
+ * not written: they come back in `held` (the records as they were, in seq
+ * order), for the caller to put in front of the next frame (writer.py's
+ * HOLD says why). It returns None, and the caller does it all in Python,
  * when the frame has anything else: a payload to encode (IN_RING, INLINE), a
  * command without a name, a time that is not a finite number, or a
  * big-endian host.
@@ -110,11 +113,12 @@ static PyObject *format_frame(PyObject *self, PyObject *args) {
     Py_buffer body;
     double start;
     PyObject *names;
-    if (!PyArg_ParseTuple(args, "y*dO!", &body, &start, &PyTuple_Type, &names))
+    unsigned long long hold;
+    if (!PyArg_ParseTuple(args, "y*dO!K", &body, &start, &PyTuple_Type, &names, &hold))
         return NULL;
     PyObject *result = NULL;
     entry *entries = NULL;
-    PyObject *out = NULL;
+    PyObject *out = NULL, *held = NULL;
     const unsigned char *data = body.buf;
     const uint16_t probe = 1;
     if (*(const unsigned char *)&probe != 1 || PyTuple_GET_SIZE(names) != NAMES || body.len < 4)
@@ -154,11 +158,27 @@ static PyObject *format_frame(PyObject *self, PyObject *args) {
     }
     /* Serving threads queue in nearly, not exactly, seq order (as writer.py's batch.sort()). */
     qsort(entries, count, sizeof(entry), by_seq);
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)count * LINE_MAX_BYTES);
+    /* The newest records wait for the next frame: entries[0, written) are written now. */
+    uint32_t written = count;
+    if (count && hold) {
+        uint64_t newest = entries[count - 1].seq;
+        uint64_t cut = newest > hold ? newest - hold : 0;
+        while (written && entries[written - 1].seq > cut)
+            written--;
+    }
+    held = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(count - written) * RECORD_SIZE);
+    if (held == NULL)
+        goto done;
+    for (uint32_t i = written; i < count; i++) {
+        const unsigned char *rec = entries[i].rec;
+        counts[u16(rec + OFF_CMD)]--;
+        memcpy(PyBytes_AS_STRING(held) + (size_t)(i - written) * RECORD_SIZE, rec, RECORD_SIZE);
+    }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)written * LINE_MAX_BYTES);
     if (out == NULL)
         goto done;
     char *p = PyBytes_AS_STRING(out);
-    for (uint32_t i = 0; i < count; i++) {
+    for (uint32_t i = 0; i < written; i++) {
         const unsigned char *rec = entries[i].rec;
         uint16_t cmd = u16(rec + OFF_CMD);
         p = put(p, "{\"seq\":");
@@ -191,14 +211,15 @@ static PyObject *format_frame(PyObject *self, PyObject *args) {
     }
     if (_PyBytes_Resize(&out, p - PyBytes_AS_STRING(out)) < 0)
         goto done; /* out is freed and NULL */
-    result = Py_BuildValue("(N(LLLLLLLL))", out, counts[0], counts[1], counts[2], counts[3], counts[4],
-                           counts[5], counts[6], counts[7]);
-    out = NULL; /* Py_BuildValue's N took it, or freed it on failure */
+    result = Py_BuildValue("(N(LLLLLLLL)N)", out, counts[0], counts[1], counts[2], counts[3], counts[4],
+                           counts[5], counts[6], counts[7], held);
+    out = held = NULL; /* Py_BuildValue's N took them, or freed them on failure */
     goto done;
 fallback:
     result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(out);
+    Py_XDECREF(held);
     PyMem_Free(entries);
     PyBuffer_Release(&body);
     return result;
@@ -206,7 +227,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"format_frame", format_frame, METH_VARARGS,
-     "format_frame(body, start, names) -> (lines, counts) or None: a frame of reads as JSON lines"},
+     "format_frame(body, start, names, hold) -> (lines, counts, held) or None: a frame of reads as JSON lines"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -265,7 +265,9 @@ class TraceRecorder:
                             return
                         freed = freed_now()
                         if end - freed > ring_size:
-                            send_queued()  # what is queued must reach the writer to be freed
+                            # What is queued must reach the writer, and what it holds back be
+                            # written (writer.Encoder.HOLD), for the ring to be freed.
+                            send_queued(release=True)
                             sleep(0.0005)
                     try:
                         ring_data[pos : pos + n] = payload
@@ -304,8 +306,10 @@ class TraceRecorder:
                 self._progress.clear()
 
     # -- sending to the writer process --------------------------------------------------
-    def _send_queued(self, wait: bool = False, everything: bool = False) -> bool:
+    def _send_queued(self, wait: bool = False, everything: bool = False, release: bool = False) -> bool:
         """Send a batch of what has queued to the writer; False if another thread was at it.
+
+        `release` adds a frame without records: the writer then writes what it holds back.
 
         The serving thread whose request fills a batch sends it: it holds the GIL already. A
         feeder thread that woke up every few milliseconds to send cost 4-6% of the IOPS at 4
@@ -330,6 +334,8 @@ class TraceRecorder:
                 self._progress.set()
                 if not everything:
                     break
+            if release and not self._closed:
+                _send(self._proc, frame([])[0])
         except OSError as exc:  # the writer is gone: the feeder says why and stops recording
             self._closed = True
             self._send_failure = exc

@@ -32,7 +32,7 @@ from ..protocol import constants as c
 from .codecs import b64encode
 from .format import RECORD_FORMAT, TraceHeader, TraceWriter, encode_trailer, hasher
 from .ring import RingReader
-from .wire import CRC, IN_RING, INLINE, unframe
+from .wire import CRC, IN_RING, INLINE, RECORD, SIZE, frame, unframe
 
 try:  # the compiled formatter (setup.py builds it where it can); the Python loop below is the reference
     from ._fastlines import format_frame as format_reads
@@ -77,44 +77,172 @@ class FrameReader:
         return view
 
 
+class Encoder:
+    """Frames in, trace lines out, in seq order.
+
+    A serving thread that replies before its bookkeeping takes its request's seq before the
+    reply leaves and queues the record a little later (Telemetry.next_seq), so a record can
+    reach us one frame after records with bigger seqs that the client sent once it had that
+    reply: a write, and the read of what it wrote. The records within HOLD seqs of a frame's
+    newest therefore wait for the next frame (or a quiet moment, or the end) and are sorted in
+    with it: in the file the write comes first, and replay reads what it wrote.
+    """
+
+    HOLD = 256  # at most one late record per serving thread is possible; this is many more
+
+    def __init__(self, setup: dict[str, Any], trace_fd: int) -> None:
+        header = TraceHeader(**setup["header"])
+        self.start = header.start
+        self.keep_reads = header.payload == "all"
+        self.keep_writes = header.payload in ("writes", "all")
+        self.digest_of = hasher(header.hash)
+        self.writer = TraceWriter(setup["path"], level=setup.get("level"), fd=trace_fd)
+        self.writer.write_header(header)
+        self.writer.flush()
+        self.ring = RingReader(setup["ring_fd"], setup["ring_size"]) if "ring_fd" in setup else None
+        self.freed = 0  # how far the ring's payloads are encoded (and the server told)
+        self.ops = [0] * 8
+        self.records = 0
+        self.payload_bytes = 0
+        self.names = tuple(name.encode() for name in _OP_NAMES)
+        self.held = b""  # records waiting for the next frame, as wire.py's records
+        self.held_count = 0
+        self.held_payloads = b""  # their INLINE payloads, in record order
+        # Lines are made as bytes: str lines would be joined, then encoded, copying every payload twice more.
+        fmt = RECORD_FORMAT.encode()
+        self.plain = fmt + b"}\n"
+        self.with_crc = fmt + b',"hash":"%08x"}\n'
+        self.with_hash = fmt + b',"hash":"%s"}\n'
+        self.data_head = fmt + b',"hash":"%s","data":"'
+        self.with_zeros = fmt + b',"hash":"%s","zeros":true}\n'
+
+    def encode(self, body: memoryview | bytes, hold: int = HOLD) -> None:
+        """Write the frame's records (and those held from before), holding the newest back.
+
+        A frame without records asks for everything held: the server sends one when its
+        payload ring is full and waits for us to free it.
+        """
+        count = int.from_bytes(body[:4], "little")
+        if not count:
+            hold = 0
+        if self.held_count:
+            end = 4 + count * SIZE
+            body = b"".join(
+                [
+                    (self.held_count + count).to_bytes(4, "little"),
+                    self.held,
+                    body[4:end],
+                    self.held_payloads,
+                    body[end:],
+                ]
+            )
+            self.held, self.held_count, self.held_payloads = b"", 0, b""
+        fast = format_reads(body, self.start, self.names, hold) if format_reads is not None else None
+        if fast is not None:  # reads and requests without data only: lines made in C (_fastlines.c)
+            lines, counts, held = fast
+            self.writer.write_bytes(lines)
+            for cmd, count in enumerate(counts):
+                self.ops[cmd] += count
+            self.records += sum(counts)
+            self.held, self.held_count = held, len(held) // SIZE
+        else:
+            self._encode_in_python(body, hold)
+
+    def release(self) -> None:
+        """Write the held records too: quiet now, or the end."""
+        if self.held_count:
+            self.encode(frame([])[0], hold=0)
+
+    def _encode_in_python(self, body: memoryview | bytes, hold: int) -> None:
+        batch, inline = unframe(body if isinstance(body, memoryview) else memoryview(body))
+        # Serving threads append in nearly, not exactly, seq order (seqs are unique: only they are compared).
+        batch.sort()
+        written = len(batch)
+        if hold and batch:
+            cut = batch[-1][0] - hold
+            while written and batch[written - 1][0] > cut:
+                written -= 1
+        ring = self.ring
+        freed = self.freed
+        held_from = None  # where the first held payload in the ring starts: not to be freed yet
+        if written < len(batch):
+            later = batch[written:]
+            self.held = b"".join(RECORD.pack(*row) for row in later)
+            self.held_count = len(later)
+            self.held_payloads = b"".join(inline[row[0]] for row in later if row[10] == INLINE)
+            starts = [row[11] for row in later if row[10] == IN_RING]
+            held_from = min(starts) if starts else None
+        names, start, digest_of = self.names, self.start, self.digest_of
+        keep_writes, keep_reads = self.keep_writes, self.keep_reads
+        read_cmd, write_cmd = c.CMD_READ, c.CMD_WRITE
+        with_crc, plain, with_hash = self.with_crc, self.plain, self.with_hash
+        data_head, with_zeros = self.data_head, self.with_zeros
+        ops = self.ops
+        lines: list[bytes] = []
+        add = lines.append
+        for seq, t, cmd, flags, offset, length, latency, error, conn, handle, kind, extra, n in batch[:written]:
+            if cmd < 8:
+                ops[cmd] += 1
+                op = names[cmd]
+            else:
+                op = b"CMD%d" % cmd
+            if kind == CRC:  # a read the server took the crc32 of: most lines, so no tuple in between
+                add(with_crc % (seq, t - start, op, flags, offset, length, latency, error, conn, handle, extra))
+                continue
+            fields = (seq, t - start, op, flags, offset, length, latency, error, conn, handle)
+            if kind == IN_RING:
+                data = ring.get(extra, n)
+                freed = max(freed, extra + n)
+            elif kind == INLINE:
+                data = inline[seq]
+            else:
+                add(plain % fields)
+                continue
+            if (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
+                self.payload_bytes += len(data)
+                digest = digest_of(data).encode()
+                if data and not data[0] and not data[-1] and bytes(data) == bytes(len(data)):
+                    add(with_zeros % (*fields, digest))  # file systems write a lot of these
+                else:  # in pieces: formatting the payload into the line would copy it once more
+                    add(data_head % (*fields, digest))
+                    add(b64encode(data))
+                    add(b'"}\n')
+            else:
+                add(with_hash % (*fields, digest_of(data).encode()))
+        self.writer.write_bytes(b"".join(lines))
+        self.records += written
+        if ring is not None:
+            if held_from is not None:
+                freed = min(freed, held_from)
+            if freed > self.freed:
+                self.freed = freed
+                ring.free(freed)  # the lines hold copies: the server may overwrite those payloads now
+
+    def close(self, ended: bool) -> dict[str, Any]:
+        self.release()
+        if ended:
+            counts = {_OP_NAMES[i]: n for i, n in enumerate(self.ops) if n}
+            self.writer.write(encode_trailer(self.records, time.time() - self.start, ops=counts))
+        self.writer.close()
+        return {"records": self.records, "payload_bytes": self.payload_bytes, "ended": ended}
+
+
 def run(trace_fd: int, inp: int) -> dict[str, Any]:
     frames = FrameReader(inp)
     setup = marshal.loads(frames.read())
-    header = TraceHeader(**setup["header"])
-    payload = header.payload
-    keep_reads = payload == "all"
-    keep_writes = payload in ("writes", "all")
-    digest_of = hasher(header.hash)
-    writer = TraceWriter(setup["path"], level=setup.get("level"), fd=trace_fd)
-    writer.write_header(header)
-    writer.flush()
+    encoder = Encoder(setup, trace_fd)
     flush_interval = float(setup.get("flush_interval", 1.0))
     next_flush = time.monotonic() + flush_interval
-    start = header.start
-    ops = [0] * 8
-    records = 0
-    payload_bytes = 0
-    read_cmd, write_cmd = c.CMD_READ, c.CMD_WRITE
     ended = False
-    names = [name.encode() for name in _OP_NAMES]
-    name_tuple = tuple(names)
-    # Lines are made as bytes: str lines would be joined, then encoded, copying every payload twice more.
-    fmt = RECORD_FORMAT.encode()
-    plain = fmt + b"}\n"
-    with_crc = fmt + b',"hash":"%08x"}\n'
-    with_hash = fmt + b',"hash":"%s"}\n'
-    data_head = fmt + b',"hash":"%s","data":"'
-    with_zeros = fmt + b',"hash":"%s","zeros":true}\n'
-    write = writer.write_bytes
-    ring = RingReader(setup["ring_fd"], setup["ring_size"]) if "ring_fd" in setup else None
-    freed = 0  # how far the ring's payloads are encoded (and the server told)
     dirty = False  # written to the compressor but not yet flushed to the file
     while True:
-        if dirty:
-            # Quiet now: flush within flush_interval anyway, so a server killed later leaves it all on disk.
+        if dirty or encoder.held_count:
+            # Quiet now: write what is held and flush within flush_interval anyway, so a server
+            # killed later leaves it all on disk.
             ready, _, _ = select.select([inp], [], [], max(0.0, next_flush - time.monotonic()))
             if not ready:
-                writer.flush()
+                encoder.release()
+                encoder.writer.flush()
                 dirty = False
                 next_flush = time.monotonic() + flush_interval
                 continue
@@ -125,77 +253,14 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
         if body is None:
             ended = True
             break
-        fast = format_reads(body, start, name_tuple) if format_reads is not None else None
-        if fast is not None:  # reads and requests without data only: lines made in C (_fastlines.c)
-            lines, counts = fast
-            write(lines)
-            for cmd, count in enumerate(counts):
-                ops[cmd] += count
-            records += sum(counts)
-        else:
-            batch, inline = unframe(body)
-            # Serving threads append in nearly, not exactly, seq order (seqs are unique: only they are compared).
-            batch.sort()
-            lines = []
-            add = lines.append
-            for seq, t, cmd, flags, offset, length, latency, error, conn, handle, kind, extra, n in batch:
-                if cmd < 8:
-                    ops[cmd] += 1
-                    op = names[cmd]
-                else:
-                    op = b"CMD%d" % cmd
-                if kind == CRC:  # a read the server took the crc32 of: most lines, so no tuple in between
-                    add(with_crc % (seq, t - start, op, flags, offset, length, latency, error, conn, handle, extra))
-                    continue
-                fields = (
-                    seq,
-                    t - start,
-                    op,
-                    flags,
-                    offset,
-                    length,
-                    latency,
-                    error,
-                    conn,
-                    handle,
-                )
-                if kind == IN_RING:
-                    data = ring.get(extra, n)
-                    freed = max(freed, extra + n)
-                elif kind == INLINE:
-                    data = inline[seq]
-                else:
-                    add(plain % fields)
-                    continue
-                if (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
-                    payload_bytes += len(data)
-                    digest = digest_of(data).encode()
-                    if data and not data[0] and not data[-1] and bytes(data) == bytes(len(data)):
-                        add(with_zeros % (*fields, digest))  # file systems write a lot of these
-                    else:  # in pieces: formatting the payload into the line would copy it once more
-                        add(data_head % (*fields, digest))
-                        add(b64encode(data))
-                        add(b'"}\n')
-                else:
-                    add(with_hash % (*fields, digest_of(data).encode()))
-            write(b"".join(lines))
-            if ring is not None:
-                ring.free(freed)  # the lines hold copies: the server may overwrite those payloads now
-            records += len(batch)
+        encoder.encode(body)
         dirty = True
         now = time.monotonic()
         if now >= next_flush:
-            writer.flush()
+            encoder.writer.flush()
             dirty = False
             next_flush = now + flush_interval
-    status = {"records": records, "payload_bytes": payload_bytes, "ended": ended}
-    if ended:
-        counts = {_OP_NAMES[i]: n for i, n in enumerate(ops) if n}
-        writer.write(encode_trailer(records, time.time() - start, ops=counts))
-        writer.close()
-    else:
-        writer.close()
-    return status
+    return encoder.close(ended)
 
 
 def main(argv: list[str]) -> int:
