@@ -334,6 +334,8 @@ class TraceRecorder:
                 self._progress.set()
                 if not everything:
                     break
+            if not queue:
+                self._backlog = 0  # nothing queued, nothing behind: mends an update a tap's `+=` lost
             if release and not self._closed:
                 _send(self._proc, frame([])[0])
         except OSError as exc:  # the writer is gone: the feeder says why and stops recording
