@@ -88,7 +88,7 @@ def test_kernel_ioctl_in_vm(vm) -> None:  # noqa: F811
 
 
 @pytest.mark.vm
-@pytest.mark.timeout(900)  # about 2-3 minutes on a quiet machine, more when it is busy
+@pytest.mark.timeout(1500)  # 1-3 minutes a boot; a boot the kernel's bug hangs takes about 5.5
 def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
     require_tool(*GUEST_TOOLS)
     if importlib.util.find_spec("pyroute2") is None:
@@ -100,21 +100,23 @@ def test_kernel_netlink_in_vm(vm) -> None:  # noqa: F811
             f"sh {GUEST / 'guest_kernel_netlink.sh'}\n", timeout=840, modules=("nbd nbds_max=6",), env={"PAUSE": "40"}
         )
 
-    for attempt in range(3):
+    boots = 4
+    for attempt in range(boots):
         # A bug of the guest's kernel (Debian 6.1; README, "Known problems"): in about 1 run
         # of 4, with several nbd devices busy, a device with two connections loses a request
         # on its second hardware queue -- it never reaches the socket. nbdkit + nbd-client
         # -C 2 lose it the same way (tests/vm/repro_multiconn_hang.sh). The guest's watchdog
         # prints what it can see ("hang: ..."); then either the guest is stopped (VmError) or
         # the check that waited gives up and the run ends with its FAIL line. Either way the
-        # test boots again, at most twice. Any other failure fails at once.
+        # test boots again, at most three times: in the full suite, on a busy 2-core machine,
+        # stop 10 saw the first boot hang in 2 runs of 4. Any other failure fails at once.
         try:
             result = boot()
             output = result.output
-            if "hang: still running" not in output or attempt == 2:
+            if "hang: still running" not in output or attempt == boots - 1:
                 break
         except VmError as exc:
-            if "hang: still running" not in exc.output or attempt == 2:
+            if "hang: still running" not in exc.output or attempt == boots - 1:
                 raise
             output = exc.output
         print(output)
