@@ -565,3 +565,43 @@ def test_a_request_sent_after_a_reply_is_numbered_and_recorded_after_it(tmp_path
     assert [(r.op, r.conn) for r in records] == [("WRITE", 1), ("READ", 2)]
     assert records[0].seq < records[1].seq
     assert replay(trace, "ram", speed=None).ok
+
+
+def test_a_recording_begun_mid_run_says_why_its_reads_differ(tmp_path: Path) -> None:
+    sock = str(tmp_path / "s.sock")
+    session = Session(open_backend("ram", size=1 << 20), ServeOptions(unix=[sock]))
+    session.start()
+    trace = str(tmp_path / "late.jsonl")
+    try:
+        with NBDClient.connect_unix(sock) as nbd:
+            nbd.write(0, b"before" * 512)  # not in the trace: recording starts after it
+            session.recorder = TraceRecorder.start(session.engine, trace)
+            assert nbd.read(0, 3072) == b"before" * 512
+            nbd.write(8192, b"during" * 512)
+            assert nbd.read(8192, 3072) == b"during" * 512
+    finally:
+        session.stop()
+    summary = replay(trace, "ram", speed=None)
+    assert (summary.reads_compared, summary.divergences, summary.first_seq) == (2, 1, 2)
+    assert summary.first.offset == 0
+    assert any("recording began after 1 earlier request;" in line for line in summary.lines())
+    # From the start, a divergence has other causes: no such note.
+    trace2 = str(tmp_path / "whole.jsonl")
+    session = Session(open_backend("ram", size=1 << 20), ServeOptions(unix=[sock], record=trace2))
+    session.start()
+    try:
+        with NBDClient.connect_unix(sock) as nbd:
+            nbd.write(0, b"x" * 512)
+            nbd.read(0, 512)
+    finally:
+        session.stop()
+    broken = tmp_path / "broken.py"
+    broken.write_text(
+        "class Disk:\n"
+        "    def __init__(self, size):\n        self.size = size\n"
+        "    def read(self, offset, length):\n        return bytes(length)\n"
+        "    def write(self, offset, data):\n        pass\n"
+    )
+    summary = replay(trace2, f"plugin:{broken}", speed=None)
+    assert summary.first_seq == 1 and summary.divergences == 1
+    assert not any("recording began" in line for line in summary.lines())

@@ -155,6 +155,7 @@ class ReplaySummary:
     stopped: bool = False  # stop() or stop_on_divergence ended it early
     truncated: bool = False  # the trace had no end line (--partial)
     checksum: str | None = None  # of the whole device after the replay, when asked for
+    first_seq: int = 0  # the first record's: above 1, recording began after other requests
 
     @property
     def ok(self) -> bool:
@@ -184,6 +185,14 @@ class ReplaySummary:
             out.append(f"device checksum (blake2b-128): {self.checksum}")
         if self.first is not None:
             out.append("first divergence: " + self.first.describe())
+            if self.first_seq > 1 and self.verify_reads:
+                # The lab's `r` records from the middle of a run: the disk held data already.
+                out.append(
+                    f"note: the recording began after {self.first_seq - 1:,} earlier"
+                    f" request{'s' if self.first_seq > 2 else ''}; what they wrote"
+                    " is not in the trace, so reads of it differ on a fresh disk (record from the start,"
+                    " or replay on a copy of the disk as it was)"
+                )
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -199,6 +208,7 @@ class ReplaySummary:
             "reads_matched": self.reads_matched,
             "divergences": self.divergences,
             "first_divergence": self.first.to_json() if self.first else None,
+            "first_seq": self.first_seq,
             "adapted": dict(self.adapted),
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
@@ -377,6 +387,7 @@ class Replayer:
                 break
             if first_t is None:
                 first_t = r.t
+                summary.first_seq = r.seq
             last_t = max(last_t, r.t)
             if speed is not None:
                 self._wait_until(base + (r.t - first_t) / speed)
