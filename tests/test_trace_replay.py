@@ -28,7 +28,7 @@ from buselab.engine import Engine
 from buselab.errors import UserError
 from buselab.protocol import constants as c
 from buselab.session import ServeOptions, Session
-from buselab.trace.format import open_trace, read_trailer
+from buselab.trace.format import data_hash, open_trace, read_trailer
 from buselab.trace.recorder import TraceRecorder
 from buselab.trace.replay import Replayer, device_checksum, open_replay_backend, replay
 from buselab.workload import DemoWorkload
@@ -529,42 +529,76 @@ def test_a_slow_writer_slows_serving_rather_than_losing_requests(tmp_path: Path)
     assert sum(1 for _ in open_trace(path)) == 200
 
 
-def test_a_request_sent_after_a_reply_is_numbered_and_recorded_after_it(tmp_path: Path, monkeypatch) -> None:
-    """A lone request's reply leaves before its bookkeeping; its number must not come later.
-
-    The first write's thread is held for a moment just after its reply has gone out. Meanwhile
-    the client, holding that reply, reads the block back on a second connection, and that read
-    is finished and recorded first. The write must still have the smaller seq and come first in
-    the trace, or the replayed read would run before the write and differ.
-    """
+def _hold_after_first_reply(monkeypatch, number: int = 1) -> list:
+    """Connection `number`'s first sending of replies sleeps 0.5 s after it (the GIL let go)."""
     from buselab.transport.connection import Connection
 
     flush = Connection._flush_replies
-    held = []
+    held: list = []
 
     def flush_then_wait(self) -> None:
         flush(self)
-        if not held and self.number == 1:
+        if not held and self.number == number:
             held.append(self.number)
             time.sleep(0.5)  # without the GIL: the other connection runs
 
     monkeypatch.setattr(Connection, "_flush_replies", flush_then_wait)
+    return held
+
+
+@pytest.mark.parametrize("recording", [False, True])
+def test_a_request_sent_after_a_reply_is_numbered_and_recorded_after_it(
+    tmp_path: Path, monkeypatch, recording: bool
+) -> None:
+    """A request's seq comes before that of any request a client sends once it has the reply.
+
+    The first write's thread is held for a moment just after its reply has gone out. Meanwhile
+    the client, holding that reply, reads the block back on a second connection, and that read
+    is finished first. The write must still have the smaller seq (without a recorder its reply
+    went out before its bookkeeping: the seq is taken before the reply), and come first in the
+    trace, or the replayed read would run before the write and differ.
+    """
+    held = _hold_after_first_reply(monkeypatch)
     sock = str(tmp_path / "s.sock")
     session = Session(open_backend("ram", size=1 << 20), ServeOptions(unix=[sock]))
     session.start()
     trace = str(tmp_path / "order.jsonl")
-    session.recorder = TraceRecorder.start(session.engine, trace)
+    if recording:
+        session.recorder = TraceRecorder.start(session.engine, trace)
     try:
         with NBDClient.connect_unix(sock) as first, NBDClient.connect_unix(sock) as second:
             first.write(0, b"w" * 4096)
             assert second.read(0, 4096) == b"w" * 4096
+        seen = [(r.op, r.conn, r.seq) for r in session.engine.telemetry.recent() if r.op in ("WRITE", "READ")]
     finally:
         session.stop()
-    assert held, "the write's reply never took the early path"
-    records = [r for r in open_trace(trace) if r.cmd in (c.CMD_WRITE, c.CMD_READ)]
-    assert [(r.op, r.conn) for r in records] == [("WRITE", 1), ("READ", 2)]
-    assert records[0].seq < records[1].seq
-    assert replay(trace, "ram", speed=None).ok
+    assert held, "the write's reply was never sent"
+    assert min(seen, key=lambda x: x[2])[:2] == ("WRITE", 1)
+    if recording:
+        records = [r for r in open_trace(trace) if r.cmd in (c.CMD_WRITE, c.CMD_READ)]
+        assert [(r.op, r.conn) for r in records] == [("WRITE", 1), ("READ", 2)]
+        assert replay(trace, "ram", speed=None).ok
+
+
+def test_a_recorded_read_has_the_hash_of_the_data_its_client_got(tmp_path: Path, monkeypatch) -> None:
+    """A read's data is a view of the RAM disk: a write sent after the read's reply must not
+    change what the trace says the read returned."""
+    held = _hold_after_first_reply(monkeypatch)
+    sock = str(tmp_path / "s.sock")
+    session = Session(open_backend("ram", size=1 << 20), ServeOptions(unix=[sock]))
+    session.start()
+    trace = str(tmp_path / "hash.jsonl")
+    try:
+        with NBDClient.connect_unix(sock) as first, NBDClient.connect_unix(sock) as second:
+            second.write(0, b"a" * 4096)
+            session.recorder = TraceRecorder.start(session.engine, trace)
+            got = first.read(0, 4096)  # its thread is held after the reply: the write below runs
+            second.write(0, b"b" * 4096)
+    finally:
+        session.stop()
+    assert held and got == b"a" * 4096
+    (read,) = [r for r in open_trace(trace) if r.op == "READ"]
+    assert read.hash == data_hash(b"a" * 4096)
 
 
 def test_a_recording_begun_mid_run_says_why_its_reads_differ(tmp_path: Path) -> None:

@@ -310,12 +310,14 @@ class Connection:
             else:
                 out.append(pack_simple(_SIMPLE_MAGIC, 0, handle))
             end = now()
-            early = self._end - self._pos < _HEADER
+            # No further request is buffered: we would send the replies before waiting anyway,
+            # so send them before the bookkeeping below, which a client waiting for this reply
+            # (iodepth 1, the kernel's sync I/O) need not wait for. Not while a trace is being
+            # recorded: a read's data is a view of the disk, and a write another client sends
+            # once it has this reply could change it before the recorder takes its hash.
+            early = self._end - self._pos < _HEADER and not telemetry.taps
             seq = 0
             if early:
-                # No further request is buffered: we would send the replies before waiting
-                # anyway, so send them before the bookkeeping below, which a client waiting
-                # for this reply (iodepth 1, the kernel's sync I/O) need not wait for.
                 self.accounting = True
                 seq = next_seq()  # before the reply: see Telemetry.next_seq
                 self._flush_replies()
@@ -343,15 +345,8 @@ class Connection:
         """Reply and record; called from any thread (the gate's, for held requests)."""
         self.completing = True  # see Engine.settle
         try:
-            seq = self.engine.telemetry.next_seq()  # before the reply: see Telemetry.next_seq
-            try:
-                parts = self._reply_parts(req, error, data)
-                with self._send_lock:
-                    self._sendmsg_all(parts)
-            except OSError as exc:
-                # The client is gone (its serve loop notices and cleans up), or the reply could
-                # not be sent: say so, a client left waiting for it is a hang to explain.
-                log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
+            # Recorded before the reply leaves: the request's seq then comes before any a
+            # client sends once it has the reply, and a recorder hashes the data it gets.
             telemetry = self.engine.telemetry
             telemetry.record(
                 telemetry.recorder(),
@@ -365,8 +360,15 @@ class Connection:
                 self.number,
                 req.handle,
                 data if req.cmd == _READ and not error else req.payload,
-                seq,
             )
+            try:
+                parts = self._reply_parts(req, error, data)
+                with self._send_lock:
+                    self._sendmsg_all(parts)
+            except OSError as exc:
+                # The client is gone (its serve loop notices and cleans up), or the reply could
+                # not be sent: say so, a client left waiting for it is a hang to explain.
+                log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
         finally:
             self.completing = False
 
