@@ -707,34 +707,38 @@ def test_backend_errors_logged_only_for_bugs(tmp_path, caplog):
         assert client.read(0, 4) == bytes(4)
 
 
-def test_a_lone_request_is_answered_before_its_bookkeeping(session) -> None:
-    """At iodepth 1 the client waits for each reply: telemetry (and recording) come after it."""
+def test_a_lone_request_is_answered_before_its_bookkeeping(session, monkeypatch) -> None:
+    """At iodepth 1 the client waits for each reply: telemetry comes after it (not while a trace
+    is recorded: tests/test_trace_replay.py, the recorded read's hash)."""
     import threading
 
     from buselab.client import NBDClient
 
-    in_tap = threading.Event()
+    telemetry = session.engine.telemetry
+    in_record = threading.Event()
     go_on = threading.Event()
+    record = telemetry.record
 
-    def slow_tap(record, payload) -> None:
-        in_tap.set()
+    def slow_record(*args):
+        in_record.set()
         go_on.wait(30)
+        return record(*args)
 
-    session.engine.telemetry.taps.append(slow_tap)
+    monkeypatch.setattr(telemetry, "record", slow_record)  # connections look it up when they start
     try:
         with NBDClient.connect_unix(session.sock) as nbd:
             written = threading.Event()
             writer = threading.Thread(target=lambda: (nbd.write(0, b"x" * 4096), written.set()))
             writer.start()
-            # The reply comes while the tap still blocks; before, it waited for the tap.
+            # The reply comes while the bookkeeping still blocks; before, it waited for it.
             assert written.wait(5), "the reply waited for the telemetry"
-            assert in_tap.is_set() or in_tap.wait(5)
+            assert in_record.is_set() or in_record.wait(5)
             go_on.set()
             writer.join()
             assert nbd.read(0, 4096) == b"x" * 4096
     finally:
         go_on.set()
-        session.engine.telemetry.taps.remove(slow_tap)
+    assert telemetry.snapshot().count[c.CMD_WRITE] == 1
 
 
 @pytest.mark.parametrize("scale", [1, 16], ids=["real-buffer", "buffer-16x-smaller"])
