@@ -6,8 +6,10 @@ and exit 2 on the command line), never a traceback.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +195,7 @@ def test_unknown_version(tmp_path: Path) -> None:
         ("hello\n", ("not a buselab trace",)),
         ('{"format": "something-else", "version": 1}\n', ("not a buselab trace",)),
         ('{"format": "buselab-trace", "version": 1}\n', ("has no 'size'",)),
+        ('{"format": "buselab-trace", "size": 4096}\n', ("has no format version",)),
     ],
 )
 def test_not_a_trace(tmp_path: Path, content: str, words: tuple) -> None:
@@ -214,6 +217,25 @@ def test_truncated_gzip(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="truncated"):
         list(open_trace(str(path)))
     assert_one_line_error(run_cli("stats", str(path)), "truncated")
+
+
+@pytest.mark.parametrize("name", ["t.jsonl.gz", "t.jsonl.zst"])
+def test_a_compressed_trace_cut_in_the_middle_gives_its_complete_records_with_partial(
+    tmp_path: Path, name: str
+) -> None:
+    records = [record(seq, "WRITE", seq * 4096 % SIZE, 4096, os.urandom(4096)) for seq in range(1, 201)]
+    path = write_lines(tmp_path / name, [header(), *records, {"end": True, "records": 200}])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # killed while writing: the compressed stream just stops
+    with pytest.raises(UserError, match="truncated.*--partial"):
+        list(open_trace(str(path)))
+    assert_one_line_error(run_cli("stats", str(path)), "truncated", "--partial")
+    with open_trace(str(path), partial=True) as reader:
+        got = list(reader)
+    assert reader.truncated and 20 < len(got) < 200
+    assert [r.data for r in got] == [base64.b64decode(r["data"]) for r in records[: len(got)]]
+    proc = run_cli("stats", str(path), "--partial")
+    assert proc.returncode == 0 and f"{len(got)} requests" in proc.stdout
 
 
 def test_truncated_zstd(tmp_path: Path) -> None:

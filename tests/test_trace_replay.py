@@ -639,3 +639,30 @@ def test_a_recording_begun_mid_run_says_why_its_reads_differ(tmp_path: Path) -> 
     summary = replay(trace2, f"plugin:{broken}", speed=None)
     assert summary.first_seq == 1 and summary.divergences == 1
     assert not any("recording began" in line for line in summary.lines())
+
+
+def test_an_interrupted_replay_still_says_how_far_it_got(tmp_path: Path) -> None:
+    sock = str(tmp_path / "s.sock")
+    trace = str(tmp_path / "slow.jsonl")
+    session = Session(open_backend("ram", size=1 << 20), ServeOptions(unix=[sock], record=trace))
+    session.start()
+    try:
+        with NBDClient.connect_unix(sock) as nbd:
+            for _ in range(80):  # 4 s at --speed 1: it starts (imports and all) well before the end
+                nbd.write(0, b"s" * 512)
+                time.sleep(0.05)
+    finally:
+        session.stop()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "buselab", "replay", trace, "--speed", "1", "--headless", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "stopped before the end of the trace" in out
+    assert "recorded over 0.00 s" not in out and "recorded over" in out
+    assert err == ""  # -q: no progress lines

@@ -11,7 +11,7 @@ import pytest
 
 from buselab.engine.telemetry import RequestRecord
 from buselab.protocol import constants as c
-from buselab.trace.stats import alignment_of, region_size_for, size_bucket, summarize, summarize_trace
+from buselab.trace.stats import _share, alignment_of, region_size_for, size_bucket, summarize, summarize_trace
 
 MiB = 1 << 20
 
@@ -139,6 +139,16 @@ def test_helpers() -> None:
     assert region_size_for(1 << 30) == MiB
     assert region_size_for(1 << 20) == 4096
     assert summarize([])["requests"] == 0
+    # Shares: 100% and 0% only for all and nothing.
+    assert [_share(n, 100_000) for n in (100_000, 99_880, 99_999, 50_000, 120, 1, 0)] == [
+        "100%",
+        "99.9%",
+        "99.9%",
+        "50%",
+        "0.1%",
+        "0.1%",
+        "0%",
+    ]
 
 
 def test_stats_cli_text_and_json(tmp_path: Path) -> None:

@@ -277,11 +277,14 @@ def _open_binary(path: str) -> IO[bytes]:
 def _iter_lines(path: str, stream: IO[bytes]) -> Iterator[bytes]:
     """Lines without their newline; the last may lack one (a cut-off file)."""
     rest = b""
+    # read1: one read of the stream at a time. A gzip stream cut short raises EOFError, and a
+    # read() that had already gathered some data in that call would lose it with the exception.
+    read = getattr(stream, "read1", stream.read)
     while True:
         try:
-            chunk = stream.read(_READ_CHUNK)
-        except EOFError as exc:  # gzip: the stream ends before its end marker
-            raise UserError(f"trace {path} is truncated: its compressed data ends early ({exc})") from exc
+            chunk = read(_READ_CHUNK)
+        except EOFError:  # gzip: the stream ends before its end marker, as zstd's may
+            break  # a trace cut short: the reader says so, and --partial uses what came before
         except (OSError, ValueError) as exc:  # corrupt gzip/zstd data
             raise UserError(f"trace {path} is corrupt: cannot decompress it ({exc})") from exc
         except Exception as exc:  # zstandard.ZstdError is not an OSError
@@ -314,6 +317,8 @@ def parse_header(path: str, text: bytes) -> TraceHeader:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
         raise UserError(f"{path} is not a buselab trace: its first line is not a buselab-trace header")
     version = obj.get("version")
+    if version is None:
+        raise UserError(f"trace {path} is corrupt: its header has no format version")
     if version != FORMAT_VERSION:
         raise UserError(
             f"trace {path} is format version {version!r}; this buselab reads version {FORMAT_VERSION} only:"

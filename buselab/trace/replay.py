@@ -389,6 +389,7 @@ class Replayer:
                 first_t = r.t
                 summary.first_seq = r.seq
             last_t = max(last_t, r.t)
+            summary.recorded_duration = last_t - first_t  # so far: an interrupted replay reports it too
             if speed is not None:
                 self._wait_until(base + (r.t - first_t) / speed)
                 if self._stop.is_set():
@@ -441,8 +442,6 @@ class Replayer:
             if self.progress is not None and end >= next_progress:
                 self.progress(summary)
                 next_progress = end + self.progress_interval
-        if first_t is not None:
-            summary.recorded_duration = last_t - first_t
 
     def _request(self, r: TraceRecord, tflags: int, caps: Any) -> Request | None:
         """The request to send for a record, adapted to what the backend offers."""

@@ -60,6 +60,18 @@ def alignment_of(offset: int) -> int:
     return min(align, MAX_ALIGN)
 
 
+def _share(part: int, total: int) -> str:
+    """part of total in percent: 100% and 0% only when it is all or nothing (not 99.88%)."""
+    if part == total or not part:
+        return "100%" if part else "0%"
+    pct = 100 * part / total
+    if pct >= 99.5:
+        return f"{min(pct, 99.9):.1f}%"
+    if pct < 0.5:
+        return f"{max(pct, 0.1):.1f}%"
+    return f"{pct:.0f}%"
+
+
 def _percentile(sorted_values: array, q: float) -> float:
     n = len(sorted_values)
     if not n:
@@ -294,8 +306,9 @@ def format_text(s: dict[str, Any]) -> str:
     if total:
         out.append("")
         out.append(
-            f"sequential {seq['sequential']:,} ({seq['share']:.0%}), random {seq['random']:,} ({1 - seq['share']:.0%})"
-            f" of {total:,} data requests; 4K-aligned (offset and length) {s['aligned_4k'] / total:.0%}"
+            f"sequential {seq['sequential']:,} ({_share(seq['sequential'], total)}),"
+            f" random {seq['random']:,} ({_share(seq['random'], total)})"
+            f" of {total:,} data requests; 4K-aligned (offset and length) {_share(s['aligned_4k'], total)}"
         )
     for name, op in s["ops"].items():
         sizes = op.get("sizes")
