@@ -131,9 +131,10 @@ class Telemetry:
         self.clock_offset = time.time() - time.perf_counter()
         self.ring: deque[RequestRecord] = deque(maxlen=ring)
         self._seq = itertools.count(1)
-        # A request's number, for a caller that replies before it records the request: taken
-        # before the reply leaves, so a request a client sends once it has that reply always
-        # gets a bigger number (a trace in seq order replays a write before the read it answers).
+        # A request's number, for a caller that replies before it records the request (not
+        # while a trace is recorded, see Connection): taken before the reply leaves, so a
+        # request a client sends once it has that reply always gets a bigger number, and the
+        # lab's stream shows a write before the read of what it wrote.
         self.next_seq = self._seq.__next__
         self._last_seq = 0
         self._local = threading.local()

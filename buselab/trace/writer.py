@@ -80,12 +80,12 @@ class FrameReader:
 class Encoder:
     """Frames in, trace lines out, in seq order.
 
-    A serving thread that replies before its bookkeeping takes its request's seq before the
-    reply leaves and queues the record a little later (Telemetry.next_seq), so a record can
-    reach us one frame after records with bigger seqs that the client sent once it had that
-    reply: a write, and the read of what it wrote. The records within HOLD seqs of a frame's
-    newest therefore wait for the next frame (or a quiet moment, or the end) and are sorted in
-    with it: in the file the write comes first, and replay reads what it wrote.
+    A serving thread takes its request's seq in Telemetry.record and queues the record a
+    moment later, in the recorder's tap; another thread can queue a bigger seq in between, and
+    a batch can be sent just then. So a record can reach us one frame after records with
+    bigger seqs. The records within HOLD seqs of a frame's newest therefore wait for the next
+    frame (or a quiet moment, a full payload ring, or the end) and are sorted in with it: the
+    file stays in seq order, as docs/TRACE_FORMAT.md promises and replay relies on.
     """
 
     HOLD = 256  # at most one late record per serving thread is possible; this is many more

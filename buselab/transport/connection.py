@@ -348,27 +348,29 @@ class Connection:
             # Recorded before the reply leaves: the request's seq then comes before any a
             # client sends once it has the reply, and a recorder hashes the data it gets.
             telemetry = self.engine.telemetry
-            telemetry.record(
-                telemetry.recorder(),
-                req.cmd,
-                req.flags,
-                req.offset,
-                req.length,
-                start,
-                time.perf_counter(),
-                error,
-                self.number,
-                req.handle,
-                data if req.cmd == _READ and not error else req.payload,
-            )
             try:
-                parts = self._reply_parts(req, error, data)
-                with self._send_lock:
-                    self._sendmsg_all(parts)
-            except OSError as exc:
-                # The client is gone (its serve loop notices and cleans up), or the reply could
-                # not be sent: say so, a client left waiting for it is a hang to explain.
-                log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
+                telemetry.record(
+                    telemetry.recorder(),
+                    req.cmd,
+                    req.flags,
+                    req.offset,
+                    req.length,
+                    start,
+                    time.perf_counter(),
+                    error,
+                    self.number,
+                    req.handle,
+                    data if req.cmd == _READ and not error else req.payload,
+                )
+            finally:  # a tap that raised must not leave the client without its answer
+                try:
+                    parts = self._reply_parts(req, error, data)
+                    with self._send_lock:
+                        self._sendmsg_all(parts)
+                except OSError as exc:
+                    # The client is gone (its serve loop notices and cleans up), or the reply
+                    # could not be sent: say so, a client left waiting for it is a hang to explain.
+                    log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
         finally:
             self.completing = False
 
