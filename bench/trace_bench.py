@@ -48,9 +48,9 @@ def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 15) -> N
 
 def serve(sock: str, record: str, payload: str) -> int:
     """`buselab ram --unix SOCK --headless --record FILE`, with a payload mode the CLI does not offer."""
-    from buselab.backends import open_backend
     from buselab.headless import run_headless
     from buselab.session import ServeOptions, Session
+    from buselab.storage.registry import open_backend
     from buselab.trace.recorder import TraceRecorder
 
     session = Session(open_backend("ram", size=1 << 30), ServeOptions(unix=[sock]))

@@ -25,13 +25,13 @@ import sys
 import threading
 
 from . import __version__
-from .backends import open_backend
 from .commands import ArgumentParser, UsageError, help_command
 from .control import default_control_path
 from .errors import UserError
 from .session import ServeOptions, Session
 from .signals import stop_on_signals
 from .sizes import parse_size
+from .storage.registry import FilterSpecError, open_backend
 from .transport.network import DEFAULT_PORT, parse_listen
 
 
@@ -229,6 +229,9 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="buselab: %(message)s")
     try:
         return args.func(args)
+    except FilterSpecError as exc:  # a --filter given here (serving or replaying)
+        print(f"buselab: error: {exc.worded('--filter')}", file=sys.stderr)
+        return 2
     except UserError as exc:
         print(f"buselab: error: {exc}", file=sys.stderr)
         return 2

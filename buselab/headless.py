@@ -80,9 +80,7 @@ def run_headless(session: Session, *, out: TextIO = sys.stdout, seconds: float |
     """Print stats until a signal (or `seconds`) ends the run, then stop cleanly."""
     done = session.stop_requested
     say = _Out(out).say
-    say(
-        f"buselab: serving {session.backend.describe()}, {human_bytes(session.engine.size)}, on {session.where}"
-    )
+    say(f"buselab: serving {session.backend.describe()}, {human_bytes(session.engine.size)}, on {session.where}")
     deadline = None if seconds is None else time.monotonic() + seconds
     try:
         before = session.engine.telemetry.snapshot()

@@ -1,4 +1,10 @@
-"""One running buselab: an engine, its backend, and where it is served.
+"""One running buselab: the composition root, where every part is made and wired.
+
+A Session builds the stack (a backend and the --filter layers), the engine over
+it, the steering that changes it, the network listeners, the kernel attach,
+the trace recorder and the control server, and stops them all in one order.
+Nothing below the front ends imports it: each part is handed what it needs
+(the control server a Steering and a status function, the recorder an engine).
 
 The CLI builds a Session from arguments, starts it, then hands it to either
 the headless stats printer or the lab (TUI). Both stop it the same way, which
@@ -14,8 +20,15 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from .backends import Backend
+from .control.server import ControlServer
 from .engine import Engine
+from .errors import UserError
+from .steering import Steering
+from .steering.results import Status
+from .storage import registry
+from .storage.base import Backend
+from .storage.stack import Stack
+from .trace.recorder import RecordingInfo, TraceRecorder
 from .transport.network import NetworkServer
 
 log = logging.getLogger("buselab")
@@ -55,12 +68,14 @@ class ServeOptions:
 class Session:
     def __init__(self, backend: Backend, options: ServeOptions) -> None:
         self.options = options
-        self.engine = Engine(backend, export_name=options.export_name, readonly=options.readonly)
+        self.stack = Stack(backend)
+        self.engine = Engine(self.stack, export_name=options.export_name, readonly=options.readonly)
+        self.steering = Steering(self.engine)
         self.network = NetworkServer(self.engine)
         self.kernel = None  # a kernel attachment, when serving /dev/nbdN
-        self.control = None  # the control socket server, when there is one
-        self.recorder = None  # the trace recorder, while recording
-        self.demo_workload = None  # set by `buselab demo`
+        self.control: ControlServer | None = None  # the control socket server, when there is one
+        self.recorder: TraceRecorder | None = None  # the trace recorder, once one started (see start_recording)
+        self.demo_workload = None  # set by `buselab demo`: the lab shows its progress
         self.replayer = None  # set by `buselab replay`: stopped before the engine closes
         self._stopped = threading.Event()
         # Set by SIGINT/SIGTERM (see signals.py); headless and the lab watch it.
@@ -98,18 +113,41 @@ class Session:
             self._private_dir = tempfile.mkdtemp(prefix="buselab-")
         return os.path.join(self._private_dir, "nbd.sock")
 
+    def status(self) -> Status:
+        """Everything `buselab ctl status` says: steering's picture and where this is served."""
+        control = self.control
+        return Status.of(
+            self.steering.status(),
+            where=self.where,
+            control=control.path if control is not None else None,
+            control_error=control.error if control is not None else None,
+        )
+
+    @property
+    def recording(self) -> TraceRecorder | None:
+        """The recorder while it records."""
+        recorder = self.recorder
+        return recorder if recorder is not None and recorder.running else None
+
+    def start_recording(self, path: str, payload: str | None = None) -> TraceRecorder:
+        """Record every request from now on into `path` (stop_recording, or stop, ends it)."""
+        if self.recording is not None:
+            raise UserError(f"already recording to {self.recorder.path}: stop that first")  # type: ignore[union-attr]
+        self.recorder = TraceRecorder.start(self.engine, path, payload=payload or self.options.record_payload)
+        return self.recorder
+
+    def stop_recording(self) -> RecordingInfo | None:
+        """End the recording (the trace is complete when this returns); None if none was running."""
+        recorder = self.recording
+        return recorder.stop() if recorder is not None else None
+
     def start(self) -> None:
         try:
-            if self.options.filters:
-                from .filters import apply_filter_specs
-
-                apply_filter_specs(self.engine, self.options.filters)
+            # Every spec is checked before any is stacked, so a bad one changes nothing.
+            for spec_filter in [registry.parse_filter_spec(spec, self.engine.size) for spec in self.options.filters]:
+                self.stack.add(spec_filter)  # not serving yet: nothing to quiesce
             if self.options.record:
-                from .trace.recorder import TraceRecorder
-
-                self.recorder = TraceRecorder.start(
-                    self.engine, self.options.record, payload=self.options.record_payload
-                )
+                self.start_recording(self.options.record)
             for host, port in self.options.listen:
                 self.network.listen_tcp(host, port)
             for path in self.options.unix:
@@ -122,9 +160,9 @@ class Session:
                 )
                 self.kernel = attach(self.options.device, self.engine, self.network, kernel_options)
             if self.options.control:
-                from .control.server import ControlServer
-
-                self.control = ControlServer(self, self.options.control)
+                self.control = ControlServer(
+                    self.steering, self.options.control, status=self.status, event=self.engine.telemetry.event
+                )
                 self.control.start()
         except BaseException:
             self.stop()

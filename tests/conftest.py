@@ -118,8 +118,8 @@ def buselab_server(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def session(tmp_path: Path) -> Iterator:
     """A started Session serving a 16 MiB RAM disk on tmp_path/nbd.sock (as `.sock`); stopped afterwards."""
-    from buselab.backends import open_backend
     from buselab.session import ServeOptions, Session
+    from buselab.storage.registry import open_backend
 
     sock = str(tmp_path / "nbd.sock")
     s = Session(open_backend("ram", size=16 << 20), ServeOptions(unix=[sock]))

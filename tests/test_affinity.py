@@ -13,7 +13,7 @@ import threading
 from conftest import missing
 from test_server import connect, serve, wait_for
 
-from buselab.backends.ram import RamBackend
+from buselab.storage.backends.ram import RamBackend
 from buselab.transport import affinity
 
 ALL = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import require_root, require_tool
 
-from buselab.backends import BackendError, open_backend, wire_errno
-from buselab.backends.file import FileBackend
-from buselab.backends.null import NullBackend
-from buselab.backends.plugin import PluginBackend
-from buselab.backends.ram import PAGE, RamBackend
 from buselab.errors import UserError
 from buselab.protocol import constants as c
+from buselab.storage.backends.file import FileBackend
+from buselab.storage.backends.null import NullBackend
+from buselab.storage.backends.plugin import PluginBackend
+from buselab.storage.backends.ram import PAGE, RamBackend
+from buselab.storage.base import BackendError, wire_errno
+from buselab.storage.registry import open_backend
 
 HOLE = c.STATE_HOLE | c.STATE_ZERO
 MiB = 1 << 20

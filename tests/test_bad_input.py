@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from test_server import TIMEOUT, RawClient, connect, serve, wait_for
 
-from buselab.backends.ram import RamBackend
 from buselab.protocol import constants as c
 from buselab.protocol.transmission import encode_request
+from buselab.storage.backends.ram import RamBackend
 
 MiB = 1 << 20
 PATTERN = b"\x5a" * (8 * MiB)

@@ -16,10 +16,10 @@ import threading
 import pytest
 from test_server import RawClient, serve
 
-from buselab.backends.file import FileBackend
 from buselab.client import NBDClient
 from buselab.protocol import constants as c
 from buselab.protocol.transmission import encode_request
+from buselab.storage.backends.file import FileBackend
 
 MiB = 1 << 20
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from buselab.backends.ram import RamBackend
 from buselab.client import NBDClient
 from buselab.engine.engine import Engine
 from buselab.session import ServeOptions, Session
+from buselab.storage.backends.ram import RamBackend
 
 
 def test_quiesce_resumes_when_nobody_paused():

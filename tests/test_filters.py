@@ -8,20 +8,18 @@ import time
 import pytest
 from conftest import require_tool
 
-from buselab.backends.base import BackendError, DataLost
-from buselab.backends.cow import CowBackend, Overlay
-from buselab.backends.ram import RamBackend
 from buselab.errors import UserError
-from buselab.filters import (
-    CacheFilter,
-    DelayFilter,
-    ErrorFilter,
-    ReadonlyFilter,
-    ThrottleFilter,
-    apply_filter_specs,
-    parse_filter_spec,
-)
 from buselab.protocol import constants as c
+from buselab.session import ServeOptions, Session
+from buselab.storage.backends.cow import CowBackend, Overlay
+from buselab.storage.backends.ram import RamBackend
+from buselab.storage.base import BackendError, DataLost
+from buselab.storage.filters.cache import CacheFilter
+from buselab.storage.filters.delay import DelayFilter
+from buselab.storage.filters.error import ErrorFilter
+from buselab.storage.filters.readonly import ReadonlyFilter
+from buselab.storage.filters.throttle import ThrottleFilter
+from buselab.storage.registry import FilterSpecError, parse_filter_spec
 
 MiB = 1 << 20
 
@@ -83,20 +81,22 @@ def test_bad_specs_say_one_line(spec, words):
     assert "\n" not in message
 
 
-def test_apply_filter_specs_stacks_first_lowest():
-    from buselab.engine import Engine
-
-    engine = Engine(RamBackend(MiB))
-    apply_filter_specs(engine, ["delay:read=1ms", "error:op=trim", "cache"])
-    top = engine.backend
+def test_filter_specs_stack_first_lowest_and_a_bad_one_changes_nothing():
+    session = Session(RamBackend(MiB), ServeOptions(filters=["delay:read=1ms", "error:op=trim", "cache"]))
+    session.start()
+    top = session.engine.backend
     assert [type(top), type(top.inner), type(top.inner.inner)] == [CacheFilter, ErrorFilter, DelayFilter]
     assert isinstance(top.inner.inner.inner, RamBackend)
+    assert [layer.spec for layer in session.stack.layers] == ["delay:read=1ms", "error:errno=EIO,op=trim", "cache"]
     # Everything else passes through the stack.
     assert top.size == MiB and top.kind == "ram" and top.allocated_bytes() == 0
-    with pytest.raises(UserError):  # a bad spec changes nothing
-        apply_filter_specs(engine, ["readonly", "error:errno=EFOO"])
-    assert engine.backend is top
-    engine.close()
+    session.stop()
+    bad = Session(RamBackend(MiB), ServeOptions(filters=["readonly", "error:errno=EFOO"]))
+    with pytest.raises(FilterSpecError) as info:
+        bad.start()
+    assert info.value.spec == "error:errno=EFOO" and "(in --filter" not in str(info.value)
+    assert info.value.worded("--filter").endswith("(in --filter error:errno=EFOO)")
+    assert bad.engine.backend is bad.stack.base and not bad.stack.layers  # nothing was stacked
 
 
 # --- each filter ---------------------------------------------------------------------------

@@ -6,14 +6,14 @@ import textwrap
 
 import pytest
 
-from buselab.backends.base import where
-from buselab.backends.plugin import PluginBackend
 from buselab.client import NBDClient, NBDError
 from buselab.engine import engine as engine_module
 from buselab.engine.engine import Engine
-from buselab.filters import parse_filter_spec
 from buselab.protocol import constants as c
 from buselab.protocol.transmission import Request
+from buselab.storage.backends.plugin import PluginBackend
+from buselab.storage.base import where
+from buselab.storage.registry import parse_filter_spec
 
 PLUGIN = textwrap.dedent(
     """\
@@ -87,9 +87,7 @@ def test_verbose_logs_the_whole_traceback(buselab_server, plugin_path):
 
 def test_the_plugin_line_wins_over_the_library_frame_below_it_and_through_filters(plugin_path):
     engine = Engine(PluginBackend(plugin_path))
-    cache = parse_filter_spec("cache", engine.size)
-    cache.inner = engine.backend
-    engine.backend = cache  # a filter over the plugin: the plugin's file is still found
+    engine.stack.add(parse_filter_spec("cache", engine.size))  # a filter over the plugin: its file is still found
     assert engine.execute(read_request(8192)) == (c.EIO, None)
     event = engine.telemetry.events[-1][1]
     assert event.startswith("backend error on READ at 8192: JSONDecodeError: ")

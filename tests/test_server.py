@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from buselab.backends import Backend, open_backend
-from buselab.backends.ram import RamBackend
 from buselab.client import NBDClient, NBDError
 from buselab.protocol import constants as c
 from buselab.protocol.transmission import encode_request
 from buselab.session import ServeOptions, Session
+from buselab.storage.backends.ram import RamBackend
+from buselab.storage.base import Backend
+from buselab.storage.registry import open_backend
 
 MiB = 1 << 20
 HOLE = c.STATE_HOLE | c.STATE_ZERO

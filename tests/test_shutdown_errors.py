@@ -11,13 +11,13 @@ import textwrap
 import pytest
 from test_control import nbdsh
 
-from buselab.backends import open_backend
-from buselab.backends.base import BackendError
-from buselab.backends.ram import RamBackend
 from buselab.client import NBDClient
 from buselab.engine.engine import Engine
 from buselab.protocol import constants as c
 from buselab.session import ServeOptions, Session
+from buselab.storage.backends.ram import RamBackend
+from buselab.storage.base import BackendError
+from buselab.storage.registry import open_backend
 from buselab.ui.lab import run_lab
 
 LOST_4K = "cache: 4,096 bytes (4.0 KiB) of unflushed cached writes were lost: writing them back failed: BackendError: "

@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 from conftest import require_root, require_tool
 
-from buselab.backends.file import FileBackend
-from buselab.backends.ram import RamBackend
 from buselab.client import NBDClient, NBDError
-from buselab.engine.steering import Steering, SteeringError, parse_breakpoint
 from buselab.errors import UserError
 from buselab.protocol import constants as c
 from buselab.session import ServeOptions, Session
+from buselab.steering import SteeringError
+from buselab.steering.breakpoints import parse_breakpoint
+from buselab.storage.backends.file import FileBackend
+from buselab.storage.backends.ram import RamBackend
+from buselab.storage.stack import StackError
 
 MiB = 1 << 20
 
@@ -34,7 +36,7 @@ class Lab:
         self.sock = str(tmp_path / "nbd.sock")
         self.session = Session(RamBackend(size), ServeOptions(unix=[self.sock], filters=filters or []))
         self.session.start()
-        self.steering = Steering.attach(self.session.engine, self.session)
+        self.steering = self.session.steering
         self.clients: list[NBDClient] = []
 
     def client(self) -> NBDClient:
@@ -101,15 +103,15 @@ def test_pause_holds_step_releases_exactly_the_oldest(lab):
     s.wait_held(1)
     second = Background(lambda: b.read(0, 4))
     held = s.wait_held(2)
-    assert [h["op"] for h in held] == ["READ", "READ"] and held[0]["conn"] != held[1]["conn"]
+    assert [h.op for h in held] == ["READ", "READ"] and held[0].conn != held[1].conn
     time.sleep(0.05)
     assert not first.done.is_set() and not second.done.is_set()
     stepped = s.step()
-    assert stepped["conn"] == held[0]["conn"] and stepped["still_held"] == 1
+    assert stepped.conn == held[0].conn and stepped.still_held == 1
     assert first.wait().result == b"A" * 4096
     time.sleep(0.05)
     assert not second.done.is_set()  # exactly one was released
-    assert s.resume()["released"] == 1
+    assert s.resume().released == 1
     assert second.wait().result == b"AAAA"
     assert not s.paused and not s.engine.gate.paused  # back on the fast path
 
@@ -121,7 +123,7 @@ def test_step_can_fail_or_delay_the_request(lab):
     s.pause()
     write = Background(lambda: client.write(0, b"X" * 4096))
     s.wait_held(1)
-    assert s.step("fail", errno="ENOSPC")["errno"] == "ENOSPC"
+    assert s.step("fail", errno="ENOSPC").errno == "ENOSPC"
     assert isinstance(write.wait().error, NBDError) and write.error.errno == c.ENOSPC
     read = Background(lambda: client.read(0, 4))
     s.wait_held(1)
@@ -160,8 +162,8 @@ def test_breakpoint_on_flush_pauses_and_holds_the_flush(lab):
     client.write(0, b"x" * 512)  # not a flush: runs at once
     flush = Background(client.flush)
     (held,) = s.wait_held(1)
-    assert held["op"] == "FLUSH" and held["breakpoint"] == bp["id"]
-    assert s.paused and s.last_break["op"] == "FLUSH"
+    assert held.op == "FLUSH" and held.breakpoint == bp.id
+    assert s.paused and s.last_break.op == "FLUSH"
     reader = lab.client()
     other = Background(lambda: reader.read(0, 512))  # the gate is halted now: held too
     s.wait_held(2)
@@ -169,8 +171,8 @@ def test_breakpoint_on_flush_pauses_and_holds_the_flush(lab):
     flush.wait()
     s.resume()
     assert other.wait().result == b"x" * 512
-    assert s.list_breakpoints()[0]["hits"] == 1
-    s.set_breakpoint_enabled(bp["id"], False)
+    assert s.list_breakpoints()[0].hits == 1
+    s.set_breakpoint_enabled(bp.id, False)
     client.flush()  # disabled: no pause
     s.remove_breakpoint("all")
     assert not s.engine.gate.paused  # no breakpoints: the fast path is one attribute again
@@ -187,7 +189,7 @@ def test_breakpoint_on_the_ext4_superblock_magic(lab):
     block[1080:1082] = b"\x53\xef"
     write = Background(lambda: client.write(0, bytes(block)))
     (held,) = s.wait_held(1)
-    assert held["op"] == "WRITE" and held["offset"] == 0
+    assert held.op == "WRITE" and held.offset == 0
     s.resume()
     write.wait()
     assert client.read(1080, 2) == b"\x53\xef"
@@ -263,8 +265,8 @@ def test_filters_added_toggled_and_removed_live(lab):
         client.read(0, 4)
     s.remove_filter(err.id)
     assert client.read(0, 4) == b"data"
-    assert [f["spec"] for f in s.list_filters()] == ["delay:read=1ms"]
-    with pytest.raises(SteeringError, match="no filter 'nope'"):
+    assert [f.spec for f in s.list_filters()] == ["delay:read=1ms"]
+    with pytest.raises(StackError, match="no filter 'nope'"):
         s.remove_filter("nope")
     with pytest.raises(Exception, match="unknown filter"):
         s.add_filter("nope:x=1")
@@ -284,7 +286,7 @@ def test_powercut_loses_exactly_the_writes_after_the_last_flush(lab):
         client.write(i * 4096, data)
     client.write(0, b"overwritten after the flush")
     assert client.read(0, 5) == b"overw"
-    assert s.powercut()["lost_bytes"] == (len(after) + 1) * 4096
+    assert s.powercut().lost_bytes == (len(after) + 1) * 4096
     for i, data in before.items():
         assert client.read(i * 4096, 4096) == data
     for i in after:
@@ -338,7 +340,7 @@ def test_switch_ram_to_file_keeps_every_byte_under_load(lab, tmp_path):
     time.sleep(0.05)
     stop.set()
     thread.join(5)
-    assert isinstance(s.base, FileBackend) and result["copied_bytes"] > 0
+    assert isinstance(s.base, FileBackend) and result.copied_bytes > 0
     for offset, data in written:
         model[offset : offset + len(data)] = data
     got = b"".join(client.read(pos, MiB) for pos in range(0, 32 * MiB, MiB))
@@ -380,7 +382,7 @@ def test_cow_over_the_current_backend_discard_and_commit(lab):
     s.switch_backend("cow")
     client.write(0, b"changed!")
     assert client.read(0, 8) == b"changed!"
-    assert s.cow_discard()["discarded_bytes"] == 4096
+    assert s.cow_discard().discarded_bytes == 4096
     assert client.read(0, 8) == b"original"
     client.write(0, b"kept it!")
     s.cow_commit()

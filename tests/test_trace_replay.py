@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 from conftest import missing, require_root, require_tool
 
-from buselab.backends import open_backend
 from buselab.client import NBDClient
 from buselab.engine import Engine
 from buselab.errors import UserError
 from buselab.protocol import constants as c
 from buselab.session import ServeOptions, Session
+from buselab.storage.registry import open_backend
 from buselab.trace.format import data_hash, open_trace, read_trailer
 from buselab.trace.recorder import TraceRecorder
 from buselab.trace.replay import Replayer, device_checksum, open_replay_backend, replay

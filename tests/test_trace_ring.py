@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from buselab.backends import open_backend
 from buselab.client import NBDClient
 from buselab.protocol import constants as c
 from buselab.session import ServeOptions, Session
+from buselab.storage.registry import open_backend
 from buselab.trace import recorder as recorder_module
 from buselab.trace.codecs import b64decode, b64encode, crc32
 from buselab.trace.format import data_hash, open_trace

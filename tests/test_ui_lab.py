@@ -19,10 +19,10 @@ import pytest
 from buselab.client import NBDClient
 from buselab.engine.telemetry import RequestRecord
 from buselab.protocol import constants as c
-from buselab.screens.help import HelpScreen
 from buselab.ui.heatmap import NEVER, READ_RGB, WRITE_RGB
 from buselab.ui.lab import LabApp, run_lab
 from buselab.ui.model import Gap, LabModel
+from buselab.ui.screens.help import HelpScreen
 
 MiB = 1 << 20
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from buselab.backends import open_backend
 from buselab.protocol import constants as c
 from buselab.session import ServeOptions, Session
+from buselab.storage.registry import open_backend
 from buselab.ui import format as fmt
 from buselab.ui.lab import LabApp
 

@@ -19,20 +19,20 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, OptionList, Static
 
-from buselab.backends import open_backend
-from buselab.backends.file import FileBackend
 from buselab.client import NBDClient, NBDError
 from buselab.protocol import constants as c
-from buselab.screens.backend import SwitchBackendScreen
-from buselab.screens.breakpoints import BreakpointsScreen
-from buselab.screens.filters import FiltersScreen
-from buselab.screens.panel import ConfirmScreen
-from buselab.screens.step import StepScreen
 from buselab.session import ServeOptions, Session
+from buselab.storage.backends.file import FileBackend
+from buselab.storage.registry import open_backend
 from buselab.trace.recorder import TraceRecorder
 from buselab.trace.replay import Replayer
 from buselab.trace.stats import summarize_trace
 from buselab.ui.lab import LabApp, run_lab
+from buselab.ui.screens.backend import SwitchBackendScreen
+from buselab.ui.screens.breakpoints import BreakpointsScreen
+from buselab.ui.screens.filters import FiltersScreen
+from buselab.ui.screens.panel import ConfirmScreen
+from buselab.ui.screens.step import StepScreen
 
 SIZE = 16 << 20
 MiB = 1 << 20
@@ -195,7 +195,7 @@ async def test_a_breakpoint_on_flush_added_in_the_panel_pauses_on_the_flush(sess
         screen = app.screen
         assert isinstance(screen, BreakpointsScreen)
         await pilot.press(*"op=bogus", "enter")
-        assert "unknown op 'bogus'" in screen.status_text and not session.engine.steering.breakpoints
+        assert "unknown op 'bogus'" in screen.status_text and not len(session.steering.breakpoints)
         screen.query_one("#spec").value = "op=flush"
         await pilot.press("enter")
         assert "breakpoint 1 set: op=flush" in screen.status_text
@@ -220,7 +220,7 @@ async def test_a_breakpoint_on_flush_added_in_the_panel_pauses_on_the_flush(sess
         assert "op=flush" in label and "1 hit" in label and "fired last" in label
         assert isinstance(screen.focused, Input)  # the panel opens in its spec input
         await pilot.press("tab", "space")
-        assert not session.engine.steering.breakpoints[1].enabled
+        assert not session.steering.breakpoints.find(1).enabled
         await pilot.press("escape")
         await pilot.press("n")
         flush.wait()
@@ -228,7 +228,7 @@ async def test_a_breakpoint_on_flush_added_in_the_panel_pauses_on_the_flush(sess
         await pilot.press("p")  # resume (the breakpoint halted the gate)
         client.flush()  # the disabled breakpoint no longer catches it
         await pilot.press("k", "tab", "x", "escape")
-        assert not session.engine.steering.breakpoints
+        assert not len(session.steering.breakpoints)
 
 
 @aio
@@ -255,7 +255,7 @@ async def test_an_error_filter_added_in_the_panel_fails_reads_until_toggled_off(
         screen.query_one("#spec").focus()
         await pilot.press(*"error:errno=EBOGUS", "enter")
         await finish_workers(app, pilot)
-        assert "EBOGUS" in screen.status_text and len(session.engine.steering.filters) == 1
+        assert "EBOGUS" in screen.status_text and len(session.steering.layers) == 1
         # A cache filter, then a power cut (after a yes) loses the unflushed write.
         await pilot.press(*"cache", "enter")
         await finish_workers(app, pilot)
@@ -286,17 +286,17 @@ async def test_the_filters_panel_keeps_typing_in_the_spec_input(session, client)
         assert screen.focused is spec, "the panel opened in the list: typing would run its keys"
         await pilot.press(*"error:rate=1,errno=EIO,op=trim", "enter")
         await finish_workers(app, pilot)
-        assert "filter 2 added on top" in screen.status_text and len(steering.filters) == 2
+        assert "filter 2 added on top" in screen.status_text and len(steering.layers) == 2
         assert screen.focused is spec, "enter moved the focus away from the spec input"
         # The list's keys are letters of the next spec while the input has the focus.
         await pilot.press(*"xc d!", "space")
         assert spec.value == "xc d! " and not isinstance(app.screen, ConfirmScreen)
-        assert [f.spec for f in steering.filters] == ["delay:read=1ms", "error:errno=EIO,op=trim"]
-        assert all(f.enabled for f in steering.filters)
+        assert [f.spec for f in steering.layers] == ["delay:read=1ms", "error:errno=EIO,op=trim"]
+        assert all(f.enabled for f in steering.layers)
         spec.value = ""
         await pilot.press(*"cache", "enter")
         await finish_workers(app, pilot)
-        assert len(steering.filters) == 3 and screen.focused is spec
+        assert len(steering.layers) == 3 and screen.focused is spec
         # Tab reaches the list (the new filter highlighted, top first): there they act.
         await pilot.press("tab")
         assert isinstance(screen.focused, OptionList)
@@ -305,7 +305,7 @@ async def test_the_filters_panel_keeps_typing_in_the_spec_input(session, client)
         assert "filter 3 disabled: cache" in screen.status_text
         await pilot.press("x")
         await finish_workers(app, pilot)
-        assert "filter 3 removed: cache" in screen.status_text and len(steering.filters) == 2
+        assert "filter 3 removed: cache" in screen.status_text and len(steering.layers) == 2
         await pilot.press("c")  # not cow: one line says so, nothing else happens
         assert "not cow" in screen.status_text
 
@@ -324,14 +324,14 @@ async def test_the_breakpoints_panel_keeps_typing_in_the_spec_input(session):
         await pilot.press(*"op=flush", "enter")
         assert "breakpoint 2 set: op=flush" in screen.status_text and screen.focused is spec
         await pilot.press(*"Xx ", "enter")  # typed, not "remove all", "remove", "toggle"
-        assert sorted(steering.breakpoints) == [1, 2] and all(bp.enabled for bp in steering.breakpoints.values())
+        assert sorted(steering.breakpoints.by_id) == [1, 2] and all(bp.enabled for bp in steering.breakpoints)
         assert "Xx" in screen.status_text  # refused as a spec, in one line
         spec.value = ""
         await pilot.press("tab", "space")  # the new one is highlighted in the list
         assert isinstance(screen.focused, OptionList)
-        assert not steering.breakpoints[2].enabled and steering.breakpoints[1].enabled
+        assert not steering.breakpoints.find(2).enabled and steering.breakpoints.find(1).enabled
         await pilot.press("x")
-        assert sorted(steering.breakpoints) == [1]
+        assert sorted(steering.breakpoints.by_id) == [1]
 
 
 @aio
@@ -354,7 +354,7 @@ async def test_switching_from_ram_to_a_file_keeps_the_data(session, client, tmp_
         await pilot.press("ctrl+s")
         assert not isinstance(app.screen, SwitchBackendScreen)
         await finish_workers(app, pilot)
-        base = session.engine.steering.base
+        base = session.steering.base
         assert isinstance(base, FileBackend) and Path(base.path) == target
         assert client.read(5 * MiB, len(data)) == data
         with open(target, "rb") as f:
@@ -367,7 +367,7 @@ async def test_switching_from_ram_to_a_file_keeps_the_data(session, client, tmp_
         app.screen.query_one("#path").value = str(tmp_path / "no" / "such" / "dir" / "x.img")
         await pilot.press("ctrl+s")
         await finish_workers(app, pilot)
-        assert session.engine.steering.base is base
+        assert session.steering.base is base
         assert client.read(5 * MiB, 16) == data[:16]
 
 
@@ -444,7 +444,7 @@ async def test_e_exports_statistics_as_json_and_the_screen_as_svg(session, clien
 @aio
 async def test_the_lab_stays_readable_with_everything_on_at_100x30(session, client, tmp_path):
     """Paused at a breakpoint, with filters, recording: the header keeps its state in view."""
-    steering = session.engine.steering
+    steering = session.steering
     app = LabApp(session, auto_poll=False)
     app.record_dir = str(tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -531,7 +531,7 @@ async def test_cow_from_the_switch_screen_then_discard_and_commit_in_the_filters
         assert app.screen.kind == "cow"
         await pilot.press("ctrl+s")  # no path: an overlay over the current backend
         await finish_workers(app, pilot)
-        steering = session.engine.steering
+        steering = session.steering
         assert steering.base.kind == "cow"
         client.write(0, b"new!" * 1024)
         await pilot.press("f")

@@ -66,8 +66,17 @@ def test_buselab_demo_in_tmux(tmp_path: Path):
     try:
         tmux(name, "set-option", "-t", name, "window-size", "manual", check=True)
         tmux(name, "resize-window", "-t", name, "-x", "160", "-y", "50", check=True)
-        size = tmux(name, "display-message", "-p", "-t", name, "#{window_width}x#{window_height}",
-                    capture_output=True, text=True, check=True).stdout.strip()
+        size = tmux(
+            name,
+            "display-message",
+            "-p",
+            "-t",
+            name,
+            "#{window_width}x#{window_height}",
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert size == "160x50", f"tmux gave a {size} window, not 160x50"
         tmux(name, "respawn-pane", "-k", "-t", name, shell, check=True)
         first = wait_for(name, lambda s: len(seqs(s)) > 5 and "address space" in s)

@@ -13,9 +13,8 @@ import time
 
 import pytest
 
-from buselab.backends import open_backend
-from buselab.engine.steering import Steering
 from buselab.session import ServeOptions, Session
+from buselab.storage.registry import open_backend
 from buselab.ui.header import header_text
 from buselab.ui.model import LabModel
 from buselab.workload import DemoWorkload
@@ -45,7 +44,7 @@ def served(session: Session) -> int:
 def test_the_demo_counts_injected_errors_and_keeps_sending_requests(session, workload):
     workload.start()
     wait_for("the first requests", lambda: served(session) > 50)
-    steering = Steering.attach(session.engine, session)
+    steering = session.steering
     steering.add_filter("error:rate=0.05,errno=EIO")
     wait_for("an injected error", lambda: workload.error_count >= 3)
     rounds, before = workload.rounds, served(session)
@@ -62,7 +61,7 @@ def test_the_demo_counts_injected_errors_and_keeps_sending_requests(session, wor
     # Every request failing is survived as well; off again, the story is error free.
     steering.add_filter("error:rate=1,errno=ENOSPC")
     wait_for("ENOSPC", lambda: any("ENOSPC" in e for e in workload.errors))
-    for f in list(steering.filters):
+    for f in steering.layers:
         steering.remove_filter(str(f.id))
     before = served(session)
     wait_for("requests after the filters went", lambda: served(session) > before + 50)

@@ -8,7 +8,6 @@ backend (one line), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -61,8 +60,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ..trace.format import open_trace
     from ..trace.replay import Replayer, open_replay_backend
 
-    if args.filter and importlib.util.find_spec("buselab.filters") is None:
-        raise UserError("--filter is not available in this buselab yet (no buselab.filters)")
     if args.record and os.path.abspath(args.record) == os.path.abspath(args.trace):
         raise UserError("--record names the trace being replayed: record the replay to another file")
     with open_trace(args.trace, partial=args.partial) as reader:

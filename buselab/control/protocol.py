@@ -32,24 +32,31 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from ..engine.steering import Steering, SteeringError
 from ..errors import UserError
-from ..filters.spec import parse_bool
+from ..steering import Steering, SteeringError
+from ..steering.results import Result, to_json
+from ..storage.registry import FilterSpecError
+from ..storage.spec import parse_bool
 
 MAX_LINE = 1 << 20
 
 
-def _filter_info(f: Any) -> dict[str, Any]:
-    return {"id": f.id, "name": f.name, "spec": f.spec, "enabled": f.enabled, "stats": f.stats()}
+@dataclass(frozen=True)
+class ControlTarget:
+    """What the control socket steers: the session's steering, and its status (which knows where it serves)."""
+
+    steering: Steering
+    status: Callable[[], Result]
 
 
-def _remove_filter(s: Steering, ref: Any) -> dict[str, Any]:
+def _remove_filter(s: Steering, ref: Any) -> Any:
     """One filter's info, or for `all` {"removed": [ids]} (as break.rm answers)."""
     if str(ref).strip().lower() == "all":
-        return {"removed": [f.id for f in s.remove_all_filters()]}
-    return _filter_info(s.remove_filter(ref))
+        return s.remove_all_filters()
+    return s.remove_filter(ref)
 
 
 def _step(s: Steering, a: dict) -> Any:
@@ -90,7 +97,8 @@ def _need(a: dict, key: str, cmd: str) -> Any:
 Handler = Callable[[Steering, dict], Any]
 
 # name -> (positional argument names, handler). Handlers pop what they use;
-# anything left over is refused, so a typo never passes silently.
+# anything left over is refused, so a typo never passes silently. `status` is
+# the session's (see dispatch): steering does not know where it is served.
 COMMANDS: dict[str, tuple[tuple[str, ...], Handler]] = {
     "status": ((), lambda s, a: s.status()),
     "pause": ((), lambda s, a: s.pause()),
@@ -106,19 +114,19 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Handler]] = {
     "break.toggle": (("ref",), lambda s, a: s.toggle_breakpoint(_need(a, "ref", "break toggle"))),
     "filter.add": (
         ("spec", "position"),
-        lambda s, a: _filter_info(s.add_filter(str(_need(a, "spec", "filter add")), a.pop("position", None))),
+        lambda s, a: s.add_filter(str(_need(a, "spec", "filter add")), a.pop("position", None)),
     ),
     "filter.list": ((), lambda s, a: s.list_filters()),
     "filter.rm": (("ref",), lambda s, a: _remove_filter(s, _need(a, "ref", "filter rm"))),
     "filter.enable": (
         ("ref",),
-        lambda s, a: _filter_info(s.set_filter_enabled(_need(a, "ref", "filter enable"), True)),
+        lambda s, a: s.set_filter_enabled(_need(a, "ref", "filter enable"), True),
     ),
     "filter.disable": (
         ("ref",),
-        lambda s, a: _filter_info(s.set_filter_enabled(_need(a, "ref", "filter disable"), False)),
+        lambda s, a: s.set_filter_enabled(_need(a, "ref", "filter disable"), False),
     ),
-    "filter.toggle": (("ref",), lambda s, a: _filter_info(s.toggle_filter(_need(a, "ref", "filter toggle")))),
+    "filter.toggle": (("ref",), lambda s, a: s.toggle_filter(_need(a, "ref", "filter toggle"))),
     "switch": (("kind", "path"), _switch),
     "powercut": ((), lambda s, a: s.powercut()),
     "cow.commit": ((), lambda s, a: s.cow_commit()),
@@ -183,7 +191,7 @@ _ARGUMENT_KEYS = {
 }  # fmt: skip
 
 
-def dispatch(steering: Steering, message: dict[str, Any]) -> Any:
+def dispatch(target: ControlTarget, message: dict[str, Any]) -> Any:
     """Run one command; its JSON-able result. Raises UserError (one line) for bad input."""
     args = {k: v for k, v in message.items() if k not in ("cmd", "id")}
     name = command_name(message.get("cmd", ""))
@@ -192,17 +200,19 @@ def dispatch(steering: Steering, message: dict[str, Any]) -> Any:
         raise SteeringError(f"unknown command {message.get('cmd')!r}: try one of {', '.join(sorted(COMMANDS))}")
     _, handler = entry
     try:
-        result = handler(steering, args)
+        result = target.status() if name == "status" else handler(target.steering, args)
+    except FilterSpecError as exc:
+        raise SteeringError(exc.worded("filter")) from None
     except (TypeError, ValueError) as exc:
         if isinstance(exc, UserError):
             raise
         raise SteeringError(f"bad arguments for {name}: {exc}") from None
     if args:
         raise SteeringError(f"{name} does not take {', '.join(sorted(args))}")
-    return result
+    return to_json(result)
 
 
-def handle_line(steering: Steering, line: bytes | str) -> dict[str, Any]:
+def handle_line(target: ControlTarget, line: bytes | str) -> dict[str, Any]:
     """One request line in, one reply object out; never raises for bad input."""
     text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
     message: Any = None
@@ -216,7 +226,7 @@ def handle_line(steering: Steering, line: bytes | str) -> dict[str, Any]:
                 raise SteeringError('a request is a JSON object such as {"cmd": "status"}')
         else:
             message = parse_text_line(text)
-        reply: dict[str, Any] = {"ok": True, "result": dispatch(steering, message)}
+        reply: dict[str, Any] = {"ok": True, "result": dispatch(target, message)}
     except UserError as exc:
         reply = {"ok": False, "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
     if isinstance(message, dict) and "id" in message:

@@ -2,8 +2,8 @@
 
 One thread accepts; each client gets a thread that reads request lines and
 writes reply lines, so a long `wait` or `step wait=` of one script never
-blocks another. Commands go through the engine's `Steering`, exactly what the
-lab's keys call.
+blocks another. Commands go through the session's `Steering`, exactly what the
+lab's keys call; `status` asks the session, which knows where it serves.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import os
 import socket
 import stat
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from ..engine.steering import Steering
 from ..errors import UserError
+from ..steering import Steering
+from ..steering.results import Result
 from . import control_dir, default_control_path, ensure_private_dir, prune_stale_sockets, socket_is_live
-from .protocol import MAX_LINE, encode_reply, handle_line
-
-if TYPE_CHECKING:
-    from ..session import Session
+from .protocol import MAX_LINE, ControlTarget, encode_reply, handle_line
 
 __all__ = ["ControlServer", "default_control_path"]
 
@@ -29,11 +27,18 @@ log = logging.getLogger("buselab")
 
 
 class ControlServer:
-    def __init__(self, session: Session, path: str | None = None) -> None:
-        self.session = session
+    def __init__(
+        self,
+        steering: Steering,
+        path: str | None = None,
+        *,
+        status: Callable[[], Result] | None = None,
+        event: Callable[[str], None] = lambda message: None,
+    ) -> None:
         self.path: str | None = path or default_control_path()  # None when it could not be made
         self.error: str | None = None  # why not
-        self.steering = Steering.attach(session.engine, session)
+        self.target = ControlTarget(steering, status or steering.status)
+        self._event = event  # a line for the lab's stream
         self._listener: socket.socket | None = None
         self._clients: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -50,7 +55,7 @@ class ControlServer:
                 raise
             self.error = str(exc)
             log.warning("no control socket: %s", exc)
-            self.session.engine.telemetry.event(f"no control socket: {exc}")
+            self._event(f"no control socket: {exc}")
             self.path = None
 
     def _start(self) -> None:
@@ -81,7 +86,7 @@ class ControlServer:
         self._listener = sock
         self._thread = threading.Thread(target=self._accept_loop, name="buselab-control", daemon=True)
         self._thread.start()
-        self.session.engine.telemetry.event(f"control socket on {path}")
+        self._event(f"control socket on {path}")
 
     def _accept_loop(self) -> None:
         listener = self._listener
@@ -111,7 +116,7 @@ class ControlServer:
                 if not line.strip():
                     continue
                 try:
-                    reply = handle_line(self.steering, line)
+                    reply = handle_line(self.target, line)
                 except Exception as exc:  # noqa: BLE001 - a bug must cost one reply, not the socket
                     log.exception("control command failed")
                     reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}

@@ -1,10 +1,11 @@
 """The engine turns requests into completions.
 
-It owns the active backend (filters stacked over a backend, swappable), the
-gate that pauses and steps I/O, and the telemetry every request is recorded
-into. Transports (kernel socketpair, TCP, Unix sockets) call `export_info`
-during the handshake and `execute` for every request; they never touch a
-backend directly.
+It runs requests on a `Stack` (filters over a backend: it reads the stack's
+top, and steering changes the stack), owns the gate that pauses and steps
+I/O, the in-flight slots that say what is inside a backend, and the telemetry
+every request is recorded into. Transports (kernel socketpair, TCP, Unix
+sockets) call `export_info` during the handshake and `execute` for every
+request; they never touch a backend directly.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import contextlib
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 
-from ..backends.base import Backend, DataLost, where, wire_errno
 from ..protocol import constants as c
 from ..protocol.handshake import ExportInfo
 from ..protocol.transmission import Request, clip_extents
+from ..storage.base import Backend, BackendError, DataLost, where, wire_errno
+from ..storage.stack import Stack
 from .gate import Gate
+from .inflight import InFlight
 from .telemetry import Telemetry
 
 log = logging.getLogger("buselab")
@@ -58,28 +60,31 @@ def transmission_flags(backend: Backend, readonly: bool) -> int:
 class Engine:
     def __init__(
         self,
-        backend: Backend,
+        storage: Stack | Backend,
         *,
         export_name: str = "",
         readonly: bool = False,
         description: str = "",
     ) -> None:
-        self.backend = backend
+        self.stack = storage if isinstance(storage, Stack) else Stack(storage)
         self.export_name = export_name
         self.readonly = readonly
-        self.description = description or f"buselab {backend.describe()}"
-        self.telemetry = Telemetry(backend.size)
+        self.description = description or f"buselab {self.stack.describe()}"
+        self.telemetry = Telemetry(self.stack.size)
         self.telemetry.settle = self.settle
-        self.gate = Gate(self)
+        # Every serving thread takes a slot: quiesce and settle wait on them.
+        self.inflight = InFlight()
+        self.gate = Gate(self.execute, self.inflight)
         self.backend_errors = 0  # exceptions from backend bugs (not BackendError/OSError), logged or not
         self._errors_lock = threading.Lock()
         self._errors_reported = 0.0
-        # Connections set `busy` while a request of theirs is in the backend;
-        # `quiesce` waits on it to swap backends or filters safely.
-        self.connections: weakref.WeakSet = weakref.WeakSet()
         self._closed = False
         self._close_lock = threading.Lock()
-        self.steering = None  # a buselab.engine.steering.Steering, once something steers
+
+    @property
+    def backend(self) -> Backend:
+        """What requests meet first: the stack's top (a filter, or the base backend)."""
+        return self.stack.top
 
     # -- handshake -------------------------------------------------------------
     @property
@@ -102,7 +107,7 @@ class Engine:
     # -- requests -------------------------------------------------------------
     def execute(self, req: Request) -> tuple[int, object]:
         """Run one already-validated request on the backend: (errno, data)."""
-        backend = self.backend
+        backend = self.stack.top
         cmd = req.cmd
         try:
             if cmd == c.CMD_READ:
@@ -127,9 +132,9 @@ class Engine:
                 extents = backend.extents(req.offset, req.length) if backend.caps.extents else [(req.length, 0)]
                 return 0, clip_extents(extents, req.length, bool(req.flags & c.CMD_FLAG_REQ_ONE))
             return 0, None
+        except (OSError, BackendError) as exc:
+            return wire_errno(exc), None  # a failure the backend meant to report
         except Exception as exc:  # noqa: BLE001 - a failing backend must not kill the server
-            if isinstance(exc, OSError) or type(exc).__name__ == "BackendError":
-                return wire_errno(exc), None  # a failure the backend meant to report
             return self._backend_bug(req, exc), None
 
     def _backend_bug(self, req: Request, exc: Exception) -> int:
@@ -171,18 +176,10 @@ class Engine:
         A connection sends a lone request's reply before its bookkeeping, so a client can
         hold the answer a few microseconds before telemetry and taps have seen the request.
         Readers that must agree with what clients saw (snapshots, the stream, stopping a
-        recording) wait here; it is one pass over the connections when nothing is pending.
+        recording) wait here; it is one pass over the slots when nothing is pending. After
+        `timeout` (a serving thread stuck in a tap) readers go on with what there is.
         """
-        deadline = 0.0
-        while any(
-            getattr(conn, "accounting", False) or getattr(conn, "completing", False) for conn in list(self.connections)
-        ):
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + timeout
-            elif now > deadline:
-                return  # a serving thread stuck in a tap: readers go on with what there is
-            time.sleep(0.0002)
+        self.inflight.wait_until_recorded(timeout)
 
     @contextlib.contextmanager
     def quiesce(self, timeout: float = 30.0) -> Iterator[None]:
@@ -195,15 +192,12 @@ class Engine:
         was_paused = gate.halted
         gate.pause()
         our_pause = gate.pauses
-        deadline = time.monotonic() + timeout
-        # Connections mark themselves busy before looking at the gate, so once
-        # none is busy every later request is guaranteed to be held.
-        while any(conn.busy for conn in list(self.connections)) or gate.releasing:
-            if time.monotonic() > deadline:
-                if not was_paused:
-                    gate.resume()
-                raise TimeoutError("requests did not finish in time")
-            time.sleep(0.001)
+        # A serving thread raises its slot's `executing` before it looks at the gate, so
+        # once no slot is executing (the gate's worker included) every later request is held.
+        if not self.inflight.wait_until_idle(timeout):
+            if not was_paused:
+                gate.resume()
+            raise TimeoutError("requests did not finish in time")
         try:
             yield
         finally:

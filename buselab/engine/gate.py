@@ -6,6 +6,10 @@ one, `resume` all of them in arrival order. Breakpoints (a matcher that
 steering installs) halt the gate when a request matches, and hold that
 request. Released requests run on the gate's own worker thread, so neither
 the UI nor a connection ever blocks on a backend because of the gate.
+
+The gate knows the engine only as the `execute` function it is given, and
+counts what it has released and not yet answered in its own in-flight slot
+(`InFlight`), which is how `Engine.quiesce` knows it has finished.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..protocol.transmission import Request
+from .inflight import InFlight
 
-if TYPE_CHECKING:
-    from .engine import Engine
+Execute = Callable[[Request], tuple[int, object]]
 
 
 class Replier(Protocol):
@@ -43,8 +47,10 @@ class HeldRequest:
 
 
 class Gate:
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, execute: Execute, inflight: InFlight) -> None:
+        self._execute = execute
+        self._inflight = inflight
+        self._slot = inflight.open("gate")  # executing: released and not answered yet
         # Connections read `paused` for every request, so it stays one plain
         # attribute: True while requests must go through `hold` -- the gate is
         # halted (the user's pause), or breakpoints are armed, in which case
@@ -54,7 +60,7 @@ class Gate:
         self.matcher: Callable[[Request], object] | None = None
         self._held: deque[HeldRequest] = deque()
         self._lock = threading.Lock()
-        self.worker_busy = False
+        self._held_more = threading.Condition(self._lock)  # notified when a request is held
         self.pauses = 0  # pause() calls so far: lets quiesce see a user's pause during it
         self._work: queue.SimpleQueue[HeldRequest | None] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._run, name="buselab-gate", daemon=True)
@@ -81,6 +87,7 @@ class Gate:
                 # The connection reuses its receive buffer for the next request.
                 req.payload = bytes(req.payload)
             self._held.append(HeldRequest(req, replier, start, breakpoint=hit))
+            self._held_more.notify_all()
             return True
 
     # -- called by the UI / control socket -----------------------------------
@@ -106,6 +113,7 @@ class Gate:
             self.paused = self.matcher is not None
             released = list(self._held)
             self._held.clear()
+            self._slot.executing += len(released)
         for item in released:
             self._work.put(item)
         return len(released)
@@ -118,24 +126,26 @@ class Gate:
         """
         with self._lock:
             item = self._held.popleft() if self._held else None
+            if item is not None:
+                self._slot.executing += 1
         if item is not None:
             item.action = action
             self._work.put(item)
         return item
 
     @property
-    def releasing(self) -> bool:
-        """Released requests are still queued or running on the worker."""
-        return self.worker_busy or not self._work.empty()
+    def releasing(self) -> int:
+        """Released requests still queued or running on the worker."""
+        return self._slot.executing
 
     def wait_released(self, timeout: float = 10.0) -> bool:
         """Wait until released requests have been answered; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self.releasing:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.002)
-        return True
+        return self._inflight.wait_for(lambda: not self._slot.executing, timeout)
+
+    def wait_held(self, count: int, timeout: float) -> bool:
+        """Wait until at least `count` requests are held; False if `timeout` seconds pass first."""
+        with self._held_more:
+            return self._held_more.wait_for(lambda: len(self._held) >= count, timeout)
 
     def held(self) -> list[HeldRequest]:
         with self._lock:
@@ -165,7 +175,6 @@ class Gate:
             item = self._work.get()
             if item is None:
                 return
-            self.worker_busy = True
             try:
                 action = item.action
                 if action is not None and action[0] == "fail":
@@ -173,7 +182,10 @@ class Gate:
                     continue
                 if action is not None and action[0] == "delay":
                     time.sleep(action[1])
-                error, data = self._engine.execute(item.req)
+                error, data = self._execute(item.req)
                 item.replier.complete(item.req, item.start, error, data)
             finally:
-                self.worker_busy = False
+                with self._lock:
+                    self._slot.executing -= 1
+                if self._inflight.waiters:
+                    self._inflight.wake()

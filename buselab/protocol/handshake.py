@@ -51,6 +51,21 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class CloseReason(enum.Enum):
+    """Why a handshake ended without transmission; `close_reason` has the details in words."""
+
+    CLIENT_CLOSED = "client closed"  # EOF: the client left (nbdinfo --list, a probe)
+    ABORTED = "aborted"  # NBD_OPT_ABORT: the client said it was done
+    BAD_FLAGS = "bad client flags"
+    BAD_OPTION = "bad option"  # wrong magic, too long, too many
+    UNKNOWN_EXPORT = "unknown export"
+
+    @property
+    def client_chose(self) -> bool:
+        """The client ended it on purpose: nothing for the log."""
+        return self in (CloseReason.CLIENT_CLOSED, CloseReason.ABORTED)
+
+
 # Returns the export for a name ("" is the default export) or None.
 ExportLookup = Callable[[str], ExportInfo | None]
 # Lists the exports for NBD_OPT_LIST.
@@ -98,7 +113,8 @@ class ServerHandshake:
         self._no_zeroes = False
         self.state = State.CLIENT_FLAGS
         self.negotiated: Negotiated | None = None
-        self.close_reason = ""
+        self.close_reason = ""  # in words, for logs and the lab
+        self.close_kind: CloseReason | None = None
 
     # -- I/O facing ----------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -106,7 +122,7 @@ class ServerHandshake:
         if self.state in (State.DONE, State.CLOSED):
             raise HandshakeError(f"no data expected in state {self.state.value}")
         if not data:
-            self._close("client closed the connection during the handshake")
+            self._close(CloseReason.CLIENT_CLOSED, "client closed the connection during the handshake")
             return
         self._buffer += data
         self._process()
@@ -122,8 +138,9 @@ class ServerHandshake:
         return bytes(self._buffer)
 
     # -- the state machine ---------------------------------------------------
-    def _close(self, reason: str) -> None:
+    def _close(self, kind: CloseReason, reason: str) -> None:
         self.state = State.CLOSED
+        self.close_kind = kind
         self.close_reason = reason
 
     def _process(self) -> None:
@@ -134,7 +151,7 @@ class ServerHandshake:
                 (flags,) = struct.unpack_from(">I", self._buffer)
                 del self._buffer[:4]
                 if flags & ~(c.CLIENT_FLAG_FIXED_NEWSTYLE | c.CLIENT_FLAG_NO_ZEROES):
-                    self._close(f"client sent unknown handshake flags {flags:#x}")
+                    self._close(CloseReason.BAD_FLAGS, f"client sent unknown handshake flags {flags:#x}")
                     return
                 self._no_zeroes = bool(flags & c.CLIENT_FLAG_NO_ZEROES)
                 self.state = State.OPTIONS
@@ -143,11 +160,13 @@ class ServerHandshake:
                 return
             magic, option, length = c.OPTION_HEADER.unpack_from(self._buffer)
             if magic != c.IHAVEOPT:
-                self._close(f"bad option magic {magic:#x}")
+                self._close(CloseReason.BAD_OPTION, f"bad option magic {magic:#x}")
                 return
             if length > c.MAX_OPTION_LENGTH:
                 # We cannot buffer it; the spec lets us drop such a client.
-                self._close(f"option {option} is {length} bytes long (limit {c.MAX_OPTION_LENGTH})")
+                self._close(
+                    CloseReason.BAD_OPTION, f"option {option} is {length} bytes long (limit {c.MAX_OPTION_LENGTH})"
+                )
                 return
             end = c.OPTION_HEADER.size + length
             if len(self._buffer) < end:
@@ -156,7 +175,7 @@ class ServerHandshake:
             del self._buffer[:end]
             self._options_seen += 1
             if self._options_seen > self._max_options:
-                self._close(f"client sent more than {self._max_options} options")
+                self._close(CloseReason.BAD_OPTION, f"client sent more than {self._max_options} options")
                 return
             self._handle_option(option, data)
 
@@ -207,12 +226,12 @@ class ServerHandshake:
             name, _ = _string(data, 0, len(data))
         except ValueError as exc:
             # No option reply exists for EXPORT_NAME: hanging up is the only answer.
-            self._close(f"client asked for an export whose name is not valid: {exc}")
+            self._close(CloseReason.UNKNOWN_EXPORT, f"client asked for an export whose name is not valid: {exc}")
             return
         export = self._lookup(name)
         if export is None:
             # EXPORT_NAME has no error reply: all the server can do is hang up.
-            self._close(f"client asked for unknown export {name!r}")
+            self._close(CloseReason.UNKNOWN_EXPORT, f"client asked for unknown export {name!r}")
             return
         export = self._advertised(export)
         self._out += struct.pack(">QH", export.size, export.flags)
@@ -224,7 +243,7 @@ class ServerHandshake:
 
     def _opt_abort(self, option: int, data: bytes) -> None:
         self._reply(option, c.REP_ACK)
-        self._close("client aborted the handshake")
+        self._close(CloseReason.ABORTED, "client aborted the handshake")
 
     def _opt_list(self, option: int, data: bytes) -> None:
         if data:

@@ -32,11 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends import Backend, open_backend
 from ..errors import UserError
 from ..protocol import constants as c
 from ..protocol.transmission import Request, check_request
 from ..sizes import human_bytes, parse_size
+from ..storage.base import Backend
+from ..storage.registry import open_backend
 from .format import TraceReader, TraceRecord, hasher, open_trace
 
 BACKEND_SPECS = "ram[:SIZE], file:PATH, null[:SIZE] or plugin:FILE[:CLASS]"
@@ -264,7 +265,7 @@ class Replayer:
         self.progress = progress
         self.progress_interval = progress_interval
         self.number = 0  # our connection number in the telemetry (the gate's Replier protocol)
-        self.busy = False  # see Engine.quiesce
+        self.slot = engine.inflight.open("replay")  # executing: a request of ours is in the backend
         self.error: BaseException | None = None  # what ended a start()ed replay, if not the end
         self._stop = threading.Event()
         self._completed = threading.Event()
@@ -344,7 +345,6 @@ class Replayer:
         telemetry = engine.telemetry
         summary = self.summary
         self.number = telemetry.connection_opened(f"replay of {os.path.basename(self.path)}")
-        engine.connections.add(self)
         began = time.perf_counter()
         try:
             self._loop(began)
@@ -357,12 +357,17 @@ class Replayer:
         finally:
             summary.elapsed = time.perf_counter() - began
             summary.truncated = self.reader.truncated
-            engine.connections.discard(self)
+            engine.inflight.close(self.slot)
             telemetry.connection_closed(self.number, "replay finished" if not summary.stopped else "replay stopped")
             self.reader.close()
             if self.progress is not None:
                 self.progress(summary)
         return summary
+
+    def _idle(self) -> None:
+        self.slot.executing = 0
+        if self.engine.inflight.waiters:
+            self.engine.inflight.wake()
 
     def _loop(self, began: float) -> None:
         engine = self.engine
@@ -406,14 +411,14 @@ class Replayer:
             if error:
                 summary.refused += 1
             else:
-                self.busy = True  # before looking at the gate: see Engine.quiesce
+                self.slot.executing = 1  # before looking at the gate: see Engine.quiesce
                 if gate.paused and gate.hold(req, self, start):
-                    self.busy = False
+                    self._idle()
                     error, data = self._wait_for_gate()
                     base += now() - start  # time held is not the trace's time
                 else:
                     error, data = engine.execute(req)
-                    self.busy = False
+                    self._idle()
                 summary.executed += 1
             end = now()
             cmd = r.cmd

@@ -73,9 +73,9 @@ class Connection:
         self.tflags = engine.flags
         self.number = engine.telemetry.connection_opened(peer)
         self._send_lock = threading.Lock()
-        self.busy = False  # a request of ours is in the backend (see Engine.quiesce)
-        self.accounting = False  # a reply is sent, its bookkeeping not yet done (see Engine.settle)
-        self.completing = False  # the same for a released request, on the gate's thread
+        # executing: a request of ours is in the backend; unrecorded: a reply is sent and its
+        # bookkeeping not yet done. Engine.quiesce and Engine.settle wait on them (see InFlight).
+        self.slot = engine.inflight.open(f"connection {self.number}")
         self._prefix = b""  # bytes read past the handshake
         # Anonymous memory: pages become resident only as they are used.
         self._recv_buffer = mmap.mmap(-1, _RECV_BUFFER)
@@ -107,7 +107,8 @@ class Connection:
         except OSError as exc:
             reason = f"socket error: {exc.strerror or exc}"
         finally:
-            self.accounting = False  # a tap that raised must not keep readers waiting in Engine.settle
+            # Also when a tap raised mid-request: nothing of ours may keep quiesce or settle waiting.
+            self.engine.inflight.close(self.slot)
             serving_threads.leave()
             self.closed_reason = reason
             for held in self.engine.gate.forget_connection(self):
@@ -130,7 +131,7 @@ class Connection:
             if out:
                 self.sock.sendall(out)
         if hs.state is State.CLOSED:
-            if "aborted" not in hs.close_reason and "closed the connection" not in hs.close_reason:
+            if hs.close_kind is None or not hs.close_kind.client_chose:
                 log.warning("connection %d (%s): handshake failed: %s", self.number, self.peer, hs.close_reason)
             self.engine.telemetry.event(f"connection {self.number}: {hs.close_reason}")
             return None
@@ -245,7 +246,8 @@ class Connection:
         structured = self.structured
         writable = not self.tflags & c.TF_READ_ONLY
         fua_ok = c.CMD_FLAG_FUA if self.tflags & c.TF_SEND_FUA else 0
-        engine.connections.add(self)
+        slot = self.slot
+        inflight = engine.inflight
         if not self.kernel:
             # Network connections only: the kernel's nbd driver spreads its requests
             # over its connections by CPU, and in the VM tests pinned kernel
@@ -297,12 +299,16 @@ class Connection:
             if error:
                 data = None
             else:
-                self.busy = True  # before looking at the gate: see Engine.quiesce
+                slot.executing = 1  # before looking at the gate: see Engine.quiesce
                 if gate.paused and gate.hold(req, self, start):
-                    self.busy = False
+                    slot.executing = 0
+                    if inflight.waiters:
+                        inflight.wake()
                     continue
                 error, data = execute(req)
-                self.busy = False
+                slot.executing = 0
+                if inflight.waiters:
+                    inflight.wake()
             if error or structured:
                 out += self._reply_parts(req, error, data)
             elif cmd == _READ:
@@ -318,7 +324,7 @@ class Connection:
             early = self._end - self._pos < _HEADER and not telemetry.taps
             seq = 0
             if early:
-                self.accounting = True
+                slot.unrecorded = 1
                 seq = next_seq()  # before the reply: see Telemetry.next_seq
                 self._flush_replies()
             record(
@@ -336,43 +342,44 @@ class Connection:
                 seq,
             )
             if early:
-                self.accounting = False
+                slot.unrecorded = 0
+                if inflight.waiters:
+                    inflight.wake()
             if len(out) >= _MAX_QUEUED_PARTS:
                 self._flush_replies()
 
     # -- replies ------------------------------------------------------------------
     def complete(self, req: Request, start: float, error: int, data: object) -> None:
-        """Reply and record; called from any thread (the gate's, for held requests)."""
-        self.completing = True  # see Engine.settle
+        """Reply and record; called from any thread (the gate's, for held requests).
+
+        Recorded before the reply leaves: the request's seq then comes before any a client
+        sends once it has the reply, a recorder hashes the data it gets, and no reply is
+        out before it is counted (so nothing here for Engine.settle to wait on).
+        """
+        telemetry = self.engine.telemetry
         try:
-            # Recorded before the reply leaves: the request's seq then comes before any a
-            # client sends once it has the reply, and a recorder hashes the data it gets.
-            telemetry = self.engine.telemetry
+            telemetry.record(
+                telemetry.recorder(),
+                req.cmd,
+                req.flags,
+                req.offset,
+                req.length,
+                start,
+                time.perf_counter(),
+                error,
+                self.number,
+                req.handle,
+                data if req.cmd == _READ and not error else req.payload,
+            )
+        finally:  # a tap that raised must not leave the client without its answer
             try:
-                telemetry.record(
-                    telemetry.recorder(),
-                    req.cmd,
-                    req.flags,
-                    req.offset,
-                    req.length,
-                    start,
-                    time.perf_counter(),
-                    error,
-                    self.number,
-                    req.handle,
-                    data if req.cmd == _READ and not error else req.payload,
-                )
-            finally:  # a tap that raised must not leave the client without its answer
-                try:
-                    parts = self._reply_parts(req, error, data)
-                    with self._send_lock:
-                        self._sendmsg_all(parts)
-                except OSError as exc:
-                    # The client is gone (its serve loop notices and cleans up), or the reply
-                    # could not be sent: say so, a client left waiting for it is a hang to explain.
-                    log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
-        finally:
-            self.completing = False
+                parts = self._reply_parts(req, error, data)
+                with self._send_lock:
+                    self._sendmsg_all(parts)
+            except OSError as exc:
+                # The client is gone (its serve loop notices and cleans up), or the reply
+                # could not be sent: say so, a client left waiting for it is a hang to explain.
+                log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
 
     def _reply_parts(self, req: Request, error: int, data: object) -> list:
         cmd = req.cmd

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.telemetry import Snapshot
 from ..protocol import constants as c
+from ..steering.results import to_json
 from ..trace.stats import summarize
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def export_stats(
     recent["first_seq"] = records[0].seq if records else None
     recent["last_seq"] = records[-1].seq if records else None
     recent["complete"] = bool(records) and records[0].seq == 1 or snap.total_requests == 0
-    steering = engine.steering
+    steering = session.steering
     data: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -78,7 +79,6 @@ def export_stats(
         "recent": recent,
         "graphs": [sample._asdict() for sample in samples],
     }
-    if steering is not None:
-        data["filters"] = steering.list_filters()
-        data["breakpoints"] = steering.list_breakpoints()
+    data["filters"] = to_json(steering.list_filters())
+    data["breakpoints"] = to_json(steering.list_breakpoints())
     return data

@@ -18,38 +18,34 @@ from .model import LabModel
 
 def header_text(model: LabModel, width: int = 160) -> Text:
     """Three lines: what and where (state first, so it survives truncation), totals, steering."""
-    session = model.session
-    engine = session.engine
     snap = model.snapshot
-    gate = engine.gate
-    steering = model.steering
     compact = width < 130
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(" buselab ", style="bold #101418 on #4fb3ff")
     text.append(" ")
-    armed = sum(1 for bp in list(steering.breakpoints.values()) if bp.enabled)
-    if session.stopped:
+    armed = sum(1 for bp in model.breakpoints if bp.enabled)
+    if model.stopped:
         text.append(" STOPPED ", style="bold #101418 on #9aa5b1")
     elif model.busy:
         # The stack is being changed: the gate holds requests for that, not for the user.
         text.append(f" ⇄ {model.busy} ", style="bold #101418 on #7fd1b9")
-        switching = steering.switching
-        if switching is not None and switching.get("total"):
+        switching = model.switching
+        if switching is not None and switching.total:
             # `position` moves at extent ends, `copied` (data bytes) within one: the larger is nearer.
-            copied = switching.get("copied", 0)
-            done = 100 * min(1.0, max(switching.get("position", 0), copied) / switching["total"])
+            copied = switching.copied
+            done = 100 * min(1.0, max(switching.position, copied) / switching.total)
             text.append(
-                f" {done:.0f}% ({human_bytes(copied)} of data) into {switching.get('to', '?')}",
+                f" {done:.0f}% ({human_bytes(copied)} of data) into {switching.to}",
                 style=f"bold {fmt.EVENT_COLOUR}",
             )
         if model.held:
             text.append(f" {len(model.held)} held", style=fmt.HELD_COLOUR)
-    elif getattr(gate, "halted", gate.paused):
+    elif model.paused:
         text.append(" ‖ PAUSED ", style="bold #101418 on #ffd75f")
         held = model.held
         if held:
             text.append(
-                f" {len(held)} held, oldest {fmt.latency_text(gate.oldest_wait())}", style=f"bold {fmt.HELD_COLOUR}"
+                f" {len(held)} held, oldest {fmt.latency_text(model.oldest_wait())}", style=f"bold {fmt.HELD_COLOUR}"
             )
             caught = next((h.breakpoint for h in held if h.breakpoint is not None), None)
             if caught is not None:
@@ -64,14 +60,14 @@ def header_text(model: LabModel, width: int = 160) -> Text:
             text.append(f" {armed} breakpoint{'s' if armed != 1 else ''} armed", style=fmt.HELD_COLOUR)
         if model.held:
             text.append(f" releasing {len(model.held)}", style=fmt.HELD_COLOUR)
-    text.append(f"  {session.backend.describe()} ", style="bold #d8dee9")
-    text.append(human_bytes(engine.size), style="#d8dee9")
-    if engine.readonly or session.backend.readonly:
+    text.append(f"  {model.backend_description} ", style="bold #d8dee9")
+    text.append(human_bytes(model.disk_size), style="#d8dee9")
+    if model.readonly:
         text.append(" read-only", style=f"bold {fmt.HELD_COLOUR}")
     text.append(f"  up {fmt.duration_text(model.uptime())}", style=fmt.DIM_COLOUR)
     clients = snap.connections
     text.append(f"  {clients} client{'s' if clients != 1 else ''}", style=fmt.DIM_COLOUR)
-    workload = session.demo_workload
+    workload = model.workload
     if workload is not None:
         phase = getattr(workload, "phase", "")
         text.append(f"  demo round {workload.rounds + 1}" + (f": {phase}" if phase else ""), style=fmt.DIM_COLOUR)
@@ -80,8 +76,8 @@ def header_text(model: LabModel, width: int = 160) -> Text:
             errors = len(workload.errors)
         if errors:
             text.append(f" ({errors:,} error{'s' if errors != 1 else ''})", style=fmt.ERROR_COLOUR)
-    text.append(f"  {session.transport}: ", style=fmt.DIM_COLOUR)
-    text.append(session.where, style="#d8dee9")
+    text.append(f"  {model.transport}: ", style=fmt.DIM_COLOUR)
+    text.append(model.where, style="#d8dee9")
     text.append("\n")
 
     def item(label: str, value: str, colour: str = "#d8dee9") -> None:
@@ -123,16 +119,14 @@ def header_text(model: LabModel, width: int = 160) -> Text:
 
 def steering_line(text: Text, model: LabModel, armed: int, compact: bool) -> None:
     """Recording and replay first (they change), then the control socket, breakpoints, filters."""
-    session = model.session
-    steering = model.steering
     sep = "  " if compact else "   "
     text.append(" ")
-    recorder = session.recorder
-    if recorder is not None and recorder.running:
+    recorder = model.recording
+    if recorder is not None:
         text.append(" ● REC ", style=f"bold #101418 on {fmt.REC_COLOUR}")
         text.append(f" {_short_path(recorder.path)} ", style=f"bold {fmt.REC_COLOUR}")
         text.append(f"{fmt.count_text(recorder.sent)} req" + sep, style=fmt.REC_COLOUR)
-    replayer = session.replayer
+    replayer = model.replayer
     if replayer is not None:
         total = replayer.total or 0
         done = replayer.done
@@ -144,29 +138,29 @@ def steering_line(text: Text, model: LabModel, armed: int, compact: bool) -> Non
         if summary.divergences:
             text.append(f" {summary.divergences:,} diverged", style=f"bold {fmt.ERROR_COLOUR}")
         text.append(sep)
-    control = session.control
+    control = model.control
     text.append("ctl ", style=fmt.DIM_COLOUR)
     if control is None:
         text.append("none", style=fmt.DIM_COLOUR)
-    elif control.path is None:
+    elif control[0] is None:
         text.append("none", style=fmt.HELD_COLOUR)
-        if not compact and control.error:
-            text.append(f" ({control.error})", style=fmt.DIM_COLOUR)
+        if not compact and control[1]:
+            text.append(f" ({control[1]})", style=fmt.DIM_COLOUR)
     else:
-        text.append(control.path, style="#d8dee9")
+        text.append(control[0], style="#d8dee9")
     text.append(sep)
-    breakpoints = list(steering.breakpoints.values())
+    breakpoints = model.breakpoints
     text.append("breakpoints ", style=fmt.DIM_COLOUR)
     if not breakpoints:
         text.append("none", style=fmt.DIM_COLOUR)
     else:
         text.append(f"{armed}/{len(breakpoints)} armed", style=f"bold {fmt.HELD_COLOUR}" if armed else "#d8dee9")
     text.append(sep)
-    filters = list(steering.filters)
+    layers = model.layers
     text.append("filters ", style=fmt.DIM_COLOUR)
-    if not filters:
+    if not layers:
         text.append("none", style=fmt.DIM_COLOUR)
-    for i, f in enumerate(reversed(filters)):  # top first, as requests meet them
+    for i, f in enumerate(reversed(layers)):  # top first, as requests meet them
         if i:
             text.append(" → ", style=fmt.DIM_COLOUR)
         text.append(f.spec, style=f"bold {fmt.EVENT_COLOUR}" if f.enabled else f"strike {fmt.DIM_COLOUR}")

@@ -36,7 +36,6 @@ from textual.widgets import Footer
 from textual.widgets._footer import FooterKey
 
 from ..protocol import constants as c
-from ..screens.help import HelpScreen
 from ..session import Session
 from ..signals import stop_on_signals
 from ..sizes import human_bytes
@@ -45,6 +44,7 @@ from .header import LabHeader
 from .heatmap import Heatmap
 from .inspector import Inspector
 from .model import LabModel, Tick
+from .screens.help import HelpScreen
 from .steer import STEERING_BINDINGS, SteeringActions
 from .stream import OP_GROUPS, RequestStream
 

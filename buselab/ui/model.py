@@ -10,6 +10,9 @@ one graph sample a second. No Textual here, so it is tested on its own.
 It also picks up, once per tick and only when they changed, the engine's
 events (pause, breakpoint hits, filters, backend switches: rows in the stream)
 and the steering's last breakpoint hit (which the lab announces).
+
+Widgets read the session only through this model: the properties at the end
+say what is served where, the steering's state, the recording and the replay.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..engine.steering import Steering
 from ..engine.telemetry import LATENCY_BUCKETS, RequestRecord, Snapshot, percentile
 from ..protocol import constants as c
+from ..steering.results import BreakHit
 
 if TYPE_CHECKING:
     from ..engine.gate import HeldRequest
     from ..session import Session
+    from ..steering.breakpoints import Breakpoint
+    from ..steering.results import SwitchProgress
+    from ..storage.stack import Layer
+    from ..trace.recorder import TraceRecorder
 
 TIME_ROWS = 128  # offset buckets kept per time column (the widget shows fewer)
 
@@ -69,7 +76,7 @@ class Tick:
     requests_changed: bool = False  # LabModel.requests moved (between snapshots too)
     held: list[HeldRequest] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)  # (wall time, message), oldest first
-    new_break: dict | None = None  # the steering's last breakpoint hit, when it is new
+    new_break: BreakHit | None = None  # the steering's last breakpoint hit, when it is new
 
 
 def _zeros(n: int) -> list[float]:
@@ -147,10 +154,10 @@ class LabModel:
         self._sample_base_t = self.started
         self.samples: deque[Sample] = deque(maxlen=history)
         self.held: list[HeldRequest] = []
-        self.steering = Steering.attach(session.engine, session)
+        self.steering = session.steering
         self.busy: str | None = None  # what the lab is doing to the stack (a switch, a filter), for the header
         self._last_event: tuple[float, str] | None = None
-        self._last_break: dict | None = None
+        self._last_break: BreakHit | None = None
         self._last_snapshot = self.started
         self._reset_heat(self.snapshot)
         self.requests = self.snapshot.total_requests
@@ -328,6 +335,72 @@ class LabModel:
 
     def uptime(self) -> float:
         return self.wall() - self.telemetry.started
+
+    # -- what is served, and how it is steered (the header reads these) ---------------------------
+    @property
+    def stopped(self) -> bool:
+        return self.session.stopped
+
+    @property
+    def backend_description(self) -> str:
+        return self.session.engine.backend.describe()
+
+    @property
+    def disk_size(self) -> int:
+        return self.session.engine.size
+
+    @property
+    def readonly(self) -> bool:
+        engine = self.session.engine
+        return engine.readonly or engine.backend.readonly
+
+    @property
+    def where(self) -> str:
+        return self.session.where
+
+    @property
+    def transport(self) -> str:
+        return self.session.transport
+
+    @property
+    def workload(self):
+        """The demo's workload (rounds, phase, errors), or None."""
+        return self.session.demo_workload
+
+    @property
+    def replayer(self):
+        """A replay running through the engine (done, total, summary), or None."""
+        return self.session.replayer
+
+    @property
+    def recording(self) -> TraceRecorder | None:
+        return self.session.recording
+
+    @property
+    def control(self) -> tuple[str | None, str | None] | None:
+        """(path, why there is none) of the control socket; None without one."""
+        control = self.session.control
+        return None if control is None else (control.path, control.error)
+
+    @property
+    def paused(self) -> bool:
+        return self.steering.paused
+
+    def oldest_wait(self) -> float:
+        return self.steering.oldest_wait()
+
+    @property
+    def breakpoints(self) -> list[Breakpoint]:
+        return list(self.steering.breakpoints)
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The filter stack, bottom first."""
+        return self.steering.layers
+
+    @property
+    def switching(self) -> SwitchProgress | None:
+        return self.steering.switching
 
 
 def nice_ceiling(value: float) -> float:

@@ -1,7 +1,7 @@
 """The lab's steering keys: pause, step, breakpoints, filters, backend switches,
 recording a trace and exporting statistics.
 
-Mixed into LabApp. Everything goes through the engine's `Steering` (the same
+Mixed into LabApp. Everything goes through the session's `Steering` (the same
 calls `buselab ctl` makes). What is instant (pause, step, breakpoints) runs on
 the UI thread; what quiesces the engine or waits on a process (filters, a
 switch, a power cut, starting and stopping a recording, summarizing the ring)
@@ -23,16 +23,18 @@ from textual.worker import Worker
 
 from ..errors import UserError
 from ..protocol import constants as c
-from ..screens.backend import SwitchBackendScreen, SwitchChoice
-from ..screens.breakpoints import BreakpointsScreen
-from ..screens.filters import FiltersScreen
-from ..screens.step import StepChoice, StepScreen
 from ..sizes import human_bytes
+from ..storage.registry import FilterSpecError
 from .export import export_stats
 from .inspector import record_from_held
+from .screens.backend import SwitchBackendScreen, SwitchChoice
+from .screens.breakpoints import BreakpointsScreen
+from .screens.filters import FiltersScreen
+from .screens.step import StepChoice, StepScreen
 
 if TYPE_CHECKING:
-    from ..engine.steering import Steering
+    from ..steering import Steering
+    from ..steering.results import StepResult, SwitchResult
     from .model import Tick
 
 log = logging.getLogger("buselab")
@@ -49,6 +51,11 @@ STEERING_BINDINGS = [
     Binding("r", "record", "Rec"),
     Binding("e", "export", "Export"),
 ]
+
+
+def user_message(exc: UserError) -> str:
+    """The one line the lab shows for a refusal (a filter spec says it came from the lab's filter list)."""
+    return exc.worded("filter") if isinstance(exc, FilterSpecError) else str(exc)
 
 
 def trace_path(directory: str | None = None, stamp: str | None = None) -> str:
@@ -121,7 +128,7 @@ class SteeringActions:
             try:
                 result = fn()
             except UserError as exc:
-                outcome: tuple[Any, str | None] = (None, str(exc))
+                outcome: tuple[Any, str | None] = (None, user_message(exc))
             except Exception as exc:  # noqa: BLE001 - one line on screen, the traceback in the log
                 log.exception("%s failed", what)
                 outcome = (None, f"{what} failed: {type(exc).__name__}: {exc}")
@@ -153,8 +160,8 @@ class SteeringActions:
         if tick.new_break is not None:
             hit = tick.new_break
             self.notify(
-                f"breakpoint {hit['breakpoint']} ({hit['spec']}) fired on {hit['op']} "
-                f"{hit['offset']:,}+{hit['length']:,}: paused · n step · N step with a choice · p resume",
+                f"breakpoint {hit.breakpoint} ({hit.spec}) fired on {hit.op} "
+                f"{hit.offset:,}+{hit.length:,}: paused · n step · N step with a choice · p resume",
                 severity="warning",
                 markup=False,
                 timeout=6,
@@ -163,8 +170,8 @@ class SteeringActions:
         if self._caught is not None and tick.held:
             hit, since = self._caught
             for item in tick.held:
-                if item.req.handle == hit["handle"] and getattr(item.breakpoint, "id", None) == hit["breakpoint"]:
-                    note = f"caught by breakpoint {hit['breakpoint']} ({hit['spec']}): held · n releases it"
+                if item.req.handle == hit.handle and getattr(item.breakpoint, "id", None) == hit.breakpoint:
+                    note = f"caught by breakpoint {hit.breakpoint} ({hit.spec}): held · n releases it"
                     self.inspector.show(record_from_held(item), cell_bytes=self.heatmap.display_cell_bytes, note=note)
                     self._caught = None
                     break
@@ -211,19 +218,19 @@ class SteeringActions:
         if isinstance(choice, StepChoice):
             self.do_step(choice)
 
-    def do_step(self, choice: StepChoice) -> dict | None:
+    def do_step(self, choice: StepChoice) -> StepResult | None:
         """Step the oldest held request as `choice` says; show it in the inspector."""
         steering = self.steering
         try:
             info = steering.step(choice.action, errno=choice.errno, delay_ms=choice.delay_ms)
         except UserError as exc:
-            self.say_error(str(exc))
+            self.say_error(user_message(exc))
             return None
         item = steering.last_stepped
-        still = info.get("still_held", 0)
+        still = info.still_held
         note = f"stepped: {choice.describe()}" + (f" · {still} still held" if still else " · nothing else held")
         if item is not None:
-            error = c.ERRNO_BY_NAME.get(str(info.get("errno")), 0) if choice.action == "fail" else 0
+            error = c.ERRNO_BY_NAME.get(str(info.errno), 0) if choice.action == "fail" else 0
             self.inspector.show(
                 record_from_held(item, error=error), cell_bytes=self.heatmap.display_cell_bytes, note=note
             )
@@ -243,18 +250,17 @@ class SteeringActions:
             self.say_error("a switch is running already: wait for it to finish")
             return
         base = self.steering.base
-        self.push_screen(SwitchBackendScreen(base.describe(), base.kind, self.session.engine.size), self._switch_chosen)
+        self.push_screen(SwitchBackendScreen(base.describe(), base.kind, self.model.disk_size), self._switch_chosen)
 
     def _switch_chosen(self, choice: object) -> None:
         if not isinstance(choice, SwitchChoice):
             return
         steering = self.steering
 
-        def switched(result: dict) -> None:
-            how = f"copied {human_bytes(result['copied_bytes'])}" if choice.copy else "contents not copied"
-            seconds = result.get("seconds")
-            took = f" in {seconds:.2f} s" if isinstance(seconds, float) else ""
-            self.say(f"switched backend: {result['from']} → {result['to']} ({how}{took})")
+        def switched(result: SwitchResult) -> None:
+            how = f"copied {human_bytes(result.copied_bytes)}" if choice.copy else "contents not copied"
+            took = f" in {result.seconds:.2f} s" if result.seconds is not None else ""
+            self.say(f"switched backend: {result.from_} → {result.to} ({how}{took})")
 
         self.steer(
             f"switching to {choice.kind}",
@@ -269,13 +275,12 @@ class SteeringActions:
             self.say("the recording is starting or stopping: a moment")
             return
         session = self.session
-        recorder = session.recorder
         self._recording_busy = True
 
         def settled(_: object = None) -> None:
             self._recording_busy = False
 
-        if recorder is not None and recorder.running:
+        if session.recording is not None:
 
             def stopped(info: Any) -> None:
                 settled()
@@ -284,17 +289,15 @@ class SteeringActions:
                 else:
                     self.say(f"recorded {info.describe()}")
 
-            self.steer("stopping the recording", recorder.stop, done=stopped, failed=self._record_failed, busy=False)
+            self.steer(
+                "stopping the recording", session.stop_recording, done=stopped, failed=self._record_failed, busy=False
+            )
             return
-
-        from ..trace.recorder import TraceRecorder
 
         path = trace_path(self.record_dir)
 
         def start() -> Any:
-            started = TraceRecorder.start(session.engine, path, payload=session.options.record_payload)
-            session.recorder = started  # Session.stop stops it, however the lab ends
-            return started
+            return session.start_recording(path)  # Session.stop stops it, however the lab ends
 
         def began(started: Any) -> None:
             settled()

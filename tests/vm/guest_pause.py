@@ -25,8 +25,8 @@ import subprocess
 import sys
 import time
 
-from buselab.backends import open_backend
 from buselab.session import ServeOptions, Session
+from buselab.storage.registry import open_backend
 from buselab.transport import kernel
 
 SIZE = 16 << 20

@@ -18,14 +18,15 @@ from textual.containers import Vertical
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..backends.cow import CowBackend
-from ..filters import CacheFilter
-from ..sizes import human_bytes
-from ..ui import format as fmt
+from ...sizes import human_bytes
+from ...storage.backends.cow import CowBackend
+from ...storage.filters.cache import CacheFilter
+from .. import format as fmt
 from .panel import ConfirmScreen, PanelScreen
 
 if TYPE_CHECKING:
-    from ..engine.steering import Steering
+    from ...steering import Steering
+    from ...steering.results import FilterInfo
 
 EXAMPLES = "delay:read=5ms · error:rate=0.1,errno=EIO,op=read · throttle:mbps=10 · readonly · cache"
 REFRESH_EVERY = 0.5
@@ -52,13 +53,13 @@ def _stats_text(stats: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def filter_label(f: dict) -> Text:
+def filter_label(f: FilterInfo) -> Text:
     text = Text(no_wrap=True, overflow="ellipsis")
-    on = f["enabled"]
+    on = f.enabled
     text.append("● " if on else "○ ", style=f"bold {fmt.EVENT_COLOUR}" if on else fmt.DIM_COLOUR)
-    text.append(f"{f['id']:>2}  ", style="bold #d8dee9")
-    text.append(f"{f['spec']:<30} ", style=("bold #d8dee9" if on else f"strike {fmt.DIM_COLOUR}"))
-    text.append(_stats_text(f["stats"]) if on else "disabled", style=fmt.DIM_COLOUR)
+    text.append(f"{f.id:>2}  ", style="bold #d8dee9")
+    text.append(f"{f.spec:<30} ", style=("bold #d8dee9" if on else f"strike {fmt.DIM_COLOUR}"))
+    text.append(_stats_text(f.stats) if on else "disabled", style=fmt.DIM_COLOUR)
     return text
 
 
@@ -102,7 +103,7 @@ class FiltersScreen(PanelScreen):
         base = steering.base
         cow = base if isinstance(base, CowBackend) else None
         key = (
-            [(f["id"], f["enabled"], f["spec"], repr(f["stats"])) for f in listed],
+            [(f.id, f.enabled, f.spec, repr(f.stats)) for f in listed],
             base.describe(),
             cow.changed_bytes() if cow is not None else None,
         )
@@ -112,7 +113,7 @@ class FiltersScreen(PanelScreen):
         options = self.query_one(OptionList)
         highlighted = options.highlighted
         options.clear_options()
-        options.add_options(Option(filter_label(f), id=str(f["id"])) for f in listed)
+        options.add_options(Option(filter_label(f), id=str(f.id)) for f in listed)
         bottom = Text("▼ backend  ", style=fmt.DIM_COLOUR)
         bottom.append(base.describe(), style="bold #d8dee9")
         if cow is not None:
@@ -121,7 +122,7 @@ class FiltersScreen(PanelScreen):
         if listed:
             options.highlighted = min(highlighted or 0, len(listed) - 1)
         actions = Text()
-        if any(isinstance(f, CacheFilter) and f.enabled for f in steering.filters):
+        if any(isinstance(layer.filter, CacheFilter) and layer.enabled for layer in steering.layers):
             actions.append("! ", style=f"bold {fmt.ERROR_COLOUR}")
             actions.append("power cut: throw away the cache's writes that no FLUSH sent down   ")
         if cow is not None:
@@ -203,7 +204,9 @@ class FiltersScreen(PanelScreen):
     def action_powercut(self) -> None:
         if not self._list_focused():
             return
-        caches = [f for f in self.steering.filters if isinstance(f, CacheFilter) and f.enabled]
+        caches = [
+            layer.filter for layer in self.steering.layers if isinstance(layer.filter, CacheFilter) and layer.enabled
+        ]
         if not caches:
             self.say("no cache filter to lose writes from: add one (type cache below)", error=True)
             return
@@ -214,7 +217,7 @@ class FiltersScreen(PanelScreen):
                 self._steer(
                     "power cut",
                     self.steering.powercut,
-                    lambda r: f"POWER CUT: {human_bytes(r['lost_bytes'])} of writes since the last FLUSH lost",
+                    lambda r: f"POWER CUT: {human_bytes(r.lost_bytes)} of writes since the last FLUSH lost",
                 )
             else:
                 self.say("no power cut")
@@ -246,18 +249,20 @@ class FiltersScreen(PanelScreen):
                 self._steer(
                     "cow commit",
                     self.steering.cow_commit,
-                    lambda r: f"committed {human_bytes(r['committed_bytes'])} of changes into the base",
+                    lambda r: f"committed {human_bytes(r.committed_bytes)} of changes into the base",
                 )
 
         else:
             question = "Discard every change?"
-            detail = f"{changed} of changes are thrown away: the disk goes back to its base, as it was when cow started."
+            detail = (
+                f"{changed} of changes are thrown away: the disk goes back to its base, as it was when cow started."
+            )
 
             def run() -> None:
                 self._steer(
                     "cow discard",
                     self.steering.cow_discard,
-                    lambda r: f"discarded {human_bytes(r['discarded_bytes'])} of changes",
+                    lambda r: f"discarded {human_bytes(r.discarded_bytes)} of changes",
                 )
 
         def answered(yes: bool | None) -> None:

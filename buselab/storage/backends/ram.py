@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import mmap
 
-from ..errors import UserError
-from ..protocol import constants as c
-from .base import Backend, Capabilities
+from ...errors import UserError
+from ...protocol import constants as c
+from ..base import Backend, Capabilities
 
 PAGE = mmap.PAGESIZE
 _MAP_NORESERVE = 0x4000  # Linux value; Python 3.11's mmap module does not export it

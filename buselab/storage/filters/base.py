@@ -3,26 +3,25 @@
 It has the same interface as a backend and passes everything through unless
 it overrides it: size, capabilities, read-only-ness and any attribute it does
 not know itself (so `engine.backend.allocated_bytes()` still reaches a RAM
-disk under three filters). Steering stacks filters and rewires `inner` only
-while the engine is quiesced, so a filter never sees its lower layer change
-under a request.
+disk under three filters). A `Stack` (stack.py) places filters and rewires
+`inner`, and steering changes the stack only while the engine is quiesced, so a
+filter never sees its lower layer change under a request. Where a filter sits,
+its number and whether it is enabled belong to the stack's `Layer`, not here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..backends.base import Backend, Capabilities
+from ..base import Backend, Capabilities
 
 
 class Filter(Backend):
     name = "filter"  # the name in specs: delay, error, throttle, readonly, cache
 
     def __init__(self, inner: Backend | None = None) -> None:
-        self.inner: Backend = inner  # type: ignore[assignment]  # set by steering before use
-        self.enabled = True
-        self.id = 0  # steering numbers filters for list/rm/toggle
-        self.spec = self.name  # the normalised spec, for listings
+        self.inner: Backend = inner  # type: ignore[assignment]  # set by the stack before use
+        self.spec = self.name  # the normalised spec this filter was made from, for listings
 
     # -- passed through --------------------------------------------------------
     @property

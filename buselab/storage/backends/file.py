@@ -17,9 +17,9 @@ import os
 import stat
 import struct
 
-from ..errors import UserError
-from ..protocol import constants as c
-from .base import Backend, BackendError, Capabilities
+from ...errors import UserError
+from ...protocol import constants as c
+from ..base import Backend, BackendError, Capabilities
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

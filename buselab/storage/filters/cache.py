@@ -29,10 +29,10 @@ import dataclasses
 import threading
 from typing import Any
 
-from ..backends.base import Capabilities, DataLost
+from ...errors import UserError
+from ...sizes import human_bytes, parse_size
 from ..backends.cow import Overlay
-from ..errors import UserError
-from ..sizes import human_bytes, parse_size
+from ..base import Capabilities, DataLost
 from .base import Filter
 
 

@@ -12,7 +12,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from ..ui import format as fmt
+from .. import format as fmt
 
 KEYS: list[tuple[str, str]] = [
     ("q, ctrl+c", "quit: answer in-flight requests, flush, detach, exit"),

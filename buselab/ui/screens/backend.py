@@ -18,10 +18,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, RadioButton, RadioSet, Static
 
-from ..engine.steering import BACKEND_CHOICES
-from ..errors import UserError
-from ..sizes import human_bytes, parse_size
-from ..ui import format as fmt
+from ...errors import UserError
+from ...sizes import human_bytes, parse_size
+from ...storage.registry import SWITCH_KINDS as BACKEND_CHOICES
+from .. import format as fmt
 from .panel import PanelScreen
 
 WHAT = {

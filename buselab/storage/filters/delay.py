@@ -15,9 +15,9 @@ import random
 import time
 from typing import Any
 
-from ..errors import UserError
+from ...errors import UserError
+from ..spec import OPS, parse_duration_range, parse_op
 from .base import Filter
-from .spec import OPS, parse_duration_range, parse_op
 
 Delay = tuple[float, float]  # (low, high) seconds; low == high is fixed
 

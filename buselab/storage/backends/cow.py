@@ -18,8 +18,8 @@ import bisect
 import os
 import threading
 
-from ..errors import UserError
-from .base import Backend, Capabilities
+from ...errors import UserError
+from ..base import Backend, Capabilities
 
 BLOCK = 4096
 _WRITEBACK_CHUNK = 256  # blocks per write when writing an overlay back (1 MiB)

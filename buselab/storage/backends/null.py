@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..protocol import constants as c
-from .base import Backend, Capabilities
+from ...protocol import constants as c
+from ..base import Backend, Capabilities
 
 _ZEROS = memoryview(bytes(c.MAX_PAYLOAD))
 

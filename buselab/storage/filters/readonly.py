@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..backends.base import BackendError
-from ..errors import UserError
-from ..protocol import constants as c
+from ...errors import UserError
+from ...protocol import constants as c
+from ..base import BackendError
 from .base import Filter
 
 

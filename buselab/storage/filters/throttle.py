@@ -17,10 +17,10 @@ import threading
 import time
 from typing import Any
 
-from ..errors import UserError
-from ..sizes import parse_size
+from ...errors import UserError
+from ...sizes import parse_size
+from ..spec import parse_duration
 from .base import Filter
-from .spec import parse_duration
 
 
 class _Clock:

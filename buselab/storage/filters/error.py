@@ -17,11 +17,11 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from ..backends.base import BackendError
-from ..errors import UserError
-from ..protocol import constants as c
+from ...errors import UserError
+from ...protocol import constants as c
+from ..base import BackendError
+from ..spec import OPS, parse_errno, parse_ops, parse_range, parse_rate
 from .base import Filter
-from .spec import OPS, parse_errno, parse_ops, parse_range, parse_rate
 
 
 class ErrorFilter(Filter):

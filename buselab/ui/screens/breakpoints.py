@@ -12,29 +12,30 @@ from textual.containers import Vertical
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..errors import UserError
-from ..ui import format as fmt
+from ...errors import UserError
+from .. import format as fmt
 from .panel import PanelScreen
 
 if TYPE_CHECKING:
-    from ..engine.steering import Steering
+    from ...steering import Steering
+    from ...steering.results import BreakpointInfo
 
 EXAMPLES = "op=flush · op=write+fua · range=0-1M · blocks=4-7 · pattern=53ef,at=1080 · ext4-sb"
 REFRESH_EVERY = 0.5  # seconds: hit counts move while the panel is open
 
 
-def breakpoint_label(bp: dict, last_hit: int | None) -> Text:
+def breakpoint_label(bp: BreakpointInfo, last_hit: int | None) -> Text:
     text = Text(no_wrap=True, overflow="ellipsis")
-    on = bp["enabled"]
+    on = bp.enabled
     text.append("● " if on else "○ ", style=f"bold {fmt.HELD_COLOUR}" if on else fmt.DIM_COLOUR)
-    text.append(f"{bp['id']:>2}  ", style="bold #d8dee9")
-    text.append(f"{bp['spec']:<36} ", style="#d8dee9" if on else fmt.DIM_COLOUR)
-    hits = bp["hits"]
+    text.append(f"{bp.id:>2}  ", style="bold #d8dee9")
+    text.append(f"{bp.spec:<36} ", style="#d8dee9" if on else fmt.DIM_COLOUR)
+    hits = bp.hits
     text.append(
         f"{hits:>5,} hit{'s' if hits != 1 else ' '}", style=f"bold {fmt.EVENT_COLOUR}" if hits else fmt.DIM_COLOUR
     )
     text.append("  enabled " if on else "  disabled", style=fmt.DIM_COLOUR)
-    if last_hit == bp["id"]:
+    if last_hit == bp.id:
         text.append("  ◀ fired last", style=f"bold {fmt.ERROR_COLOUR}")
     return text
 
@@ -78,8 +79,8 @@ class BreakpointsScreen(PanelScreen):
         steering = self.steering
         listed = steering.list_breakpoints()
         last = steering.last_break
-        last_id = last.get("breakpoint") if last else None
-        key = ([(b["id"], b["enabled"], b["hits"], b["spec"]) for b in listed], last_id)
+        last_id = last.breakpoint if last else None
+        key = ([(b.id, b.enabled, b.hits, b.spec) for b in listed], last_id)
         if key == self._shown:
             return
         self._shown = key
@@ -91,19 +92,19 @@ class BreakpointsScreen(PanelScreen):
                 Option(Text("no breakpoints yet: type a spec below", style=fmt.DIM_COLOUR), disabled=True)
             )
         else:
-            options.add_options(Option(breakpoint_label(bp, last_id), id=str(bp["id"])) for bp in listed)
+            options.add_options(Option(breakpoint_label(bp, last_id), id=str(bp.id)) for bp in listed)
             options.highlighted = min(highlighted or 0, len(listed) - 1)
         if last:
             line = Text("last hit: ", style=fmt.DIM_COLOUR)
             line.append(
-                f"breakpoint {last['breakpoint']} ({last['spec']}) by {last['op']} {last['offset']:,}+{last['length']:,}",
+                f"breakpoint {last.breakpoint} ({last.spec}) by {last.op} {last.offset:,}+{last.length:,}",
                 style=f"bold {fmt.ERROR_COLOUR}",
             )
             self.query_one("#last", Static).update(line)
 
     def _selected_id(self) -> str | None:
         options = self.query_one(OptionList)
-        if options.highlighted is None or not self.steering.breakpoints:
+        if options.highlighted is None or not len(self.steering.breakpoints):
             return None
         return options.get_option_at_index(options.highlighted).id
 
@@ -119,7 +120,7 @@ class BreakpointsScreen(PanelScreen):
             self.say(str(exc), error=True)
             return
         event.input.value = ""
-        self.say(f"breakpoint {bp['id']} set: {bp['spec']}")
+        self.say(f"breakpoint {bp.id} set: {bp.spec}")
         self.refresh_list()
         options = self.query_one(OptionList)
         options.highlighted = options.option_count - 1  # the new one, for space or x after a tab
@@ -141,7 +142,7 @@ class BreakpointsScreen(PanelScreen):
         except UserError as exc:
             self.say(str(exc), error=True)
             return
-        self.say(f"breakpoint {bp['id']} {'enabled' if bp['enabled'] else 'disabled'}: {bp['spec']}")
+        self.say(f"breakpoint {bp.id} {'enabled' if bp.enabled else 'disabled'}: {bp.spec}")
         self.refresh_list()
 
     def action_remove(self) -> None:
@@ -159,6 +160,6 @@ class BreakpointsScreen(PanelScreen):
     def action_remove_all(self) -> None:
         if not self._focus_is_list():
             return
-        removed = self.steering.remove_breakpoint("all")["removed"]
+        removed = self.steering.remove_breakpoint("all").removed
         self.say(f"removed {len(removed)} breakpoint{'s' if len(removed) != 1 else ''}")
         self.refresh_list()

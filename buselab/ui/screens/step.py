@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..ui import format as fmt
+from .. import format as fmt
 from .panel import PanelScreen
 
 FAIL_ERRNOS = ("EIO", "ENOSPC", "EPERM", "ENOMEM", "ENOTSUP")

@@ -1,8 +1,9 @@
 """Parsing the small values that filter specs, breakpoints and ctl take.
 
-Every parser raises UserError with one line that names the bad text and says
-what would be accepted, so a typo on the CLI or the control socket never ends
-in a traceback.
+Every parser raises `SpecError` (a UserError) with one line that names the bad
+text and says what would be accepted, so a typo on the CLI or the control
+socket never ends in a traceback. The message says nothing about where the
+text came from (--filter, ctl, the lab): the front end that took it adds that.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import re
 from ..errors import UserError
 from ..protocol import constants as c
 from ..sizes import parse_size
+
+
+class SpecError(UserError):
+    """A value in a spec (a size, a duration, an errno, a range ...) that makes no sense."""
+
 
 # Backend operations a filter can act on, by the name specs use.
 OPS = ("read", "write", "flush", "trim", "zero", "cache", "extents")
@@ -34,7 +40,7 @@ def parse_duration(text: str) -> float:
     """'5ms' -> 0.005 seconds; units us, ms, s; a bare number is milliseconds."""
     match = _DURATION_RE.match(str(text))
     if not match:
-        raise UserError(f"bad duration {text!r}: use a number with a unit, like 500us, 5ms or 1s")
+        raise SpecError(f"bad duration {text!r}: use a number with a unit, like 500us, 5ms or 1s")
     number, unit = match.groups()
     return float(number) * _DURATION_UNITS[unit.lower() if unit else None]
 
@@ -47,7 +53,7 @@ def parse_duration_range(text: str) -> tuple[float, float]:
         return value, value
     lo, hi = parse_duration(low), parse_duration(high)
     if hi < lo:
-        raise UserError(f"bad duration range {text!r}: the second value must not be smaller than the first")
+        raise SpecError(f"bad duration range {text!r}: the second value must not be smaller than the first")
     return lo, hi
 
 
@@ -55,7 +61,7 @@ def parse_op(text: str) -> str:
     name = text.strip().lower()
     name = _OP_ALIASES.get(name, name)
     if name not in OPS:
-        raise UserError(f"unknown operation {text!r}: choose from {', '.join(OPS)} or all")
+        raise SpecError(f"unknown operation {text!r}: choose from {', '.join(OPS)} or all")
     return name
 
 
@@ -63,7 +69,7 @@ def parse_ops(text: str) -> frozenset[str]:
     """'read', 'read+write', 'read|trim', 'all' -> a set of op names."""
     names = [part for part in re.split(r"[+|/ ]", text) if part]
     if not names:
-        raise UserError("an empty op: choose from " + ", ".join(OPS) + " or all")
+        raise SpecError("an empty op: choose from " + ", ".join(OPS) + " or all")
     if any(name.lower() == "all" for name in names):
         return frozenset(OPS)
     return frozenset(parse_op(name) for name in names)
@@ -83,7 +89,7 @@ def parse_errno(text: str | int) -> int:
             value = c.ERRNO_BY_NAME.get(name, -1)
     if value not in c.ERRNO_NAMES or value == 0:
         choices = ", ".join(c.ERRNO_BY_NAME)
-        raise UserError(f"bad errno {text!r}: NBD can send {choices}")
+        raise SpecError(f"bad errno {text!r}: NBD can send {choices}")
     return value
 
 
@@ -91,7 +97,7 @@ def parse_offset(text: str | int) -> int:
     """A byte offset: '0', '1M', '4096'."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
-            raise UserError(f"bad offset {text}: it cannot be negative")
+            raise SpecError(f"bad offset {text}: it cannot be negative")
         return text
     text = str(text).strip()
     if text in ("0", ""):
@@ -122,11 +128,11 @@ def parse_range(text: str, size: int | None = None, *, unit: int = 1, what: str 
             start = parse_offset(text) * unit
             end = start + unit
     except UserError as exc:
-        raise UserError(f"bad {what} {text!r}: use START-END or START+LENGTH, like 0-1M ({exc})") from None
+        raise SpecError(f"bad {what} {text!r}: use START-END or START+LENGTH, like 0-1M ({exc})") from None
     if end <= start:
-        raise UserError(f"bad {what} {text!r}: it is empty (END must be past START; END is not included)")
+        raise SpecError(f"bad {what} {text!r}: it is empty (END must be past START; END is not included)")
     if size is not None and end > size:
-        raise UserError(f"{what} {text!r} ends at byte {end}, past the end of the {size}-byte disk")
+        raise SpecError(f"{what} {text!r} ends at byte {end}, past the end of the {size}-byte disk")
     return start, end
 
 
@@ -138,7 +144,7 @@ def parse_bool(text: str | bool) -> bool:
         return True
     if value in ("0", "no", "n", "false", "off"):
         return False
-    raise UserError(f"bad yes/no value {text!r}: use yes or no")
+    raise SpecError(f"bad yes/no value {text!r}: use yes or no")
 
 
 def parse_rate(text: str) -> float:
@@ -147,9 +153,9 @@ def parse_rate(text: str) -> float:
     try:
         value = float(value_text[:-1]) / 100 if value_text.endswith("%") else float(value_text)
     except ValueError:
-        raise UserError(f"bad rate {text!r}: use a fraction like 0.1 or a percentage like 10%") from None
+        raise SpecError(f"bad rate {text!r}: use a fraction like 0.1 or a percentage like 10%") from None
     if not 0.0 <= value <= 1.0:
-        raise UserError(f"bad rate {text!r}: it must be between 0 and 1 (0% and 100%)")
+        raise SpecError(f"bad rate {text!r}: it must be between 0 and 1 (0% and 100%)")
     return value
 
 
@@ -164,16 +170,16 @@ def parse_pattern(text: str) -> bytes:
     kind_l = kind.lower()
     if sep and kind_l in ("text", "ascii", "str"):
         if not rest:
-            raise UserError("an empty text pattern")
+            raise SpecError("an empty text pattern")
         return rest.encode()
     if sep and re.fullmatch(r"[lb]e(8|16|32|64)", kind_l):
         bits = int(kind_l[2:])
         try:
             value = int(rest, 0)
         except ValueError:
-            raise UserError(f"bad pattern {text!r}: {kind} needs a number, like {kind}:0xEF53") from None
+            raise SpecError(f"bad pattern {text!r}: {kind} needs a number, like {kind}:0xEF53") from None
         if not 0 <= value < 1 << bits:
-            raise UserError(f"bad pattern {text!r}: {value:#x} does not fit in {bits} bits")
+            raise SpecError(f"bad pattern {text!r}: {value:#x} does not fit in {bits} bits")
         return value.to_bytes(bits // 8, "little" if kind_l.startswith("le") else "big")
     hex_text = text[2:] if text.lower().startswith("0x") else text
     hex_text = hex_text.replace(":", "").replace(" ", "").replace("\\x", "")
@@ -182,7 +188,7 @@ def parse_pattern(text: str) -> bytes:
     except ValueError:
         data = b""
     if not data:
-        raise UserError(f"bad pattern {text!r}: use hex bytes (53ef), le16:0xEF53, be32:0x..., or text:WORD")
+        raise SpecError(f"bad pattern {text!r}: use hex bytes (53ef), le16:0xEF53, be32:0x..., or text:WORD")
     return data
 
 
@@ -195,7 +201,7 @@ def split_spec(spec: str) -> tuple[str, list[tuple[str, str]]]:
     name, _, rest = spec.partition(":")
     name = name.strip().lower()
     if not name:
-        raise UserError(f"bad spec {spec!r}: it needs a name, like delay:read=5ms")
+        raise SpecError(f"bad spec {spec!r}: it needs a name, like delay:read=5ms")
     params: list[tuple[str, str]] = []
     for part in rest.split(","):
         part = part.strip()

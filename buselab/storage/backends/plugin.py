@@ -26,9 +26,9 @@ import os
 import sys
 from typing import Any
 
-from ..errors import UserError
-from ..protocol import constants as c
-from .base import Backend, BackendError, Capabilities
+from ...errors import UserError
+from ...protocol import constants as c
+from ..base import Backend, BackendError, Capabilities
 
 
 def _looks_like_disk(obj: Any) -> bool:

@@ -10,7 +10,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
-from ..ui import format as fmt
+from .. import format as fmt
 
 PANEL_CSS = """
 PanelScreen { align: center middle; background: #0f1217 55%; }

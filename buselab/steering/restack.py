@@ -1,0 +1,317 @@
+"""Changing the storage under a running disk: filters added, removed and toggled,
+the base backend switched (its contents copied across), a cache's power cut,
+a cow overlay's commit and discard.
+
+Every change happens inside `engine.quiesce()`, so no request is inside a layer
+while the stack moves; a quiesce that times out becomes one SteeringError line
+and nothing changed. Every change is an event in the telemetry, so the lab's
+stream shows it. Backends and filters are made by `storage.registry`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from ..engine.engine import Engine
+from ..protocol import constants as c
+from ..sizes import human_bytes, parse_size
+from ..storage import registry
+from ..storage.backends.cow import CowBackend
+from ..storage.base import Backend, BackendError
+from ..storage.filters.base import Filter
+from ..storage.filters.cache import CacheFilter
+from ..storage.stack import Layer, Stack
+from .errors import SteeringError
+from .results import (
+    CowCommitResult,
+    CowDiscardResult,
+    FilterInfo,
+    PowercutResult,
+    Removed,
+    SwitchProgress,
+    SwitchResult,
+)
+
+log = logging.getLogger("buselab")
+
+_COPY_CHUNK = 1 << 20
+_RETIRE_AFTER = 2.0  # seconds: replies may still be sending from an old backend's buffers
+
+
+def filter_info(layer: Layer) -> FilterInfo:
+    return FilterInfo(id=layer.id, name=layer.name, spec=layer.spec, enabled=layer.enabled, stats=layer.filter.stats())
+
+
+def copy_contents(src: Backend, dst: Backend, *, fresh: bool, progress: SwitchProgress | None = None) -> int:
+    """Copy every byte of `src` into `dst` (same size or bigger); returns bytes of data copied.
+
+    Holes (when `src` can tell them) are skipped on a `fresh` target, which
+    reads as zeros already, and zeroed on any other.
+    """
+    size = src.size
+    extents = src.extents(0, size) if src.caps.extents else [(size, 0)]
+    pos = 0
+    copied = 0
+    for length, flags in extents:
+        end = min(pos + length, size)
+        if flags & c.STATE_ZERO:
+            if not fresh:
+                dst.write_zeroes(pos, end - pos, may_trim=True, fast=False)
+        else:
+            while pos < end:
+                n = min(_COPY_CHUNK, end - pos)
+                dst.write(pos, src.read(pos, n))
+                pos += n
+                copied += n
+                if progress is not None:
+                    progress.copied = copied
+        pos = end
+        if progress is not None:
+            progress.position = pos
+    dst.flush()
+    return copied
+
+
+class Restacker:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.stack: Stack = engine.stack
+        self._lock = threading.RLock()  # one change to the stack at a time
+        self.switching: SwitchProgress | None = None  # a switch copying the disk, while it does
+
+    @property
+    def base(self) -> Backend:
+        return self.stack.base
+
+    @property
+    def layers(self) -> list[Layer]:
+        """Bottom (nearest the backend) first."""
+        return list(self.stack.layers)
+
+    def _event(self, message: str) -> None:
+        self.engine.telemetry.event(message)
+        log.info("%s", message)
+
+    def _quiesced(self, what: str) -> _Quiesce:
+        return _Quiesce(self.engine, what)
+
+    # -- filters ---------------------------------------------------------------------------
+    def add_filter(self, spec: str | Filter, position: int | str | None = None) -> FilterInfo:
+        """Stack a filter (a spec, or a made filter) on top, or at `position` (0 = lowest).
+
+        A bad spec raises `registry.FilterSpecError`, whose front end words where it came from.
+        """
+        with self._lock:
+            new = registry.parse_filter_spec(spec, self.engine.size) if isinstance(spec, str) else spec
+            index = None if position is None else self.stack._position(position)
+            with self._quiesced(f"add filter {new.spec}"):
+                layer = self.stack.add(new, index)
+        self._event(f"filter {layer.id} added: {layer.spec}")
+        return filter_info(layer)
+
+    def remove_filter(self, ref: int | str) -> FilterInfo:
+        with self._lock:
+            layer = self.stack.find(ref)
+            with self._quiesced(f"remove filter {layer.spec}"):
+                if layer.enabled:
+                    layer.filter.detach()  # a cache writes back before it goes
+                self.stack.remove(layer)
+        self._event(f"filter {layer.id} removed: {layer.spec}")
+        return filter_info(layer)
+
+    def remove_all_filters(self) -> Removed:
+        """`filter rm all`: every filter, top first, each as `remove_filter` would (a cache writes back)."""
+        with self._lock:
+            return Removed([self.remove_filter(layer.id).id for layer in reversed(self.stack.layers)])
+
+    def set_filter_enabled(self, ref: int | str, enabled: bool) -> FilterInfo:
+        with self._lock:
+            layer = self.stack.find(ref)
+            if layer.enabled != bool(enabled):
+                with self._quiesced(f"{'enable' if enabled else 'disable'} filter {layer.spec}"):
+                    if layer.enabled:
+                        layer.filter.detach()
+                    self.stack.set_enabled(layer, bool(enabled))
+        self._event(f"filter {layer.id} {'enabled' if enabled else 'disabled'}: {layer.spec}")
+        return filter_info(layer)
+
+    def toggle_filter(self, ref: int | str) -> FilterInfo:
+        with self._lock:
+            return self.set_filter_enabled(ref, not self.stack.find(ref).enabled)
+
+    def list_filters(self) -> list[FilterInfo]:
+        """Bottom (nearest the backend) first."""
+        return [filter_info(layer) for layer in list(self.stack.layers)]
+
+    # -- the base backend ------------------------------------------------------------------
+    def switch_backend(
+        self,
+        kind: str,
+        path: str | None = None,
+        *,
+        size: int | str | None = None,
+        copy: bool = True,
+    ) -> SwitchResult:
+        """Replace the base backend live, under the filters; by default copy the disk into it.
+
+        `kind`: ram, file (alias lo), null, plugin (path FILE[:CLASS]), cow (over
+        the current backend, or over `path`). A target smaller than the disk is
+        refused; so is copying into null (which keeps nothing).
+        """
+        kind = registry.switch_kind(kind)
+        if size is not None and not isinstance(size, int):
+            size = parse_size(str(size))
+        with self._lock:
+            old = self.stack.base
+            current = self.engine.size
+            if kind == "cow" and not path:
+                return self._cow_over_current(old, size)
+            if kind == "null" and copy:
+                raise SteeringError(
+                    "null keeps no data: switching to it would lose the disk's contents; add --no-copy if you mean it"
+                )
+            new, created = registry.open_switch_target(kind, path, size, current, old)
+            started = time.monotonic()
+            try:
+                if new.size < current:
+                    raise SteeringError(
+                        f"the new {kind} backend is {human_bytes(new.size)} ({new.size} bytes), smaller than the "
+                        f"disk's {human_bytes(current)}: the data would not fit; nothing changed"
+                    )
+                if new.readonly:
+                    raise SteeringError(f"{new.describe()} is read-only: it cannot hold a live disk")
+                copied = 0
+                with self._quiesced(f"switch to {kind}"):
+                    if copy:
+                        self.switching = SwitchProgress(to=new.describe(), total=current)
+                        try:
+                            copied = copy_contents(old, new, fresh=created, progress=self.switching)
+                        except (OSError, BackendError) as exc:
+                            raise SteeringError(
+                                f"copying the disk into {new.describe()} failed ({exc}); nothing changed"
+                            ) from None
+                        finally:
+                            self.switching = None
+                    self.stack.replace_base(new)
+                    if new.size != current:
+                        self.engine.telemetry.resize(new.size)
+            except BaseException:
+                _close_quietly(new)
+                if created and path:
+                    _unlink_quietly(path)
+                raise
+        seconds = time.monotonic() - started
+        self._retire(old)
+        how = f"copied {human_bytes(copied)} in {seconds:.2f} s" if copy else "contents not copied"
+        self._event(f"switched backend: {old.describe()} -> {new.describe()} ({how})")
+        return SwitchResult(
+            from_=old.describe(),
+            to=new.describe(),
+            kind=kind,
+            size=new.size,
+            copied_bytes=copied,
+            seconds=round(seconds, 3),
+        )
+
+    def _cow_over_current(self, old: Backend, size: int | None) -> SwitchResult:
+        if isinstance(old, CowBackend):
+            raise SteeringError("the backend is cow already: commit or discard its changes, or switch to another")
+        if size is not None and size != old.size:
+            raise SteeringError("a cow overlay over the current backend keeps its size: drop --size")
+        with self._quiesced("switch to cow"):
+            new = registry.overlay(old)
+            self.stack.replace_base(new)
+        self._event(f"switched backend: copy-on-write overlay over {old.describe()} (changes kept in memory)")
+        return SwitchResult(from_=old.describe(), to=new.describe(), kind="cow", size=old.size, copied_bytes=0)
+
+    def _retire(self, old: Backend) -> None:
+        """Close an old backend once replies still being sent from its buffers have gone."""
+
+        def close() -> None:
+            try:
+                old.close()
+            except Exception as exc:  # noqa: BLE001 - it is out of service anyway
+                log.debug("closing the old backend: %s", exc)
+
+        timer = threading.Timer(_RETIRE_AFTER, close)
+        timer.daemon = True
+        timer.start()
+
+    # -- actions ------------------------------------------------------------------------
+    def powercut(self) -> PowercutResult:
+        """Throw away every write the cache filter(s) hold that no FLUSH has sent down."""
+        with self._lock:
+            caches = self.stack.enabled(CacheFilter)
+            if not caches:
+                raise SteeringError(
+                    "no cache filter to lose writes from: add one with `filter add cache` "
+                    "(without it every acknowledged write is already in the backend)"
+                )
+            with self._quiesced("power cut"):
+                lost = sum(f.powercut() for f in caches)  # type: ignore[attr-defined]
+        self._event(f"POWER CUT: {human_bytes(lost)} of writes since the last FLUSH lost")
+        return PowercutResult(lost_bytes=lost)
+
+    def _cow(self) -> CowBackend:
+        base = self.stack.base
+        if not isinstance(base, CowBackend):
+            raise SteeringError(
+                f"the backend is {base.kind}, not cow: `switch cow` puts a copy-on-write overlay over it"
+            )
+        return base
+
+    def cow_commit(self) -> CowCommitResult:
+        with self._lock:
+            cow = self._cow()
+            with self._quiesced("cow commit"):
+                written = cow.commit()
+        self._event(f"cow commit: {human_bytes(written)} of changes written into {cow.base.describe()}")
+        return CowCommitResult(committed_bytes=written)
+
+    def cow_discard(self) -> CowDiscardResult:
+        with self._lock:
+            cow = self._cow()
+            with self._quiesced("cow discard"):
+                dropped = cow.discard()
+        self._event(f"cow discard: {human_bytes(dropped)} of changes thrown away")
+        return CowDiscardResult(discarded_bytes=dropped)
+
+    def cow_changed_bytes(self) -> int | None:
+        base = self.stack.base
+        return base.changed_bytes() if isinstance(base, CowBackend) else None
+
+
+def _close_quietly(backend: Backend) -> None:
+    try:
+        backend.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _Quiesce:
+    """engine.quiesce() whose timeout becomes a SteeringError (and nothing changed)."""
+
+    def __init__(self, engine: Engine, what: str) -> None:
+        self._cm = engine.quiesce()
+        self._what = what
+
+    def __enter__(self) -> None:
+        try:
+            self._cm.__enter__()
+        except TimeoutError:
+            raise SteeringError(
+                f"cannot {self._what}: requests in the backend did not finish in time; nothing changed"
+            ) from None
+
+    def __exit__(self, *exc: object) -> bool | None:
+        return self._cm.__exit__(*exc)  # type: ignore[arg-type]

@@ -1,0 +1,219 @@
+"""What steering answers: one dataclass per kind of result the lab and `buselab ctl` receive.
+
+The lab reads their attributes; the control socket sends `to_json()`, whose keys
+are the field names (a field may name its JSON key in its metadata, as `from_`
+does) and which leaves out optional fields that are None. The JSON is what
+`buselab ctl --json` printed before these classes existed; README's "Control
+socket" section lists it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol import constants as c
+from ..protocol.transmission import Request
+
+
+def _key(name: str) -> dict[str, Any]:
+    return {"json": name}
+
+
+_OPTIONAL = {"optional": True}  # left out of the JSON when None
+
+
+def to_json(value: Any) -> Any:
+    """A result (or a list of them) as plain JSON-able values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if item is None and f.metadata.get("optional"):
+                continue
+            out[f.metadata.get("json", f.name)] = to_json(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_json(item) for key, item in value.items()}
+    return value
+
+
+class Result:
+    def to_json(self) -> Any:
+        return to_json(self)
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+def flag_names(flags: int) -> list[str]:
+    return [name for bit, name in ((c.CMD_FLAG_FUA, "FUA"), (c.CMD_FLAG_NO_HOLE, "NO_HOLE")) if flags & bit]
+
+
+@dataclass(frozen=True)
+class RequestInfo(Result):
+    op: str
+    offset: int
+    length: int
+    flags: list[str]
+    handle: int
+
+    @classmethod
+    def of(cls, req: Request, **more: Any) -> Any:
+        return cls(
+            op=req.name, offset=req.offset, length=req.length, flags=flag_names(req.flags), handle=req.handle, **more
+        )
+
+
+@dataclass(frozen=True)
+class HeldInfo(RequestInfo):
+    """A request the gate holds."""
+
+    conn: int = 0  # connection number
+    waited: float = 0.0  # seconds held so far
+    breakpoint: int | None = None  # the breakpoint that caught it
+
+
+@dataclass(frozen=True)
+class StepResult(HeldInfo):
+    """The request a step released (or failed, or delayed)."""
+
+    action: str = "release"
+    errno: str | None = field(default=None, metadata=_OPTIONAL)  # with action "fail"
+    delay_ms: float | None = field(default=None, metadata=_OPTIONAL)  # with action "delay"
+    still_held: int = 0
+
+
+@dataclass(frozen=True)
+class BreakHit(RequestInfo):
+    """The request that last hit a breakpoint (it is held)."""
+
+    breakpoint: int = 0
+    spec: str = ""
+    time: float = 0.0  # wall clock
+
+
+# -- the gate ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PauseResult(Result):
+    paused: bool
+    held: int
+
+
+@dataclass(frozen=True)
+class ResumeResult(Result):
+    paused: bool
+    released: int
+
+
+# -- breakpoints and filters ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BreakpointInfo(Result):
+    id: int
+    spec: str
+    enabled: bool
+    hits: int
+
+
+@dataclass(frozen=True)
+class Removed(Result):
+    """Ids of what `rm` (or `rm all`) took away."""
+
+    removed: list[int]
+
+
+@dataclass(frozen=True)
+class FilterInfo(Result):
+    id: int
+    name: str
+    spec: str
+    enabled: bool
+    stats: dict[str, Any]
+
+
+# -- the backend ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SwitchProgress(Result):
+    """A switch copying the disk: moved on by the copy as it goes (the header shows it)."""
+
+    to: str
+    copied: int = 0  # bytes of data copied
+    position: int = 0  # how far through the disk, holes included
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class SwitchResult(Result):
+    from_: str = field(metadata=_key("from"))
+    to: str
+    kind: str
+    size: int
+    copied_bytes: int
+    seconds: float | None = field(default=None, metadata=_OPTIONAL)  # none for a cow overlay: nothing copied
+
+
+@dataclass(frozen=True)
+class PowercutResult(Result):
+    lost_bytes: int
+
+
+@dataclass(frozen=True)
+class CowCommitResult(Result):
+    committed_bytes: int
+
+
+@dataclass(frozen=True)
+class CowDiscardResult(Result):
+    discarded_bytes: int
+
+
+@dataclass(frozen=True)
+class Event(Result):
+    time: float
+    message: str
+
+
+# -- the whole picture -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SteeringStatus(Result):
+    """What steering knows: the stack, the gate, breakpoints."""
+
+    backend: str
+    kind: str
+    size: int
+    paused: bool
+    held: list[HeldInfo]
+    oldest_wait: float
+    filters: list[FilterInfo]
+    breakpoints: list[BreakpointInfo]
+    last_break: BreakHit | None
+    last_step: StepResult | None
+    switching: SwitchProgress | None
+    requests: int
+    connections: int
+    cow_changed_bytes: int | None = field(default=None, metadata=_OPTIONAL)
+
+
+@dataclass(frozen=True)
+class Status(SteeringStatus):
+    """`buselab ctl status`: steering's picture and where the session serves."""
+
+    where: str = ""
+    control: str | None = None  # the control socket's path
+    control_error: str | None = None  # why there is none
+
+    @classmethod
+    def of(cls, steering: SteeringStatus, **session: Any) -> Status:
+        fields = {f.name: getattr(steering, f.name) for f in dataclasses.fields(SteeringStatus)}
+        return cls(**fields, **session)
