@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from buselab.client import NBDClient
+from buselab.client import NBDClient, NBDError
 from buselab.control.client import ControlClient
 from buselab.session import ServeOptions, Session
 from buselab.storage.backends.ram import RamBackend
@@ -53,7 +53,7 @@ def test_every_command_answers_the_documented_keys(served, tmp_path):
     stepped = call("step")
     assert set(stepped) == HELD | {"action", "still_held"} and stepped["action"] == "release"
     reader.join(10)
-    failing = threading.Thread(target=lambda: pytest.raises(Exception, nbd.write, 0, b"x" * 512))
+    failing = threading.Thread(target=lambda: pytest.raises(NBDError, nbd.write, 0, b"x" * 512))
     failing.start()
     call("wait", count=1, timeout=10)
     stepped = call("step", fail="ENOSPC")
