@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-from conftest import missing
-from test_server import connect, serve, wait_for
+from helpers import connect, missing, serve, wait_for
 
 from buselab.storage.backends.ram import RamBackend
 from buselab.transport import affinity

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import require_root, require_tool
+from helpers import require_root, require_tool
 
 from buselab.errors import UserError
 from buselab.protocol import constants as c

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_server import TIMEOUT, RawClient, connect, serve, wait_for
+from helpers import TIMEOUT, RawClient, connect, serve, socket_path, wait_for
 
 from buselab.protocol import constants as c
 from buselab.protocol.transmission import encode_request
@@ -53,7 +53,7 @@ def test_malformed_handshake_closes_that_connection_only(tmp_path, caplog, name)
     caplog.set_level(logging.WARNING, logger="buselab")
     with serve(filled_ram(), tmp_path) as session:
         bystander = connect(session)  # connected before, in transmission
-        bad = RawClient(session.socket, handshake=False)
+        bad = RawClient(socket_path(session), handshake=False)
         bad.recv_exact(18)
         bad.send(BAD_HANDSHAKES[name])
         assert bad.closed_by_server(), f"server kept a '{name}' connection open"
@@ -72,7 +72,7 @@ def test_client_vanishing_mid_handshake(tmp_path, caplog, cut):
     caplog.set_level(logging.WARNING, logger="buselab")
     stream = struct.pack(">I", 3) + opt(c.OPT_GO, struct.pack(">IH", 0, 0))
     with serve(filled_ram(), tmp_path) as session:
-        bad = RawClient(session.socket, handshake=False)
+        bad = RawClient(socket_path(session), handshake=False)
         bad.recv_exact(18)
         bad.send(stream[:cut])
         bad.sock.close()
@@ -88,8 +88,8 @@ def test_client_vanishing_mid_handshake(tmp_path, caplog, cut):
 def test_bad_request_magic_closes_that_connection_and_others_go_on(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="buselab")
     with serve(filled_ram(), tmp_path) as session:
-        good = RawClient(session.socket)
-        bad = RawClient(session.socket)
+        good = RawClient(socket_path(session))
+        bad = RawClient(socket_path(session))
         good.request(c.CMD_READ, 1, 0, 8)
         bad.send(struct.pack(">IHHQQI", 0x12345678, 0, c.CMD_READ, 1, 0, 512))
         assert bad.closed_by_server()
@@ -104,7 +104,7 @@ def test_bad_request_magic_closes_that_connection_and_others_go_on(tmp_path, cap
 
 def test_unknown_command_gets_einval_and_the_connection_continues(tmp_path):
     with serve(filled_ram(), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         for handle, cmd in enumerate((8, 42, 0xFFFF), start=1):
             raw.request(cmd, handle, 0, 512)
             assert raw.simple_reply() == (c.EINVAL, handle)
@@ -114,7 +114,7 @@ def test_unknown_command_gets_einval_and_the_connection_continues(tmp_path):
 
 def test_unknown_command_with_structured_replies(tmp_path):
     with serve(filled_ram(), tmp_path) as session:
-        raw = RawClient(session.socket, structured=True)
+        raw = RawClient(socket_path(session), structured=True)
         raw.request(200, 1, 0, 512)
         magic, error, handle = struct.unpack(">IIQ", raw.recv_exact(16))
         if magic == c.STRUCTURED_REPLY_MAGIC:  # an error chunk is fine too
@@ -137,7 +137,7 @@ def test_unknown_command_with_structured_replies(tmp_path):
 def test_disconnect_mid_write_payload_applies_nothing(tmp_path, length, sent):
     with serve(filled_ram(), tmp_path) as session:
         writes_before = session.engine.telemetry.snapshot().count[c.CMD_WRITE]
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.send(encode_request(c.CMD_WRITE, 1, 4096, length) + b"\xee" * sent)
         time.sleep(0.05)  # let the server take what was sent
         raw.sock.close()
@@ -150,7 +150,7 @@ def test_disconnect_mid_write_payload_applies_nothing(tmp_path, length, sent):
 
 def test_overlong_write_gets_eoverflow_payload_skipped_connection_continues(tmp_path):
     with serve(filled_ram(), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         length = c.MAX_PAYLOAD + MiB
         raw.send(encode_request(c.CMD_WRITE, 1, 0, length))
         chunk = b"\xee" * MiB
@@ -168,7 +168,7 @@ def test_overlong_write_gets_eoverflow_payload_skipped_connection_continues(tmp_
 
 def test_overlong_read_is_refused_without_data(tmp_path):
     with serve(RamBackend(64 * MiB), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_READ, 1, 0, c.MAX_PAYLOAD + 1)
         raw.request(c.CMD_READ, 2, 0, 4)
         error, handle = raw.simple_reply()
@@ -180,7 +180,7 @@ def test_overlong_read_is_refused_without_data(tmp_path):
 
 def test_requests_out_of_range_and_overflowing_offsets(tmp_path):
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_READ, 1, (1 << 64) - 256, 512)  # offset + length wraps a u64
         raw.request(c.CMD_WRITE, 2, (1 << 64) - 256, 512, payload=bytes(512))
         raw.request(c.CMD_TRIM, 3, MiB, 1)
@@ -195,7 +195,7 @@ def test_requests_out_of_range_and_overflowing_offsets(tmp_path):
 
 def test_write_to_read_only_export_consumes_the_payload(tmp_path):
     with serve(filled_ram(), tmp_path, readonly=True) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_WRITE, 1, 0, 8192, payload=b"\xee" * 8192)
         raw.request(c.CMD_TRIM, 2, 0, 8192)
         raw.request(c.CMD_READ, 3, 0, 8)
@@ -208,7 +208,7 @@ def test_write_to_read_only_export_consumes_the_payload(tmp_path):
 
 def test_zero_length_requests(tmp_path):
     with serve(filled_ram(), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_WRITE, 1, 0, 0)
         raw.request(c.CMD_READ, 2, 0, 0)
         raw.request(c.CMD_READ, 3, 0, 4)
@@ -221,7 +221,7 @@ def test_zero_length_requests(tmp_path):
 
 def test_requests_trickling_one_byte_at_a_time(tmp_path):
     with serve(filled_ram(), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         stream = encode_request(c.CMD_WRITE, 1, 100, 5) + b"hello" + encode_request(c.CMD_READ, 2, 98, 9)
         for i in range(len(stream)):
             raw.send(stream[i : i + 1])
@@ -233,7 +233,7 @@ def test_requests_trickling_one_byte_at_a_time(tmp_path):
 
 def test_client_vanishing_mid_header(tmp_path):
     with serve(filled_ram(), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.send(encode_request(c.CMD_WRITE, 1, 0, 4)[:13])
         raw.sock.close()
         wait_for(lambda: session.engine.telemetry.snapshot().connections == 0)
@@ -322,10 +322,10 @@ def test_server_survives_connect_and_close_storm(tmp_path):
     with serve(filled_ram(), tmp_path) as session:
         for _ in range(50):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(session.socket)
+            s.connect(socket_path(session))
             s.close()
         wait_for(lambda: session.engine.telemetry.snapshot().connections == 0)
         with connect(session) as client:
             assert client.read(0, 4) == PATTERN[:4]
-        assert os.path.exists(session.socket)
+        assert os.path.exists(socket_path(session))
         assert TIMEOUT > 0

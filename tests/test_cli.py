@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from helpers import require_tool
 
 from buselab.client import NBDClient
 from buselab.errors import UserError

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import missing, require_tool
+from helpers import nbdsh, require_tool
 
 from buselab.client import NBDClient
 from buselab.control import default_control_path
@@ -44,17 +44,6 @@ def controlled(buselab_server, tmp_path):
         return served, path
 
     return start
-
-
-def nbdsh() -> list[str]:
-    """nbdsh runs `python3 -m nbd`: with a python3 first on PATH that lacks libnbd's module, use the system one."""
-    require_tool("nbdsh")
-    if subprocess.run(["python3", "-c", "import nbd"], capture_output=True).returncode == 0:
-        return ["nbdsh"]
-    if subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True).returncode == 0:
-        return ["/usr/bin/python3", "-m", "nbd"]
-    missing("nbdsh is installed but its Python module (nbd) cannot be imported")
-    raise AssertionError  # not reached
 
 
 def still_running(proc: subprocess.Popen, seconds: float = 0.3) -> bool:
@@ -263,7 +252,7 @@ def test_bad_commands_are_refused_in_one_line_and_change_nothing(shared_server, 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory):
     """One server for the bad-input cases (they change nothing, which is the point)."""
-    from conftest import start_buselab
+    from helpers import start_buselab
 
     tmp = tmp_path_factory.mktemp("bad-ctl")
     path = str(tmp / "control.sock")

@@ -14,7 +14,7 @@ import signal
 import threading
 
 import pytest
-from test_server import RawClient, serve
+from helpers import RawClient, serve, socket_path
 
 from buselab.client import NBDClient
 from buselab.protocol import constants as c
@@ -121,7 +121,7 @@ def test_flush_reply_comes_after_fdatasync(tmp_path, monkeypatch):
     disk = FileBackend(str(tmp_path / "disk.img"), 4 * MiB)
     fd = disk._fd
     with serve(disk, tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_WRITE, 1, 0, 4096, payload=os.urandom(4096))
         assert raw.simple_reply() == (0, 1)
         assert spy.take() == [("pwritev", fd)]  # a plain write is not synced
@@ -136,7 +136,7 @@ def test_fua_reply_comes_after_a_synchronous_write(tmp_path, monkeypatch):
     disk = FileBackend(str(tmp_path / "disk.img"), 4 * MiB)
     fd = disk._fd
     with serve(disk, tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_WRITE, 1, 8192, 4096, flags=c.CMD_FLAG_FUA, payload=os.urandom(4096))
         assert raw.simple_reply() == (0, 1)
         events = spy.take()
@@ -153,7 +153,7 @@ def test_stopping_the_server_syncs_the_file(tmp_path, monkeypatch):
     disk = FileBackend(str(tmp_path / "disk.img"), 4 * MiB)
     fd = disk._fd
     with serve(disk, tmp_path) as session:
-        with NBDClient.connect_unix(session.socket) as client:
+        with NBDClient.connect_unix(socket_path(session)) as client:
             client.write(0, b"unsynced")
         spy.take()
     assert ("fdatasync", fd) in spy.take()

@@ -6,7 +6,7 @@ import random
 import time
 
 import pytest
-from conftest import require_tool
+from helpers import require_tool
 
 from buselab.errors import UserError
 from buselab.protocol import constants as c
@@ -444,7 +444,7 @@ def test_nbdsh_fua_write_refused_below_the_cache_is_not_readable(buselab_server)
     """readonly under cache: the FUA write gets EPERM and leaves nothing; a plain write stays dirty through a failed FLUSH."""
     import subprocess
 
-    from test_control import nbdsh
+    from helpers import nbdsh
 
     served = buselab_server(["ram", "--size", "8M", "--filter", "readonly", "--filter", "cache"])
     script = (

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import require_root, require_tool
+from helpers import require_root, require_tool
 
 pytestmark = pytest.mark.root
 

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from helpers import require_tool
 
 MiB = 1 << 20
 

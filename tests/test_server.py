@@ -1,21 +1,18 @@
 """The server in-process: a Session on a Unix socket, driven by buselab.client and raw sockets.
 
-`RawClient` and `serve` here are also used by test_bad_input.py and
-test_durability.py: they speak exactly the bytes a test means to send.
+`RawClient`, `serve` and `connect` come from helpers.py: they speak exactly the
+bytes a test means to send.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import TIMEOUT, RawClient, connect, serve, socket_path, wait_for
 
 from buselab.client import NBDClient, NBDError
 from buselab.protocol import constants as c
@@ -27,157 +24,6 @@ from buselab.storage.registry import open_backend
 
 MiB = 1 << 20
 HOLE = c.STATE_HOLE | c.STATE_ZERO
-TIMEOUT = 15
-
-
-# --- helpers shared with other test files ---------------------------------------------------
-
-
-@contextmanager
-def serve(backend: Backend, tmp_path: Path, **options) -> Iterator[Session]:
-    """A started Session serving `backend` on tmp_path/nbd.sock; stopped afterwards."""
-    path = str(tmp_path / "nbd.sock")
-    session = Session(backend, ServeOptions(unix=[path], **options))
-    session.start()
-    session.socket = path  # type: ignore[attr-defined]
-    try:
-        yield session
-    finally:
-        session.stop()
-
-
-def connect(session: Session, export_name: str = "") -> NBDClient:
-    client = NBDClient.connect_unix(session.socket, export_name)  # type: ignore[attr-defined]
-    client.sock.settimeout(TIMEOUT)
-    return client
-
-
-class RawClient:
-    """An NBD client that sends exactly what it is told and parses replies by hand."""
-
-    def __init__(
-        self,
-        path: str,
-        *,
-        structured: bool = False,
-        meta: bool = False,
-        export_name: str = "",
-        handshake: bool = True,
-    ) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.connect(path)
-        self.context_id: int | None = None
-        self.size = self.flags = 0
-        if handshake:
-            self.handshake(structured=structured, meta=meta, export_name=export_name)
-
-    # -- bytes -------------------------------------------------------------------------
-    def recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise ConnectionError(f"server closed the connection after {len(buf)} of {n} bytes")
-            buf += chunk
-        return bytes(buf)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def closed_by_server(self, timeout: float = TIMEOUT) -> bool:
-        """True once the server has closed its end (EOF), after draining what it sent."""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
-
-    # -- handshake -----------------------------------------------------------------------
-    def option(self, opt: int, data: bytes = b"") -> None:
-        self.send(struct.pack(">QII", c.IHAVEOPT, opt, len(data)) + data)
-
-    def option_reply(self) -> tuple[int, int, bytes]:
-        magic, opt, rtype, length = struct.unpack(">QIII", self.recv_exact(20))
-        assert magic == c.OPTION_REPLY_MAGIC
-        return opt, rtype, self.recv_exact(length)
-
-    def replies_until_final(self) -> list[tuple[int, int, bytes]]:
-        out = []
-        while True:
-            opt, rtype, payload = self.option_reply()
-            out.append((opt, rtype, payload))
-            if rtype == c.REP_ACK or rtype & c.REP_FLAG_ERROR:
-                return out
-
-    def greet(self, client_flags: int = 3) -> None:
-        greeting = self.recv_exact(18)
-        assert greeting == b"NBDMAGICIHAVEOPT\x00\x03"
-        self.send(struct.pack(">I", client_flags))
-
-    def handshake(self, *, structured: bool = False, meta: bool = False, export_name: str = "") -> None:
-        self.greet()
-        if structured:
-            self.option(c.OPT_STRUCTURED_REPLY)
-            assert self.replies_until_final()[-1][1] == c.REP_ACK
-        if meta:
-            query = b"base:allocation"
-            name = export_name.encode()
-            data = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(query)) + query
-            self.option(c.OPT_SET_META_CONTEXT, data)
-            replies = self.replies_until_final()
-            assert replies[-1][1] == c.REP_ACK, replies
-            contexts = [r for r in replies if r[1] == c.REP_META_CONTEXT]
-            assert len(contexts) == 1 and contexts[0][2][4:] == query
-            self.context_id = struct.unpack_from(">I", contexts[0][2])[0]
-        name = export_name.encode()
-        self.option(c.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
-        for _, rtype, payload in self.replies_until_final():
-            assert not rtype & c.REP_FLAG_ERROR, payload
-            if rtype == c.REP_INFO and struct.unpack_from(">H", payload)[0] == c.INFO_EXPORT:
-                _, self.size, self.flags = struct.unpack(">HQH", payload)
-
-    # -- transmission --------------------------------------------------------------------
-    def request(self, cmd: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0, payload=b"") -> None:
-        self.send(encode_request(cmd, handle, offset, length, flags) + bytes(payload))
-
-    def simple_reply(self) -> tuple[int, int]:
-        """(error, handle) of the next simple reply; READ data is left unread."""
-        magic, error, handle = struct.unpack(">IIQ", self.recv_exact(16))
-        assert magic == c.SIMPLE_REPLY_MAGIC, f"bad reply magic {magic:#x}"
-        return error, handle
-
-    def chunk(self) -> tuple[int, int, int, bytes]:
-        """(flags, type, handle, payload) of the next structured reply chunk."""
-        magic, flags, rtype, handle, length = struct.unpack(">IHHQI", self.recv_exact(20))
-        assert magic == c.STRUCTURED_REPLY_MAGIC, f"bad chunk magic {magic:#x}"
-        return flags, rtype, handle, self.recv_exact(length)
-
-    def read(self, offset: int, length: int, handle: int = 1) -> bytes:
-        self.request(c.CMD_READ, handle, offset, length)
-        error, got = self.simple_reply()
-        assert (error, got) == (0, handle)
-        return self.recv_exact(length)
-
-    def close(self) -> None:
-        try:
-            self.request(c.CMD_DISC, 0)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-def wait_for(predicate, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 FAIL_AT = 1 << 20
@@ -286,7 +132,7 @@ def test_export_name(tmp_path):
         connect(session, "").close()  # the default export is ours too
         with pytest.raises(ConnectionError, match="refused"):
             connect(session, "other")
-        raw = RawClient(session.socket, handshake=False)
+        raw = RawClient(socket_path(session), handshake=False)
         raw.greet()
         raw.option(c.OPT_LIST)
         replies = raw.replies_until_final()
@@ -297,9 +143,9 @@ def test_export_name(tmp_path):
 def test_where_names_the_export_in_its_uri(tmp_path):
     """The header, ctl status and the stats line show Session.where: a URI a client can use as is."""
     with serve(RamBackend(MiB), tmp_path, export_name="disk 1") as session:
-        assert session.where == f"nbd+unix:///disk%201?socket={session.socket}"
+        assert session.where == f"nbd+unix:///disk%201?socket={socket_path(session)}"
     with serve(RamBackend(MiB), tmp_path) as session:
-        assert session.where == f"nbd+unix:///?socket={session.socket}"
+        assert session.where == f"nbd+unix:///?socket={socket_path(session)}"
 
 
 def test_tcp_listener(tmp_path):
@@ -326,7 +172,7 @@ def test_max_payload_read_and_write(tmp_path):
 
 def test_disc_closes_the_connection_after_answering(tmp_path):
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_WRITE, 1, 0, 4, payload=b"disc")
         raw.request(c.CMD_DISC, 2)
         assert raw.simple_reply() == (0, 1)
@@ -340,7 +186,7 @@ def test_disc_closes_the_connection_after_answering(tmp_path):
 
 def test_pipeline_64_requests_matched_by_handle(tmp_path):
     with serve(RamBackend(16 * MiB), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         blocks = {i: os.urandom(4096 + 512 * (i % 5)) for i in range(64)}
         handles = {(1 << 63) | (i * 0x0101010101 + 7): i for i in range(64)}  # 64-bit handles come back intact
         burst = b"".join(
@@ -369,7 +215,7 @@ def test_pipeline_64_requests_matched_by_handle(tmp_path):
 
 def test_pipelined_mix_with_errors_stays_in_sync(tmp_path):
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.send(
             encode_request(c.CMD_WRITE, 1, 0, 4)
             + b"abcd"
@@ -395,7 +241,7 @@ def test_queued_replies_go_out_while_a_write_payload_is_awaited(tmp_path):
     # The client must get its READ answer even though the server then blocks
     # waiting for the rest of a large write's payload (no deadlock).
     with serve(RamBackend(8 * MiB), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         for size in (2 * MiB, 8192):  # large payloads go straight in, small ones via the buffer
             payload = os.urandom(size)
             raw.send(encode_request(c.CMD_READ, 1, 0, 16) + encode_request(c.CMD_WRITE, 2, 0, size) + payload[:100])
@@ -444,7 +290,7 @@ def test_several_clients_at_once(tmp_path):
 
 def test_structured_read_is_one_offset_data_chunk(tmp_path):
     with serve(RamBackend(4 * MiB), tmp_path) as session:
-        raw = RawClient(session.socket, structured=True, meta=True)
+        raw = RawClient(socket_path(session), structured=True, meta=True)
         assert raw.flags & c.TF_SEND_DF  # DF is advertised once structured replies are on
         data = os.urandom(5000)
         raw.request(c.CMD_WRITE, 1, 777, len(data), payload=data)
@@ -460,7 +306,7 @@ def test_structured_read_is_one_offset_data_chunk(tmp_path):
 
 def test_structured_read_error_is_an_error_chunk_without_data(tmp_path):
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket, structured=True)
+        raw = RawClient(socket_path(session), structured=True)
         raw.request(c.CMD_READ, 5, MiB, 4096)  # out of range
         raw.request(c.CMD_READ, 6, 0, 4)
         flags, rtype, handle, payload = raw.chunk()
@@ -484,7 +330,7 @@ def block_status(raw: RawClient, handle: int, offset: int, length: int, flags: i
 
 def test_block_status_shows_holes_of_the_ram_disk(tmp_path):
     with serve(RamBackend(4 * MiB), tmp_path) as session:
-        raw = RawClient(session.socket, structured=True, meta=True)
+        raw = RawClient(socket_path(session), structured=True, meta=True)
         assert raw.context_id is not None
         assert block_status(raw, 1, 0, 4 * MiB) == [(4 * MiB, HOLE)]
         raw.request(c.CMD_WRITE, 2, MiB, 8192, payload=b"\x01" * 8192)
@@ -500,7 +346,7 @@ def test_block_status_shows_holes_of_the_ram_disk(tmp_path):
 def test_block_status_on_a_sparse_file(tmp_path):
     disk = open_backend("file", path=str(tmp_path / "sparse.img"), size=8 * MiB)
     with serve(disk, tmp_path) as session:
-        raw = RawClient(session.socket, structured=True, meta=True)
+        raw = RawClient(socket_path(session), structured=True, meta=True)
         raw.request(c.CMD_WRITE, 1, 2 * MiB, MiB, payload=os.urandom(MiB))
         assert raw.simple_reply() == (0, 1)
         assert block_status(raw, 2, 0, 8 * MiB) == [(2 * MiB, HOLE), (MiB, 0), (5 * MiB, HOLE)]
@@ -512,13 +358,13 @@ def test_block_status_on_a_sparse_file(tmp_path):
 
 def test_block_status_needs_meta_context_and_range(tmp_path):
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket, structured=True)  # no SET_META_CONTEXT
+        raw = RawClient(socket_path(session), structured=True)  # no SET_META_CONTEXT
         raw.request(c.CMD_BLOCK_STATUS, 1, 0, 4096)
         _, rtype, handle, payload = raw.chunk()
         assert (rtype, handle) == (c.REPLY_TYPE_ERROR, 1)
         assert struct.unpack_from(">I", payload)[0] == c.EINVAL
         raw.close()
-        raw = RawClient(session.socket, structured=True, meta=True)
+        raw = RawClient(socket_path(session), structured=True, meta=True)
         raw.request(c.CMD_BLOCK_STATUS, 2, MiB - 512, 4096)  # past the end
         _, rtype, handle, payload = raw.chunk()
         assert (rtype, handle) == (c.REPLY_TYPE_ERROR, 2)
@@ -529,7 +375,7 @@ def test_block_status_needs_meta_context_and_range(tmp_path):
 
 def test_df_refused_without_structured_replies(tmp_path):
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_READ, 1, 0, 512, flags=c.CMD_FLAG_DF)
         assert raw.simple_reply() == (c.EINVAL, 1)
         assert raw.read(0, 4, handle=2) == bytes(4)
@@ -589,7 +435,7 @@ def test_telemetry_counts_what_was_sent(tmp_path):
 
 def test_telemetry_counts_pipelined_requests_of_several_connections(tmp_path):
     with serve(RamBackend(4 * MiB), tmp_path) as session:
-        raws = [RawClient(session.socket) for _ in range(3)]
+        raws = [RawClient(socket_path(session)) for _ in range(3)]
         for raw in raws:
             raw.send(b"".join(encode_request(c.CMD_WRITE, i, i * 512, 512) + bytes(512) for i in range(20)))
         for raw in raws:
@@ -609,7 +455,7 @@ def test_telemetry_counts_pipelined_requests_of_several_connections(tmp_path):
 
 def test_failed_read_sends_no_data_and_the_connection_goes_on(tmp_path):
     with serve(failing_backend(tmp_path), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         raw.request(c.CMD_WRITE, 1, 0, 4, payload=b"good")
         raw.request(c.CMD_READ, 2, FAIL_AT - 4096, 8192)  # the plugin raises
         raw.request(c.CMD_READ, 3, 0, 4)
@@ -632,7 +478,7 @@ def test_failed_read_sends_no_data_and_the_connection_goes_on(tmp_path):
 
 def test_failed_structured_read_is_an_error_chunk_only(tmp_path):
     with serve(failing_backend(tmp_path), tmp_path) as session:
-        raw = RawClient(session.socket, structured=True)
+        raw = RawClient(socket_path(session), structured=True)
         raw.request(c.CMD_READ, 7, FAIL_AT, 4096)
         raw.request(c.CMD_READ, 8, 0, 4)
         flags, rtype, handle, payload = raw.chunk()
@@ -644,8 +490,8 @@ def test_failed_structured_read_is_an_error_chunk_only(tmp_path):
 
 def test_stop_closes_clients_and_removes_the_socket(tmp_path):
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket)
-        path = session.socket
+        raw = RawClient(socket_path(session))
+        path = socket_path(session)
     assert not os.path.exists(path)
     assert raw.closed_by_server(5)
 
@@ -653,7 +499,7 @@ def test_stop_closes_clients_and_removes_the_socket(tmp_path):
 def test_abort_is_acknowledged_then_closed(tmp_path, caplog):
     caplog.set_level("WARNING", logger="buselab")
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket, handshake=False)
+        raw = RawClient(socket_path(session), handshake=False)
         raw.greet()
         raw.option(c.OPT_ABORT)
         assert raw.option_reply() == (c.OPT_ABORT, c.REP_ACK, b"")
@@ -664,7 +510,7 @@ def test_abort_is_acknowledged_then_closed(tmp_path, caplog):
 
 def test_info_then_go_over_a_socket(tmp_path):
     with serve(RamBackend(3 * MiB), tmp_path, export_name="d") as session:
-        raw = RawClient(session.socket, handshake=False)
+        raw = RawClient(socket_path(session), handshake=False)
         raw.greet()
         raw.option(c.OPT_INFO, struct.pack(">I", 1) + b"d" + struct.pack(">HH", 1, c.INFO_NAME))
         replies = raw.replies_until_final()
@@ -681,7 +527,7 @@ def test_info_then_go_over_a_socket(tmp_path):
 def test_requests_sent_together_with_the_go_option(tmp_path):
     # A client may send its first requests right behind NBD_OPT_GO, in one packet.
     with serve(RamBackend(MiB), tmp_path) as session:
-        raw = RawClient(session.socket, handshake=False)
+        raw = RawClient(socket_path(session), handshake=False)
         raw.greet()
         go = struct.pack(">QII", c.IHAVEOPT, c.OPT_GO, 6) + struct.pack(">IH", 0, 0)
         raw.send(go + encode_request(c.CMD_WRITE, 1, 0, 5) + b"early" + encode_request(c.CMD_READ, 2, 0, 5))
@@ -727,7 +573,7 @@ def test_a_lone_request_is_answered_before_its_bookkeeping(session, monkeypatch)
 
     monkeypatch.setattr(telemetry, "record", slow_record)  # connections look it up when they start
     try:
-        with NBDClient.connect_unix(session.sock) as nbd:
+        with NBDClient.connect_unix(socket_path(session)) as nbd:
             written = threading.Event()
             writer = threading.Thread(target=lambda: (nbd.write(0, b"x" * 4096), written.set()))
             writer.start()
@@ -778,7 +624,7 @@ def test_pipelined_writes_of_every_size_land_intact(tmp_path, monkeypatch, scale
             expected_reads.append((handle, bytes(model[offset : offset + length])))
     reads = dict(expected_reads)
     with serve(RamBackend(size), tmp_path) as session:
-        raw = RawClient(session.socket)
+        raw = RawClient(socket_path(session))
         sender = threading.Thread(target=raw.send, args=(bytes(blob),))
         sender.start()
         for _ in range(handle):

@@ -9,7 +9,7 @@ import subprocess
 import textwrap
 
 import pytest
-from test_control import nbdsh
+from helpers import nbdsh
 
 from buselab.client import NBDClient
 from buselab.engine.engine import Engine

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_root, require_tool
+from helpers import require_root, require_tool
 
 from buselab.client import NBDClient, NBDError
 from buselab.errors import UserError

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import missing
+from helpers import missing
 
 from buselab.protocol import constants as c
 from buselab.trace import writer

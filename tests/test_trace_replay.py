@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import missing, require_root, require_tool
+from helpers import missing, require_root, require_tool
 
 from buselab.client import NBDClient
 from buselab.engine import Engine

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from helpers import socket_path
 
 from buselab.client import NBDClient
 from buselab.engine.telemetry import RequestRecord
@@ -29,7 +30,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def client(session):
-    nbd = NBDClient.connect_unix(session.sock)
+    nbd = NBDClient.connect_unix(socket_path(session))
     yield nbd
     nbd.close()
 

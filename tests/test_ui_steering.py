@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import socket_path
 from textual.widgets import Input, OptionList, Static
 
 from buselab.client import NBDClient, NBDError
@@ -40,17 +41,16 @@ MiB = 1 << 20
 
 @pytest.fixture
 def session(tmp_path: Path):
-    sock = str(tmp_path / "nbd.sock")
+    sock = str(tmp_path / "nbd.sock")  # helpers.socket_path(session)
     s = Session(open_backend("ram", size=SIZE), ServeOptions(unix=[sock], control=str(tmp_path / "ctl.sock")))
     s.start()
-    s.sock = sock  # type: ignore[attr-defined]
     yield s
     s.stop()
 
 
 @pytest.fixture
 def client(session):
-    nbd = NBDClient.connect_unix(session.sock)
+    nbd = NBDClient.connect_unix(socket_path(session))
     yield nbd
     nbd.close()
 
@@ -113,7 +113,7 @@ def stream_text(app: LabApp) -> str:
 
 @aio
 async def test_p_holds_a_read_and_n_releases_exactly_one(session, tmp_path):
-    first, second = NBDClient.connect_unix(session.sock), NBDClient.connect_unix(session.sock)
+    first, second = NBDClient.connect_unix(socket_path(session)), NBDClient.connect_unix(socket_path(session))
     first.write(4 * MiB, b"ONE!" * 1024)
     app = LabApp(session, auto_poll=False)
     async with app.run_test(size=(160, 50)) as pilot:

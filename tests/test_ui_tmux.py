@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import require_tool
+from helpers import require_tool
 
 
 def tmux(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:

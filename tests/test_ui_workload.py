@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+from helpers import socket_path
 
 from buselab.session import ServeOptions, Session
 from buselab.storage.registry import open_backend
@@ -24,7 +25,7 @@ SIZE = 16 << 20
 
 @pytest.fixture
 def workload(session):
-    w = DemoWorkload(session.sock, pace=0)
+    w = DemoWorkload(socket_path(session), pace=0)
     session.demo_workload = w
     yield w
     w.stop()
