@@ -217,10 +217,14 @@ class RawClient:
 
     def pending(self) -> bytes:
         """What the server has sent and we have not read, without waiting (b"" if nothing)."""
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0)  # with a timeout set, recv would wait for data even with MSG_DONTWAIT
         try:
-            return self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            return self.sock.recv(1 << 20)
         except BlockingIOError:
             return b""
+        finally:
+            self.sock.settimeout(timeout)
 
     def closed_by_server(self, timeout: float = TIMEOUT) -> bool:
         """True once the server has closed its end (EOF), after draining what it sent."""
@@ -323,6 +327,10 @@ class ConnectionHarness:
     structured replies and the base:allocation meta context), as a network
     client would. Use it as a context manager: on exit the client end is
     closed, the serving thread must end, and the engine is closed.
+
+    With `start=False` (kernel mode only) the connection is made but not yet
+    serving: what the client sends before `start()` is all waiting when the
+    connection first reads, so it arrives as one batch.
     """
 
     def __init__(
@@ -334,13 +342,17 @@ class ConnectionHarness:
         meta: bool = False,
         readonly: bool = False,
         timeout: float = 5.0,
+        start: bool = True,
     ) -> None:
+        if not start and not kernel:
+            raise ValueError("a handshake needs the connection serving: start=False is for kernel mode")
         self.engine = storage if isinstance(storage, Engine) else Engine(storage, readonly=readonly)
         self.timeout = timeout
         server_end, client_end = socket.socketpair()
         self.connection = Connection(server_end, self.engine, "harness", kernel=kernel)
         self.thread = threading.Thread(target=self.connection.serve, name="harness-connection", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
         try:
             self.client = RawClient(
                 sock=client_end, handshake=not kernel, structured=structured, meta=meta, timeout=timeout
@@ -351,9 +363,24 @@ class ConnectionHarness:
             self.engine.close()
             raise
 
+    def start(self) -> None:
+        """Start serving (for a harness made with start=False)."""
+        self.thread.start()
+
     @property
     def backend(self) -> Backend:
         return self.engine.backend
+
+    def send_in_background(self, data: bytes) -> threading.Thread:
+        """Send `data` from another thread, so the test can read replies while a big batch goes out.
+
+        (Sending it all first could fill both socket buffers: the server blocked sending
+        replies nobody reads, the test blocked sending requests nobody reads.) Join the
+        thread returned.
+        """
+        sender = threading.Thread(target=self.client.send, args=(data,), name="harness-sender", daemon=True)
+        sender.start()
+        return sender
 
     def wait_closed(self, timeout: float | None = None) -> str:
         """Wait until the connection has stopped serving; returns why it closed."""
@@ -374,6 +401,8 @@ class ConnectionHarness:
         """Hang up, wait for the serving thread to end, close the engine (and its backend)."""
         try:
             self.client.sock.close()
+            if self.thread.ident is None:
+                self.thread.start()  # never started: let it see the hang-up and clean up
             self.thread.join(self.timeout)
         finally:
             self.engine.close()
