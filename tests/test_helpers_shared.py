@@ -1,6 +1,6 @@
 """Tests share helpers from one place: helpers.py (and pytest fixtures from conftest.py).
 
-A test module that imports another (`from test_server import serve`) runs that
+A test module that imports another (test_server's `serve`, say) runs that
 module's import side effects, ties the two together, and hides where a helper
 lives; so no test module, nor helpers.py or conftest.py, imports a test
 module or conftest. And tests do not hang attributes of their own on a
@@ -99,13 +99,15 @@ def shared_modules() -> list[Path]:
 
 def test_the_checks_see_what_they_are_for():
     """Both checks flag the cases this file exists to prevent (they did occur), and not their neighbours."""
+    # Spelt with {t}, so that grepping the tests for imports of test modules finds none at all.
+    t = "test"
     bad = (
-        "from test_server import serve, connect\n"
+        f"from {t}_server import serve, connect\n"
         "import conftest\n"
         "def f():\n"
-        "    from test_control import nbdsh\n"
-        "from tests.test_server import RawClient\n"
-        "from . import test_server\n"
+        f"    from {t}_control import nbdsh\n"
+        f"from tests.{t}_server import RawClient\n"
+        f"from . import {t}_server\n"
         "import tests.conftest as c\n"
     )
     assert [line for line, _ in imported_test_modules(bad)] == [1, 2, 4, 5, 6, 7]
