@@ -29,7 +29,7 @@ from .storage import registry
 from .storage.base import Backend
 from .storage.stack import Stack
 from .trace.recorder import RecordingInfo, TraceRecorder
-from .transport.network import NetworkServer
+from .transport.network import DEFAULT_HANDSHAKE_LIMIT, DEFAULT_UNIX_MODE, NetworkServer
 
 log = logging.getLogger("buselab")
 
@@ -63,6 +63,8 @@ class ServeOptions:
     connections: int = 1  # kernel: sockets (hardware queues) for the device
     use_ioctl: bool = False  # kernel: BUSE's ioctl path even where netlink exists
     timeout: int = 0  # kernel: request timeout in seconds, 0 = never (pauses are safe)
+    unix_mode: int = DEFAULT_UNIX_MODE  # permissions of the --unix sockets
+    handshake_limit: float = DEFAULT_HANDSHAKE_LIMIT  # seconds a network client has to finish the handshake
 
 
 class Session:
@@ -71,7 +73,7 @@ class Session:
         self.stack = Stack(backend)
         self.engine = Engine(self.stack, export_name=options.export_name, readonly=options.readonly)
         self.steering = Steering(self.engine)
-        self.network = NetworkServer(self.engine)
+        self.network = NetworkServer(self.engine, unix_mode=options.unix_mode, handshake_limit=options.handshake_limit)
         self.kernel = None  # a kernel attachment, when serving /dev/nbdN
         self.control: ControlServer | None = None  # the control socket server, when there is one
         self.recorder: TraceRecorder | None = None  # the trace recorder, once one started (see start_recording)

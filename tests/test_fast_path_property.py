@@ -28,6 +28,7 @@ from buselab.protocol.transmission import (
     encode_block_status,
     encode_request,
     encode_simple_reply,
+    encode_structured_done,
     encode_structured_error,
     encode_structured_read_header,
 )
@@ -167,6 +168,8 @@ def expected_reply(req: Request, data: bytes, shadow: RamBackend, tflags: int, s
     if structured and req.cmd in (c.CMD_READ, c.CMD_BLOCK_STATUS):
         if error:
             return encode_structured_error(req.handle, error, c.ERRNO_NAMES.get(error, ""))
+        if req.cmd == c.CMD_READ and not req.length:
+            return encode_structured_done(req.handle)  # every chunk must describe at least one byte
         if req.cmd == c.CMD_READ:
             return encode_structured_read_header(req.handle, req.offset, req.length) + result
         assert context is not None  # check_request refuses BLOCK_STATUS without a meta context

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import UserError
+from ..listening import accept_loop, bind_unix
 from ..steering import Steering
 from ..steering.results import Result
 from . import control_dir, default_control_path, ensure_private_dir, prune_stale_sockets, socket_is_live
@@ -73,15 +74,10 @@ class ControlServer:
             if socket_is_live(path):
                 raise UserError(f"{path} is in use by a running buselab: choose another --control path")
             os.unlink(path)  # stale, left by a process that died
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the socket is born 0600: it can destroy data
         try:
-            sock.bind(path)
+            sock = bind_unix(path, 0o600)  # born 0600: it can destroy data
         except OSError as exc:
-            sock.close()
             raise UserError(f"cannot listen on the control socket {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old_umask)
         sock.listen(16)
         self._listener = sock
         self._thread = threading.Thread(target=self._accept_loop, name="buselab-control", daemon=True)
@@ -89,19 +85,16 @@ class ControlServer:
         self._event(f"control socket on {path}")
 
     def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        while not self._stopping:
-            try:
-                client, _ = listener.accept()
-            except OSError:
+        assert self._listener is not None
+        accept_loop(self._listener, self._accepted, lambda: self._stopping, f"control socket {self.path}")
+
+    def _accepted(self, client: socket.socket) -> None:
+        with self._lock:
+            if self._stopping:
+                client.close()
                 return
-            with self._lock:
-                if self._stopping:
-                    client.close()
-                    return
-                self._clients.add(client)
-            threading.Thread(target=self._serve, args=(client,), name="buselab-control-client", daemon=True).start()
+            self._clients.add(client)
+        threading.Thread(target=self._serve, args=(client,), name="buselab-control-client", daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         try:

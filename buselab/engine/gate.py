@@ -56,6 +56,7 @@ class Gate:
         # halted (the user's pause), or breakpoints are armed, in which case
         # `hold` lets every request that matches none of them run at once.
         self.paused = False
+        self.refusing = 0  # an errno: every request gets it without running (see refuse)
         self.halted = False
         self.matcher: Callable[[Request], object] | None = None
         self._held: deque[HeldRequest] = deque()
@@ -69,6 +70,9 @@ class Gate:
     # -- called by connections ----------------------------------------------
     def hold(self, req: Request, replier: Replier, start: float) -> bool:
         """Hold a request if the gate is halted or it hits a breakpoint; False means run it now."""
+        if self.refusing:
+            replier.complete(req, start, self.refusing, None)
+            return True
         hit = None
         if not self.halted:
             matcher = self.matcher
@@ -90,6 +94,14 @@ class Gate:
             self._held_more.notify_all()
             return True
 
+    def refuse(self, error: int) -> None:
+        """Answer every request from now on with `error` without running it (ESHUTDOWN when
+        the server stops). Costs the serve loop nothing: it goes through `paused`, which it
+        reads anyway."""
+        with self._lock:
+            self.refusing = error
+            self.paused = True
+
     # -- called by the UI / control socket -----------------------------------
     def pause(self) -> None:
         with self._lock:
@@ -105,12 +117,12 @@ class Gate:
         """Arm breakpoints: `matcher(req)` returns what matched (truthy) or None."""
         with self._lock:
             self.matcher = matcher
-            self.paused = self.halted or matcher is not None
+            self.paused = self.halted or matcher is not None or bool(self.refusing)
 
     def resume(self) -> int:
         with self._lock:
             self.halted = False
-            self.paused = self.matcher is not None
+            self.paused = self.matcher is not None or bool(self.refusing)
             released = list(self._held)
             self._held.clear()
             self._slot.executing += len(released)

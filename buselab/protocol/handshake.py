@@ -293,6 +293,10 @@ class ServerHandshake:
         self._reply(option, c.REP_ACK)
 
     def _opt_meta_context(self, option: int, data: bytes) -> None:
+        if option == c.OPT_SET_META_CONTEXT:
+            # Whatever the outcome, the contexts of an earlier SET are gone: the spec asks a
+            # failed SET to leave none selected, not the previous ones.
+            self._meta_contexts = {}
         if option == c.OPT_SET_META_CONTEXT and not self._structured:
             raise ValueError("NBD_OPT_SET_META_CONTEXT needs structured replies first")
         if len(data) < 4:
@@ -320,8 +324,6 @@ class ServerHandshake:
         matches = (not queries and option == c.OPT_LIST_META_CONTEXT) or any(
             q in (c.BASE_ALLOCATION, "base:") for q in queries
         )
-        if option == c.OPT_SET_META_CONTEXT:
-            self._meta_contexts = {}
         if matches:
             if option == c.OPT_SET_META_CONTEXT:
                 self._meta_contexts[META_CONTEXT_BASE_ALLOCATION] = c.BASE_ALLOCATION

@@ -96,7 +96,8 @@ def check_request(req: Request, size: int, tflags: int, structured: bool, meta_c
     if cmd in (c.CMD_READ, c.CMD_WRITE) and req.length > c.MAX_PAYLOAD:
         return c.EOVERFLOW
     if req.offset + req.length > size:
-        return c.ENOSPC if writes else c.EINVAL
+        # The spec: ENOSPC for a write past the end, EINVAL for anything else (TRIM included).
+        return c.ENOSPC if cmd in (c.CMD_WRITE, c.CMD_WRITE_ZEROES) else c.EINVAL
     return 0
 
 

@@ -28,6 +28,7 @@ from ..protocol.transmission import (
     check_request,
     encode_block_status,
     encode_simple_reply,
+    encode_structured_done,
     encode_structured_error,
     encode_structured_read_header,
 )
@@ -48,7 +49,11 @@ _DISCARD_CHUNK = 1 << 20
 # of their own, which costs a copy of whatever part had been received with the header.
 # The buffer is anonymous memory: only what a client's requests reach becomes resident.
 _SMALL_WRITE = 1 << 20
-_RECV_BUFFER = 4 * _SMALL_WRITE  # a burst of pipelined requests, or a few whole 1 MiB writes
+# The receive buffer starts small (an idle or handshaking client costs little) and grows,
+# once, as far as the client's requests need: a burst of pipelined requests, or a few
+# whole 1 MiB writes.
+_RECV_BUFFER_START = 64 << 10
+_RECV_BUFFER = 4 * _SMALL_WRITE
 _SPIN = float(os.environ.get("BUSELAB_SPIN_US", "50")) / 1e6
 _DONTWAIT = socket.MSG_DONTWAIT
 # Poll only while the client's requests usually come this soon after we wait
@@ -62,9 +67,18 @@ class ClientGone(Exception):
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, engine: Engine, peer: str, *, kernel: bool = False) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        engine: Engine,
+        peer: str,
+        *,
+        kernel: bool = False,
+        handshake_limit: float | None = None,
+    ) -> None:
         self.sock = sock
         sock.settimeout(None)  # blocking: the poll in _fill relies on MSG_DONTWAIT alone to return at once
+        self.handshake_limit = handshake_limit  # seconds a client has to finish the handshake
         self.engine = engine
         self.peer = peer
         self.kernel = kernel  # kernel clients skip the handshake and never want structured replies
@@ -78,11 +92,9 @@ class Connection:
         self.slot = engine.inflight.open(f"connection {self.number}")
         self._prefix = b""  # bytes read past the handshake
         # Anonymous memory: pages become resident only as they are used.
-        self._recv_buffer = mmap.mmap(-1, _RECV_BUFFER)
-        self._recv_view = memoryview(self._recv_buffer)
+        self._recv_view = memoryview(mmap.mmap(-1, _RECV_BUFFER_START))
         self._pos = self._end = 0  # unread bytes are _recv_view[_pos:_end]
-        self._payload_buffer = mmap.mmap(-1, c.MAX_PAYLOAD)  # large writes land here whole
-        self._payload_view = memoryview(self._payload_buffer)
+        self._payload_view: memoryview | None = None  # large writes land here whole: see _payload
         self._out: list = []  # reply parts not sent yet
         self._usual_wait = 0.0  # seconds, a moving average: see _fill
         self.closed_reason = ""
@@ -92,7 +104,12 @@ class Connection:
         reason = "client disconnected"
         try:
             if not self.kernel:
-                negotiated = self._handshake()
+                try:
+                    negotiated = self._handshake()
+                except TimeoutError:
+                    reason = f"handshake not finished within {self.handshake_limit:g} s"
+                    log.warning("connection %d (%s): %s; closing it", self.number, self.peer, reason)
+                    return
                 if negotiated is None:
                     return
                 self.structured = negotiated.structured
@@ -108,28 +125,48 @@ class Connection:
             reason = f"socket error: {exc.strerror or exc}"
         finally:
             # Also when a tap raised mid-request: nothing of ours may keep quiesce or settle waiting.
-            self.engine.inflight.close(self.slot)
             serving_threads.leave()
-            self.closed_reason = reason
-            for held in self.engine.gate.forget_connection(self):
-                self.engine.telemetry.event(f"dropped held {held.req.name} of closed connection {self.number}")
-            self.engine.telemetry.connection_closed(self.number, reason)
-            try:
-                self.sock.close()
-            except OSError:
-                pass
-            self._recv_view.release()
-            self._payload_view.release()
+            self._closed(reason)
+
+    def abandon(self, reason: str) -> None:
+        """Close a connection that will never be served (the server is stopping)."""
+        self._closed(reason)
+
+    def _closed(self, reason: str) -> None:
+        self.engine.inflight.close(self.slot)
+        self.closed_reason = reason
+        for held in self.engine.gate.forget_connection(self):
+            self.engine.telemetry.event(f"dropped held {held.req.name} of closed connection {self.number}")
+        self.engine.telemetry.connection_closed(self.number, reason)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self._recv_view = memoryview(b"")  # the buffers go with the last view of them
+        self._payload_view = None
 
     def _handshake(self) -> Negotiated | None:
+        """Haggle options; TimeoutError if the client takes longer than the handshake limit."""
         hs = ServerHandshake(self.engine.lookup)
-        self.sock.sendall(hs.data_to_send())
-        while hs.state not in (State.DONE, State.CLOSED):
-            data = self.sock.recv(65536)
-            hs.receive_data(data)
-            out = hs.data_to_send()
-            if out:
-                self.sock.sendall(out)
+        sock = self.sock
+        deadline = None if self.handshake_limit is None else time.monotonic() + self.handshake_limit
+        try:
+            if deadline is not None:
+                sock.settimeout(self.handshake_limit)
+            sock.sendall(hs.data_to_send())
+            while hs.state not in (State.DONE, State.CLOSED):
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    sock.settimeout(left)
+                data = sock.recv(65536)
+                hs.receive_data(data)
+                out = hs.data_to_send()
+                if out:
+                    sock.sendall(out)
+        finally:
+            sock.settimeout(None)
         if hs.state is State.CLOSED:
             if hs.close_kind is None or not hs.close_kind.client_chose:
                 log.warning("connection %d (%s): handshake failed: %s", self.number, self.peer, hs.close_reason)
@@ -149,7 +186,10 @@ class Connection:
             self._flush_replies()
         view = self._recv_view
         pos, end = self._pos, self._end
-        if pos and pos + need > len(view):
+        if need > len(view):
+            view = self._grow(need)
+            pos, end = self._pos, self._end
+        elif pos and pos + need > len(view):
             # Move the unread tail to the front, but only when what we need would not fit
             # after it: a big write's partial payload is moved once per trip round the
             # buffer, not on every request.
@@ -197,6 +237,26 @@ class Connection:
         self._usual_wait = (3 * self._usual_wait + perf_counter() - waiting_since) / 4
         self._pos, self._end = pos, end
 
+    def _grow(self, need: int) -> memoryview:
+        """Replace the receive buffer with one of at least `need` bytes, keeping what is unread."""
+        size = len(self._recv_view)
+        while size < need:
+            size *= 2
+        view = memoryview(mmap.mmap(-1, max(size, min(_RECV_BUFFER, 4 * size))))
+        n = self._end - self._pos
+        view[:n] = self._recv_view[self._pos : self._end]
+        # A view of the old buffer may live on (a held request's copy is made from it first);
+        # the mmap is unmapped once the last one goes.
+        self._recv_view = view
+        self._pos, self._end = 0, n
+        return view
+
+    def _payload(self, length: int) -> memoryview:
+        """The buffer large writes are assembled in, mapped the first time one comes."""
+        if self._payload_view is None:
+            self._payload_view = memoryview(mmap.mmap(-1, c.MAX_PAYLOAD))
+        return self._payload_view[:length]
+
     def _take(self, dest: memoryview, what: str) -> None:
         """Fill `dest` with the next len(dest) bytes: first buffered, then straight from the socket."""
         have = min(self._end - self._pos, len(dest))
@@ -218,7 +278,7 @@ class Connection:
         """Skip an oversized payload without holding it in memory."""
         while length:
             n = min(length, _DISCARD_CHUNK)
-            self._take(self._payload_view[:n], "oversized write payload")
+            self._take(self._payload(n), "oversized write payload")
             length -= n
 
     # -- the request loop ---------------------------------------------------------
@@ -254,12 +314,15 @@ class Connection:
             # connections once left a request unanswered (not understood; left alone).
             serving_threads.enter()
         if self._prefix:
+            if len(self._prefix) > len(view):
+                view = self._grow(len(self._prefix))
             view[: len(self._prefix)] = self._prefix
             self._end = len(self._prefix)
             self._prefix = b""
         while True:
             if self._end - self._pos < _HEADER:
                 self._fill(_HEADER, "request")
+                view = self._recv_view  # _fill may have grown it
             pos = self._pos
             magic, flags, cmd, handle, offset, length = unpack(view, pos)
             if magic != _REQUEST_MAGIC:
@@ -273,11 +336,12 @@ class Connection:
                     if self._end - pos < _HEADER + length:
                         self._fill(_HEADER + length, f"{length}-byte WRITE")
                         pos = self._pos
+                        view = self._recv_view  # _fill may have grown it
                     req.payload = view[pos + _HEADER : pos + _HEADER + length]
                     self._pos = pos + _HEADER + length
                 else:
                     self._pos = pos + _HEADER
-                    req.payload = self._payload_view[:length]
+                    req.payload = self._payload(length)
                     self._take(req.payload, f"{length}-byte WRITE")
             else:
                 self._pos = pos + _HEADER
@@ -387,6 +451,10 @@ class Connection:
             if error:
                 return [encode_structured_error(req.handle, error, c.ERRNO_NAMES.get(error, ""))]
             if cmd == _READ:
+                if not req.length:
+                    # Every chunk must describe at least one byte: a zero-length read is done
+                    # with no data chunk at all.
+                    return [encode_structured_done(req.handle)]
                 return [encode_structured_read_header(req.handle, req.offset, req.length), data]
             context_id = next(iter(self.meta_contexts))
             return [encode_block_status(req.handle, context_id, data)]  # type: ignore[arg-type]
