@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from ..protocol import constants as c
 from ..protocol.handshake import ExportInfo
 from ..protocol.transmission import Request, clip_extents
-from ..storage.base import Backend, BackendError, DataLost, where, wire_errno
+from ..storage.base import Backend, BackendError, BackendFault, DataLost, where, wire_errno
 from ..storage.stack import Stack
 from .gate import Gate
 from .inflight import InFlight
@@ -76,6 +76,9 @@ class Engine:
         self.inflight = InFlight()
         self.gate = Gate(self.execute, self.inflight)
         self.backend_errors = 0  # exceptions from backend bugs (not BackendError/OSError), logged or not
+        # Broken contracts (a plugin's read returned a str), per kind: the first of each is logged.
+        self.faults: dict[str, int] = {}
+        self._faults_reported = 0.0
         self._errors_lock = threading.Lock()
         self._errors_reported = 0.0
         self._closed = False
@@ -132,24 +135,48 @@ class Engine:
                 extents = backend.extents(req.offset, req.length) if backend.caps.extents else [(req.length, 0)]
                 return 0, clip_extents(extents, req.length, bool(req.flags & c.CMD_FLAG_REQ_ONE))
             return 0, None
-        except (OSError, BackendError) as exc:
-            return wire_errno(exc), None  # a failure the backend meant to report
+        except BackendFault as exc:
+            return self._fault(req, exc), None
+        except BackendError as exc:  # a failure the backend meant to report: the lab shows why
+            self.telemetry.failed(req.handle, req.offset, cmd, str(exc))
+            return exc.errno, None
+        except OSError as exc:
+            self.telemetry.failed(req.handle, req.offset, cmd, self._describe(exc))
+            return wire_errno(exc), None
         except Exception as exc:  # noqa: BLE001 - a failing backend must not kill the server
             return self._backend_bug(req, exc), None
+
+    def _fault(self, req: Request, exc: BackendFault) -> int:
+        """A backend broke the contract: log each kind once, count them all. Returns the errno to send."""
+        reason = str(exc)
+        self.telemetry.failed(req.handle, req.offset, req.cmd, reason)
+        with self._errors_lock:
+            count = self.faults[exc.kind] = self.faults.get(exc.kind, 0) + 1
+        if count == 1:
+            line = f"{reason}: the client gets {c.ERRNO_NAMES.get(exc.errno, exc.errno)} (only the first is logged)"
+            log.warning("%s", line)
+            self.telemetry.event(line)
+            self._faults_reported = time.monotonic()  # the count comes in an event, later
+        else:
+            now = time.monotonic()
+            if now - self._faults_reported >= _ERROR_EVENT_EVERY:
+                self._faults_reported = now
+                self.telemetry.event(f"{exc.kind}: {count:,} times so far (not logged)")
+        return exc.errno
 
     def _backend_bug(self, req: Request, exc: Exception) -> int:
         """A bug in a backend or plugin: say where, but not a thousand times. Returns the errno to send."""
         with self._errors_lock:
             self.backend_errors += 1
             count = self.backend_errors
+        what = self._describe(exc)
+        self.telemetry.failed(req.handle, req.offset, req.cmd, what)
         if count > _ERRORS_LOGGED:
             now = time.monotonic()
             if now - self._errors_reported >= _ERROR_EVENT_EVERY:
                 self._errors_reported = now
                 self.telemetry.event(f"{count:,} backend errors so far (not logged), last: {type(exc).__name__}: {exc}")
             return wire_errno(exc)
-        at = where(exc, getattr(self.backend, "source_file", None))
-        what = f"{type(exc).__name__}: {exc}" + (f" ({at})" if at else "")
         # With -v the whole traceback, for the ones that are logged at all.
         log.warning(
             "%s %d+%d failed in the backend: %s",

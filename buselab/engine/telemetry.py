@@ -27,6 +27,7 @@ LATENCY_BUCKETS = 40  # bucket i holds latencies in [2**(i-1), 2**i) microsecond
 HEAT_READ, HEAT_WRITE, HEAT_TRIM = 0, 1, 2
 _HEAT_KIND = {c.CMD_READ: HEAT_READ, c.CMD_WRITE: HEAT_WRITE, c.CMD_WRITE_ZEROES: HEAT_WRITE, c.CMD_TRIM: HEAT_TRIM}
 PREVIEW_BYTES = 1024
+REASONS_KEPT = 4096  # why recent requests failed, by seq (the oldest are forgotten)
 _LAST_BUCKET = LATENCY_BUCKETS - 1
 
 
@@ -144,6 +145,10 @@ class Telemetry:
         self._conn_numbers = itertools.count(1)
         self.events: deque[tuple[float, str]] = deque(maxlen=500)
         self.taps: list[Tap] = []  # called on the serving thread: keep them cheap
+        # Why recent requests failed (seq -> one line), for the lab's inspector. Filled
+        # from `failed` by `record`, on the failure path only; see reason().
+        self._reasons: dict[int, str] = {}
+        self._reasons_lock = threading.Lock()
         # Waits until replies already sent are counted here too (the engine sets it: a lone
         # request's reply goes out before its record is made; see Connection._transmission).
         self.settle: Callable[[], None] = lambda: None
@@ -239,6 +244,11 @@ class Telemetry:
         rec.latency[slot][min(int(latency * 1e6).bit_length(), _LAST_BUCKET)] += 1
         if error:
             rec.errors[slot] += 1
+            failure = getattr(self._local, "failure", None)
+            if failure is not None:
+                self._local.failure = None
+                if failure[0] == handle and failure[1] == offset and failure[2] == cmd:
+                    self._keep_reason(seq, failure[3])
         else:
             rec.bytes[slot] += length
             kind = _HEAT_KIND.get(cmd)
@@ -256,6 +266,26 @@ class Telemetry:
             for tap in self.taps:
                 tap(record, payload)
         return record
+
+    def failed(self, handle: int, offset: int, cmd: int, reason: str) -> None:
+        """Why the request this thread is serving failed: `record` keeps it under the request's seq.
+
+        Called by the engine when a backend fails a request, on the thread that
+        will record it (a connection's, or the gate's for a released request);
+        a request that does not match (refused before the backend) drops it.
+        """
+        self._local.failure = (handle, offset, cmd, reason)
+
+    def _keep_reason(self, seq: int, reason: str) -> None:
+        with self._reasons_lock:
+            reasons = self._reasons
+            reasons[seq] = reason
+            if len(reasons) > REASONS_KEPT:
+                del reasons[next(iter(reasons))]
+
+    def reason(self, seq: int) -> str | None:
+        """Why request `seq` failed, as the backend said it; None if unknown or forgotten."""
+        return self._reasons.get(seq)
 
     # -- connections and events -------------------------------------------
     def connection_opened(self, peer: str) -> int:

@@ -26,6 +26,19 @@ class BackendError(Exception):
         self.errno = errno
 
 
+class BackendFault(BackendError):
+    """A backend broke the backend contract (a plugin's read returned a str): the client gets `errno`.
+
+    The message is the reason in one line, saying where (the plugin's file and line).
+    `kind` is the same without this request's details ("plugin mydisk.py:12 read()
+    returned str"): the engine logs each kind once and counts the rest.
+    """
+
+    def __init__(self, errno: int, message: str, kind: str) -> None:
+        super().__init__(errno, message)
+        self.kind = kind
+
+
 class DataLost(Exception):
     """Closing a layer threw away `lost` bytes a client had written (e.g. a cache that could not write back).
 

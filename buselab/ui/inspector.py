@@ -6,6 +6,7 @@ a breakpoint caught), with a note saying what happened to it.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from typing import TYPE_CHECKING
 
@@ -61,11 +62,18 @@ def record_from_held(item: HeldRequest, *, error: int = 0, now: float | None = N
 
 
 def describe_record(
-    record: RequestRecord, *, cell_bytes: int | None = None, hex_width: int = 16, note: str = ""
+    record: RequestRecord,
+    *,
+    cell_bytes: int | None = None,
+    hex_width: int = 16,
+    note: str = "",
+    reason: str = "",
+    width: int | None = None,
 ) -> Text:
     """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it.
 
     `note`: what the lab did with it (stepped, failed, caught by a breakpoint).
+    `reason`: why it failed, as the backend said it (wrapped to `width` columns if given).
     """
     text = Text()
     colour = fmt.OP_COLOURS.get(record.cmd, "white")
@@ -87,6 +95,12 @@ def describe_record(
     def row(name: str, value: str, style: str = "") -> None:
         text.append(f"{name:<9}", style=fmt.DIM_COLOUR)
         text.append(value + "\n", style=style or label)
+
+    if record.error and reason and reason != fmt.errno_name(record.error):
+        lines = textwrap.wrap(reason, max(20, width - 9), break_on_hyphens=False) if width else [reason]
+        row("why", lines[0], fmt.ERROR_COLOUR)
+        for line in lines[1:]:
+            row("", line, fmt.ERROR_COLOUR)
 
     if record.cmd in fmt.RANGED_OPS:
         end = record.offset + record.length
@@ -149,6 +163,7 @@ class Inspector(Pane, can_focus=True):
         super().__init__(id=id)
         self.record: RequestRecord | None = None
         self.note = ""
+        self.reason = ""  # why the shown request failed, when the backend said
         self.cell_bytes: int | None = None
         self.top = 0
         self._text: Text = self._placeholder()
@@ -169,6 +184,7 @@ class Inspector(Pane, can_focus=True):
             return
         self.record = record
         self.note = note
+        self.reason = self._reason(record)
         self.cell_bytes = cell_bytes
         self.top = 0
         self._lines_for = None
@@ -178,12 +194,24 @@ class Inspector(Pane, can_focus=True):
             self.pane_subtitle = f"#{record.seq}" if record.seq else "held"
         self.refresh()
 
+    def _reason(self, record: RequestRecord | None) -> str:
+        """Why a failed request failed, from the lab's model (only asked for failed ones)."""
+        if record is None or not record.error or not self.is_attached:
+            return ""
+        failure_reason = getattr(getattr(self.app, "model", None), "failure_reason", None)
+        return failure_reason(record) if failure_reason is not None else ""
+
     def _build(self, width: int) -> list[Strip]:
         if self.record is None:
             text = self._placeholder()
         else:
             text = describe_record(
-                self.record, cell_bytes=self.cell_bytes, hex_width=16 if width >= 79 else 8, note=self.note
+                self.record,
+                cell_bytes=self.cell_bytes,
+                hex_width=16 if width >= 79 else 8,
+                note=self.note,
+                reason=self.reason,
+                width=width,
             )
         self._text = text
         console = self.app.console
@@ -236,4 +264,4 @@ class Inspector(Pane, can_focus=True):
         """Plain text of what is shown (for tests)."""
         if self.record is None:
             return self._placeholder().plain
-        return describe_record(self.record, cell_bytes=self.cell_bytes, note=self.note).plain
+        return describe_record(self.record, cell_bytes=self.cell_bytes, note=self.note, reason=self.reason).plain

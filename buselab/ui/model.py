@@ -333,6 +333,12 @@ class LabModel:
         recent = [sum(self.activity[k][first_cell : last_cell + 1]) for k in range(3)]
         return totals, recent
 
+    def failure_reason(self, record: RequestRecord) -> str:
+        """Why a failed request failed, as the backend said it ("" if it succeeded, or nobody said)."""
+        if not record.error or not record.seq:
+            return ""
+        return self.telemetry.reason(record.seq) or ""
+
     def uptime(self) -> float:
         return self.wall() - self.telemetry.started
 

@@ -16,6 +16,11 @@ attribute or set in `__init__`, and an `__init__` with a `size` parameter gets
 To fail a request, raise `OSError` or `BackendError`. Any other exception is
 a bug: the engine logs it with the line of this file that raised it (the full
 traceback with -v), the first ten times, and the client gets EIO.
+
+A `read` that returns something other than `length` bytes (a str, None, too
+few bytes) fails the request with EIO as a `BackendFault` naming the plugin's
+file and the line of its `read`; the engine logs each kind of fault once and
+the lab's inspector shows the reason on the failed request.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 from ...errors import UserError
 from ...protocol import constants as c
-from ..base import Backend, BackendError, Capabilities
+from ..base import Backend, BackendFault, Capabilities
 
 
 def _looks_like_disk(obj: Any) -> bool:
@@ -106,10 +111,29 @@ class PluginBackend(Backend):
     def read(self, offset: int, length: int) -> bytes:
         data = self.disk.read(offset, length)
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise BackendError(c.EIO, f"plugin read returned {type(data).__name__}, not bytes")
+            got = "None" if data is None else type(data).__name__
+            raise self._fault("read", f"returned {got}", f", expected bytes of length {length}")
         if memoryview(data).nbytes != length:
-            raise BackendError(c.EIO, f"plugin read returned {memoryview(data).nbytes} bytes, expected {length}")
+            got = memoryview(data).nbytes
+            raise self._fault("read", f"returned too {'few' if got < length else 'many'} bytes", f": {got} of {length}")
         return data
+
+    def _fault(self, operation: str, what: str, detail: str) -> BackendFault:
+        """The plugin's `operation` broke the contract: `what` it did (a kind of fault), `detail` of this request."""
+        kind = f"plugin {self.source_line(operation)} {operation}() {what}"
+        return BackendFault(c.EIO, kind + detail, kind)
+
+    def source_line(self, operation: str) -> str:
+        """The file and first line of the plugin's method, as "mydisk.py:12" (the path as given)."""
+        method = getattr(self.disk, operation, None)
+        func = inspect.unwrap(getattr(method, "__func__", method))  # type: ignore[arg-type]
+        code = getattr(func, "__code__", None)
+        if code is None:  # not a Python function (a builtin, a callable object)
+            return self.spec.partition(":")[0]
+        filename = code.co_filename
+        if os.path.abspath(filename) == self.source_file:
+            filename = self.spec.partition(":")[0]  # as the user wrote it
+        return f"{filename}:{code.co_firstlineno}"
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self.disk.write(offset, bytes(data))
