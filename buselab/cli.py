@@ -35,6 +35,17 @@ from .storage.registry import FilterSpecError, open_backend
 from .transport.network import DEFAULT_PORT, parse_listen
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type of --seconds: a number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
+    return value
+
+
 def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> None:
     if device:
         p.add_argument(
@@ -73,7 +84,7 @@ def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> No
         default="writes",
         help="what the trace keeps of the data (default: writes, enough to replay)",
     )
-    p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)  # stop after N seconds (tests, demos)
+    p.add_argument("--seconds", type=positive_seconds, help=argparse.SUPPRESS)  # stop after N seconds (tests, demos)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="64M", help="demo disk size (default 64M)")
     p.add_argument("--headless", action="store_true", help="print stats instead of opening the lab")
     p.add_argument("--pace", type=float, default=0.002, help="seconds between demo requests")
-    p.add_argument("--seconds", type=float, help="stop after this many seconds")
+    p.add_argument("--seconds", type=positive_seconds, help="stop after this many seconds")
     p.set_defaults(func=cmd_demo)
 
     for module in _command_modules():

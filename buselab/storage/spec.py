@@ -33,20 +33,31 @@ _OP_ALIASES = {
 }
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|µs|ms|s)?\s*$", re.IGNORECASE)
-_DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, None: 1e-3}
+_DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def parse_duration(text: str) -> float:
-    """'5ms' -> 0.005 seconds; units us, ms, s; a bare number is milliseconds."""
+    """'5ms' -> 0.005 seconds; units us (or µs), ms, s.
+
+    A number needs its unit ('5' could be 5 ms or 5 s): only 0 goes without.
+    """
+    if str(text).strip().startswith("-"):
+        raise SpecError(f"bad duration {text!r}: must not be negative")
     match = _DURATION_RE.match(str(text))
     if not match:
         raise SpecError(f"bad duration {text!r}: use a number with a unit, like 500us, 5ms or 1s")
     number, unit = match.groups()
-    return float(number) * _DURATION_UNITS[unit.lower() if unit else None]
+    if unit is None:
+        if float(number) == 0:
+            return 0.0
+        raise SpecError(f"bad duration {text!r}: give a unit (us, ms or s), like {number.strip()}ms")
+    return float(number) * _DURATION_UNITS[unit.lower()]
 
 
 def parse_duration_range(text: str) -> tuple[float, float]:
     """'5ms' -> (0.005, 0.005); '1ms-20ms' -> (0.001, 0.02): a uniform random choice."""
+    if str(text).strip().startswith("-"):
+        raise SpecError(f"bad duration {text!r}: must not be negative")
     low, sep, high = str(text).partition("-")
     if not sep:
         value = parse_duration(low)

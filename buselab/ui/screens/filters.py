@@ -201,16 +201,25 @@ class FiltersScreen(PanelScreen):
             lambda f: f"filter {f.id} removed: {f.spec}",
         )
 
+    def _caches(self) -> list[CacheFilter]:
+        return [
+            layer.filter for layer in self.steering.layers if isinstance(layer.filter, CacheFilter) and layer.enabled
+        ]
+
     def action_powercut(self) -> None:
         if not self._list_focused():
             return
-        caches = [
-            layer.filter for layer in self.steering.layers if isinstance(layer.filter, CacheFilter) and layer.enabled
-        ]
-        if not caches:
+        if not self._caches():
             self.say("no cache filter to lose writes from: add one (type cache below)", error=True)
             return
-        dirty = sum(f.dirty_bytes() for f in caches)
+
+        def detail() -> str:
+            # Asked again while the dialog is open: writes keep arriving in the cache.
+            dirty = sum(f.dirty_bytes() for f in self._caches())
+            return (
+                f"The cache holds {human_bytes(dirty)} of writes no FLUSH has sent down: they are lost, "
+                "as on a disk whose volatile cache loses power."
+            )
 
         def answered(yes: bool | None) -> None:
             if yes:
@@ -222,14 +231,7 @@ class FiltersScreen(PanelScreen):
             else:
                 self.say("no power cut")
 
-        self.app.push_screen(
-            ConfirmScreen(
-                "Cut the power?",
-                f"The cache holds {human_bytes(dirty)} of writes no FLUSH has sent down: they are lost, "
-                "as on a disk whose volatile cache loses power.",
-            ),
-            answered,
-        )
+        self.app.push_screen(ConfirmScreen("Cut the power?", detail), answered)
 
     def action_cow(self, what: str) -> None:
         if not self._list_focused():
@@ -240,10 +242,17 @@ class FiltersScreen(PanelScreen):
                 error=True,
             )
             return
-        changed = human_bytes(self.steering.base.changed_bytes())
+
+        def changed() -> str:
+            # Asked again while the dialog is open: writes keep changing the overlay.
+            base = self.steering.base
+            return human_bytes(base.changed_bytes() if isinstance(base, CowBackend) else 0)
+
         if what == "commit":
             question = "Commit every change into the base?"
-            detail = f"{changed} of changes are written into the backend under the overlay; they cannot be undone."
+
+            def detail() -> str:
+                return f"{changed()} of changes are written into the backend under the overlay; they cannot be undone."
 
             def run() -> None:
                 self._steer(
@@ -254,9 +263,12 @@ class FiltersScreen(PanelScreen):
 
         else:
             question = "Discard every change?"
-            detail = (
-                f"{changed} of changes are thrown away: the disk goes back to its base, as it was when cow started."
-            )
+
+            def detail() -> str:
+                return (
+                    f"{changed()} of changes are thrown away: the disk goes back to its base, "
+                    "as it was when cow started."
+                )
 
             def run() -> None:
                 self._steer(

@@ -3,6 +3,8 @@ line for one-line answers (and refusals), and a yes/no confirmation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -59,8 +61,16 @@ class PanelScreen(ModalScreen[object]):
         return content.plain if isinstance(content, Text) else str(content)
 
 
+DETAIL_EVERY = 0.25  # seconds between updates of a live detail
+
+
 class ConfirmScreen(ModalScreen[bool]):
-    """Yes or no, for actions that lose data (a power cut, a cow discard)."""
+    """Yes or no, for actions that lose data (a power cut, a cow discard).
+
+    `detail` may be a function: it is asked again while the question is on
+    screen, so what a yes would lose is what it loses now, not when the
+    question opened (writes keep arriving).
+    """
 
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; background: #0f1217 60%; }
@@ -77,23 +87,38 @@ class ConfirmScreen(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "No"),
     ]
 
-    def __init__(self, question: str, detail: str = "") -> None:
+    def __init__(self, question: str, detail: str | Callable[[], str] = "") -> None:
         super().__init__()
         self.question = question
-        self.detail = detail
+        self._detail = detail
+        self._shown = ""
+
+    @property
+    def detail(self) -> str:
+        return self._detail() if callable(self._detail) else self._detail
+
+    def _text(self) -> Text:
+        self._shown = self.detail
+        text = Text(self.question, style=f"bold {fmt.ERROR_COLOUR}")
+        if self._shown:
+            text.append("\n" + self._shown, style="#d8dee9")
+        return text
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            text = Text(self.question, style=f"bold {fmt.ERROR_COLOUR}")
-            if self.detail:
-                text.append("\n" + self.detail, style="#d8dee9")
-            yield Static(text)
+            yield Static(self._text(), id="question")
             with Horizontal():
                 yield Button("Yes (y)", variant="error", id="yes")
                 yield Button("No (n)", id="no")
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
+        if callable(self._detail):
+            self.set_interval(DETAIL_EVERY, self.refresh_detail, name="confirm detail")
+
+    def refresh_detail(self) -> None:
+        if self.detail != self._shown:
+            self.query_one("#question", Static).update(self._text())
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
