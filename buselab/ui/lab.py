@@ -1,8 +1,11 @@
 """The lab app: header, request stream, inspector, heatmap, graphs, footer.
 
-One timer drives everything: every tick (12 a second) `LabModel.poll()` reads
+One loop drives everything: every tick (12 a second) `LabModel.poll()` reads
 telemetry once and the widgets that changed are told so. The serve path never
-waits for the lab and never sends it a message.
+waits for the lab and never sends it a message. The loop is an asyncio task
+that sleeps to the next tick, not a chain of one-shot timers: a Textual timer
+skips a run whose deadline passed while the event loop was stalled, and a
+one-shot timer's only run skipped would end the refresh for good.
 
 `run_lab(session)` runs the app and, however it ends (q, ctrl+c, SIGINT or
 SIGTERM via `session.stop_requested`, a crash, `seconds`), stops the session: in-flight requests are answered, the
@@ -17,9 +20,11 @@ requests and the engine's events, all refreshed by the tick.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import sys
 import threading
@@ -47,6 +52,8 @@ from .model import LabModel, Tick
 from .screens.help import HelpScreen
 from .steer import STEERING_BINDINGS, SteeringActions
 from .stream import OP_GROUPS, RequestStream
+
+log = logging.getLogger("buselab")
 
 DEFAULT_HZ = 12.0
 MIN_TICK_GAP = 0.03  # seconds: catching up after a late tick, still leave time for a frame
@@ -158,6 +165,8 @@ class LabApp(SteeringActions, App[int]):
         self.hidden_groups: set[int] = set()
         self._grid_rows = ""
         self._inspector_shown_at = 0.0
+        self._tick_task: asyncio.Task[None] | None = None
+        self._tick_failures = 0  # failed ticks in a row (logged once per streak)
         # Measurements for bench/lab_bench.py (BUSELAB_LAB_STATS=path writes them at exit).
         self.frames = 0
         self.frame_times: list[float] = []
@@ -185,10 +194,20 @@ class LabApp(SteeringActions, App[int]):
         if self.freeze_gc:
             self.call_after_refresh(gc.freeze)
         if self.auto_poll:
-            self._next_tick = time.monotonic() + 1.0 / self.hz
-            self.set_timer(1.0 / self.hz, self._tick, name="telemetry")
+            self._tick_task = asyncio.create_task(self._tick_loop(), name="buselab lab ticks")
         if self.seconds is not None:
-            self.set_timer(self.seconds, self.action_quit, name="seconds")
+            # An interval, not a one-shot timer: one run skipped after a stall must not mean never.
+            deadline = time.monotonic() + self.seconds
+            self.set_interval(min(0.1, self.seconds), lambda: self._quit_after(deadline), name="seconds")
+
+    def on_unmount(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            self._tick_task = None
+
+    def _quit_after(self, deadline: float) -> None:
+        if time.monotonic() >= deadline:
+            self.action_quit()
 
     @property
     def lab_screen(self) -> Screen:
@@ -223,27 +242,48 @@ class LabApp(SteeringActions, App[int]):
             self.lab_screen.styles.grid_rows = rows
 
     # -- the tick -------------------------------------------------------------------
-    def _tick(self) -> None:
-        """Poll, then re-arm for the next slot of a fixed schedule.
+    async def _tick_loop(self) -> None:
+        """Tick on a fixed schedule until the lab ends, whatever a tick or a stall does.
 
         An interval timer skips the ticks it could not run on time; when the
         serving threads hold the GIL that drops the refresh rate below 10 Hz.
         Here a late tick makes the next one come sooner (never closer than
         MIN_TICK_GAP, so a frame fits between), which keeps the average rate.
+        A stall of the event loop only makes the next tick late; a tick that
+        raises is logged and the next one runs.
         """
+        period = 1.0 / self.hz
+        next_tick = time.monotonic() + period
+        while True:
+            await asyncio.sleep(max(MIN_TICK_GAP, next_tick - time.monotonic()))
+            if not self.is_running or self._exit:
+                return
+            if not self._tick():
+                return
+            now = time.monotonic()
+            next_tick += period
+            if next_tick < now - period:
+                next_tick = now  # far behind (suspended, debugger): start afresh
+
+    def _tick(self) -> bool:
+        """One tick: poll, or end the lab if a stop was asked for. False: no more ticks."""
         if self.session.stop_requested.is_set():
             # SIGINT/SIGTERM (see buselab.signals) or a control client asked to stop.
             self.exit(0)
-            return
+            return False
         try:
             self.poll()
-        finally:
-            period = 1.0 / self.hz
-            now = time.monotonic()
-            self._next_tick += period
-            if self._next_tick < now - period:
-                self._next_tick = now  # far behind (suspended, debugger): start afresh
-            self.set_timer(max(MIN_TICK_GAP, self._next_tick - now), self._tick, name="telemetry")
+        except Exception:  # noqa: BLE001 - one bad tick must not end the refresh
+            self._tick_failures += 1
+            if self._tick_failures == 1:
+                log.exception("a lab tick failed; the lab goes on ticking")
+            else:
+                log.debug("a lab tick failed again (%d in a row)", self._tick_failures, exc_info=True)
+        else:
+            if self._tick_failures:
+                log.info("the lab ticks again after %d failed ticks", self._tick_failures)
+            self._tick_failures = 0
+        return True
 
     def poll(self) -> Tick:
         """Read telemetry once and hand each widget what changed."""
