@@ -6,7 +6,7 @@
     buselab ctl [PATH|PID] held | wait [--count N] [--timeout SECONDS]
     buselab ctl [PATH|PID] break add SPEC | break list | break rm ID|all | break enable|disable|toggle ID
     buselab ctl [PATH|PID] filter add SPEC [--position N] | filter list | filter rm REF|all | filter enable|disable|toggle REF
-    buselab ctl [PATH|PID] switch ram|file|cow|null|plugin [PATH] [--size SIZE] [--no-copy]
+    buselab ctl [PATH|PID] switch ram|file|cow|null|plugin [PATH] [--size SIZE] [--no-copy] [--overwrite]
     buselab ctl [PATH|PID] powercut
     buselab ctl [PATH|PID] cow commit | cow discard
     buselab ctl [PATH|PID] events [--limit N]
@@ -101,6 +101,11 @@ def build_ctl_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", metavar="PATH", help="file for file/cow, FILE[:CLASS] for plugin")
     p.add_argument("--size", help="size of a new ram/null/file backend (default: the disk's)")
     p.add_argument("--no-copy", action="store_true", help="do not copy the current contents")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="copy even over a file that holds data, or a block device (refused without it)",
+    )
     sub.add_parser("powercut", parents=[common], help="lose every write the cache filter holds since the last FLUSH")
     p = sub.add_parser("cow", parents=[common], help="cow commit | cow discard")
     p.add_argument("action", choices=["commit", "discard"])
@@ -189,7 +194,10 @@ def _request(opts: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return "filter.list", {}
         return f"filter.{action}", {"ref": opts.ref}
     if command == "switch":
-        return "switch", {"kind": opts.kind, "path": opts.path, "size": opts.size, "copy": not opts.no_copy}
+        params = {"kind": opts.kind, "path": opts.path, "size": opts.size, "copy": not opts.no_copy}
+        if opts.overwrite:
+            params["overwrite"] = True
+        return "switch", params
     if command == "cow":
         return f"cow.{opts.action}", {}
     if command == "events":

@@ -20,7 +20,8 @@ Commands (arguments; positional ones in order):
                                         REF is a breakpoint id
     filter.add SPEC [position=N] | filter.list | filter.rm REF|all | filter.enable REF | filter.disable REF
     filter.toggle REF                   REF is a filter id or name
-    switch    KIND [PATH] [size=SIZE] [copy=true]
+    switch    KIND [PATH] [size=SIZE] [copy=true] [overwrite=false]
+                                        overwrite: copy over a file that holds data, or a block device
     powercut
     cow.commit | cow.discard
     events    [after=EPOCH] [limit=50]
@@ -77,7 +78,13 @@ def _switch(s: Steering, a: dict) -> Any:
     kind = a.pop("kind", None)
     if not kind:
         raise SteeringError("switch needs a backend: ram, file PATH, cow [PATH], null or plugin FILE[:CLASS]")
-    return s.switch_backend(kind, a.pop("path", None), size=a.pop("size", None), copy=_bool(a.pop("copy", True)))
+    return s.switch_backend(
+        kind,
+        a.pop("path", None),
+        size=a.pop("size", None),
+        copy=_bool(a.pop("copy", True)),
+        overwrite=_bool(a.pop("overwrite", False)),
+    )
 
 
 def _bool(value: Any) -> bool:
@@ -187,7 +194,7 @@ def parse_text_line(line: str) -> dict[str, Any]:
 
 _ARGUMENT_KEYS = {
     "fail", "delay", "delay_ms", "wait", "action", "errno", "count", "timeout", "position",
-    "size", "copy", "after", "limit", "ref", "kind", "path",
+    "size", "copy", "overwrite", "after", "limit", "ref", "kind", "path",
 }  # fmt: skip
 
 

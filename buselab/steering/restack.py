@@ -2,6 +2,10 @@
 the base backend switched (its contents copied across), a cache's power cut,
 a cow overlay's commit and discard.
 
+A switch that copies the disk into a file refuses to copy over data: a file
+that holds some, or any block device, needs `overwrite=True`; the refusal
+says what is there (`existing_data`, `disk_signature`).
+
 Every change happens inside `engine.quiesce()`, so no request is inside a layer
 while the stack moves; a quiesce that times out becomes one SteeringError line
 and nothing changed. Every change is an event in the telemetry, so the lab's
@@ -10,8 +14,11 @@ stream shows it. Backends and filters are made by `storage.registry`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
+import struct
 import threading
 import time
 
@@ -28,6 +35,7 @@ from .errors import SteeringError
 from .results import (
     CowCommitResult,
     CowDiscardResult,
+    ExistingData,
     FilterInfo,
     PowercutResult,
     Removed,
@@ -39,6 +47,93 @@ log = logging.getLogger("buselab")
 
 _COPY_CHUNK = 1 << 20
 _RETIRE_AFTER = 2.0  # seconds: replies may still be sending from an old backend's buffers
+
+
+SIGNATURE_BYTES = 4096  # how much of a target disk_signature looks at
+
+_EXT_COMPAT_HAS_JOURNAL = 0x4
+_EXT4_INCOMPAT = 0x40 | 0x80 | 0x200  # extents, 64bit, flex_bg: what mkfs.ext4 sets and ext3 cannot mount
+
+
+def disk_signature(head: bytes) -> str:
+    """What the first bytes of a disk (SIGNATURE_BYTES of them) say it holds, in a few words.
+
+    'ext4 file system', 'GPT partition table', 'MBR partition table',
+    'FAT32 file system', ... or 'data' when nothing is recognised.
+    """
+
+    def at(offset: int, magic: bytes) -> bool:
+        return head[offset : offset + len(magic)] == magic
+
+    def u32(offset: int) -> int:
+        return struct.unpack_from("<I", head, offset)[0] if len(head) >= offset + 4 else 0
+
+    if at(0, b"LUKS\xba\xbe"):
+        return "LUKS encrypted volume"
+    if at(0, b"XFSB"):
+        return "XFS file system"
+    if at(1080, b"\x53\xef"):  # the ext2/3/4 superblock (at 1024) magic 0xEF53, little-endian
+        if u32(1024 + 0x60) & _EXT4_INCOMPAT:
+            return "ext4 file system"
+        return "ext3 file system" if u32(1024 + 0x5C) & _EXT_COMPAT_HAS_JOURNAL else "ext2 file system"
+    if at(4086, b"SWAPSPACE2") or at(4086, b"SWAP-SPACE"):
+        return "Linux swap"
+    if at(512, b"EFI PART"):  # before MBR: a GPT disk has a protective MBR too
+        return "GPT partition table"
+    if at(3, b"NTFS    "):
+        return "NTFS file system"
+    if at(3, b"EXFAT   "):
+        return "exFAT file system"
+    if at(510, b"\x55\xaa"):
+        for offset in (82, 54):  # the FAT32 and the FAT12/16 boot sector's file system type
+            if at(offset, b"FAT"):
+                kind = head[offset : offset + 8].decode("ascii", "replace").strip()
+                return f"{kind if kind[3:].isdigit() else 'FAT'} file system"
+        return "MBR partition table"
+    return "data"
+
+
+def existing_data(path: str) -> ExistingData | None:
+    """What copying a disk into `path` would overwrite, or None when nothing would be lost.
+
+    Nothing: `path` is missing, an empty file, or a sparse file without any
+    data yet (as `truncate -s` makes one). Anything else: a file that holds
+    data, or a block device, whatever it holds. Something that is neither (a
+    directory) is None here: opening it refuses it.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    block = stat.S_ISBLK(st.st_mode)
+    if not block and not (stat.S_ISREG(st.st_mode) and st.st_size > 0):
+        return None
+    what = "block device" if block else "file"
+    size: int | None = None if block else st.st_size
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return ExistingData(path, what, size, f"unreadable: {exc.strerror}")
+    try:
+        if block:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        elif not _holds_data(fd):
+            return None
+        signature = disk_signature(os.pread(fd, SIGNATURE_BYTES, 0))
+    except OSError as exc:
+        signature = f"unreadable: {exc.strerror}"
+    finally:
+        os.close(fd)
+    return ExistingData(path, what, size, signature)
+
+
+def _holds_data(fd: int) -> bool:
+    """False only when the file system says the file has no data at all (all holes)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        return exc.errno != errno.ENXIO  # ENXIO: no data past 0; anything else: cannot tell, so assume data
+    return True
 
 
 def filter_info(layer: Layer) -> FilterInfo:
@@ -154,12 +249,15 @@ class Restacker:
         *,
         size: int | str | None = None,
         copy: bool = True,
+        overwrite: bool = False,
     ) -> SwitchResult:
         """Replace the base backend live, under the filters; by default copy the disk into it.
 
         `kind`: ram, file (alias lo), null, plugin (path FILE[:CLASS]), cow (over
         the current backend, or over `path`). A target smaller than the disk is
-        refused; so is copying into null (which keeps nothing).
+        refused; so is copying into null (which keeps nothing), and copying into
+        a file that holds data or into a block device, unless `overwrite`.
+        An empty file is made the disk's size.
         """
         kind = registry.switch_kind(kind)
         if size is not None and not isinstance(size, int):
@@ -173,6 +271,14 @@ class Restacker:
                 raise SteeringError(
                     "null keeps no data: switching to it would lose the disk's contents; add --no-copy if you mean it"
                 )
+            existing = None
+            emptied = None
+            if kind == "file" and path:
+                if copy and not overwrite:
+                    existing = existing_data(path)
+                if size is None and _empty_file(path):
+                    size = current  # as a missing file would be made (and emptied again if the switch fails)
+                    emptied = path
             new, created = registry.open_switch_target(kind, path, size, current, old)
             started = time.monotonic()
             try:
@@ -183,6 +289,8 @@ class Restacker:
                     )
                 if new.readonly:
                     raise SteeringError(f"{new.describe()} is read-only: it cannot hold a live disk")
+                if existing is not None:
+                    raise SteeringError(existing.refusal())
                 copied = 0
                 with self._quiesced(f"switch to {kind}"):
                     if copy:
@@ -202,6 +310,8 @@ class Restacker:
                 _close_quietly(new)
                 if created and path:
                     _unlink_quietly(path)
+                elif emptied:
+                    _truncate_quietly(emptied)
                 raise
         seconds = time.monotonic() - started
         self._retire(old)
@@ -284,10 +394,25 @@ class Restacker:
         return base.changed_bytes() if isinstance(base, CowBackend) else None
 
 
+def _empty_file(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def _close_quietly(backend: Backend) -> None:
     try:
         backend.close()
     except Exception:  # noqa: BLE001
+        pass
+
+
+def _truncate_quietly(path: str) -> None:
+    try:
+        os.truncate(path, 0)
+    except OSError:
         pass
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..protocol import constants as c
 from ..protocol.transmission import Request
+from ..sizes import human_bytes
 
 
 def _key(name: str) -> dict[str, Any]:
@@ -159,6 +160,28 @@ class SwitchResult(Result):
     size: int
     copied_bytes: int
     seconds: float | None = field(default=None, metadata=_OPTIONAL)  # none for a cow overlay: nothing copied
+
+
+@dataclass(frozen=True)
+class ExistingData(Result):
+    """What a switch's copy would overwrite: a file that holds data, or a block device."""
+
+    path: str
+    what: str  # "file" or "block device"
+    size: int | None  # None: a block device that could not be opened to ask
+    signature: str  # what its first bytes look like: "ext4 file system", "GPT partition table", ..., "data"
+
+    def describe(self) -> str:
+        """'a file of 16.0 MiB (ext4 file system)'."""
+        size = f" of {human_bytes(self.size)}" if self.size is not None else ""
+        return f"a {self.what}{size} ({self.signature})"
+
+    def refusal(self) -> str:
+        """The one line a switch that would copy over it answers."""
+        return (
+            f"{self.path} is {self.describe()}: copying the disk into it would overwrite that; "
+            "add --overwrite if you mean it"
+        )
 
 
 @dataclass(frozen=True)

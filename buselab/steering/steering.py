@@ -23,16 +23,18 @@ import threading
 from ..engine.engine import Engine
 from ..engine.gate import HeldRequest
 from ..protocol.transmission import Request
+from ..storage import registry
 from ..storage.base import Backend
 from ..storage.stack import Layer
 from .breakpoints import Breakpoint, BreakpointTable
-from .restack import Restacker
+from .restack import Restacker, existing_data
 from .results import (
     BreakHit,
     BreakpointInfo,
     CowCommitResult,
     CowDiscardResult,
     Event,
+    ExistingData,
     FilterInfo,
     HeldInfo,
     PauseResult,
@@ -164,9 +166,23 @@ class Steering:
         return self.restacker.list_filters()
 
     def switch_backend(
-        self, kind: str, path: str | None = None, *, size: int | str | None = None, copy: bool = True
+        self,
+        kind: str,
+        path: str | None = None,
+        *,
+        size: int | str | None = None,
+        copy: bool = True,
+        overwrite: bool = False,
     ) -> SwitchResult:
-        return self.restacker.switch_backend(kind, path, size=size, copy=copy)
+        return self.restacker.switch_backend(kind, path, size=size, copy=copy, overwrite=overwrite)
+
+    def switch_would_overwrite(self, kind: str, path: str | None) -> ExistingData | None:
+        """What a copying switch to `kind` at `path` would overwrite (a file's data, a block
+        device), or None; the lab asks before it passes overwrite=True. It reads the
+        target's first bytes: call it off the UI thread."""
+        if not path or registry.switch_kind(kind) != "file":
+            return None
+        return existing_data(path)
 
     def powercut(self) -> PowercutResult:
         return self.restacker.powercut()

@@ -250,7 +250,10 @@ class SteeringActions:
             self.say_error("a switch is running already: wait for it to finish")
             return
         base = self.steering.base
-        self.push_screen(SwitchBackendScreen(base.describe(), base.kind, self.model.disk_size), self._switch_chosen)
+        screen = SwitchBackendScreen(
+            base.describe(), base.kind, self.model.disk_size, would_overwrite=self.steering.switch_would_overwrite
+        )
+        self.push_screen(screen, self._switch_chosen)
 
     def _switch_chosen(self, choice: object) -> None:
         if not isinstance(choice, SwitchChoice):
@@ -264,7 +267,9 @@ class SteeringActions:
 
         self.steer(
             f"switching to {choice.kind}",
-            lambda: steering.switch_backend(choice.kind, choice.path, size=choice.size, copy=choice.copy),
+            lambda: steering.switch_backend(
+                choice.kind, choice.path, size=choice.size, copy=choice.copy, overwrite=choice.overwrite
+            ),
             done=switched,
             failed=lambda message: self.say_error(f"no switch: {message}"),
         )

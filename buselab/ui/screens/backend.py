@@ -5,12 +5,18 @@ system survives the move).
 
 The screen only checks what it can see at once (a missing path, a bad size,
 copying into null); it returns a SwitchChoice and the lab runs the switch in a
-thread worker, showing the copy's progress in the header.
+thread worker, showing the copy's progress in the header. Before a copy into a
+file that holds data, or into a block device, it asks, saying what is there
+(its size, and what its first bytes look like: ext4, GPT, ...).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -22,7 +28,10 @@ from ...errors import UserError
 from ...sizes import human_bytes, parse_size
 from ...storage.registry import SWITCH_KINDS as BACKEND_CHOICES
 from .. import format as fmt
-from .panel import PanelScreen
+from .panel import ConfirmScreen, PanelScreen
+
+if TYPE_CHECKING:
+    from ...steering.results import ExistingData
 
 WHAT = {
     "ram": "a RAM disk (sparse, in memory)",
@@ -43,12 +52,22 @@ PATH_HINT = {
 }
 
 
+def _something_at(path: str | None) -> bool:
+    """Whether `path` may hold something a copy would overwrite (a stat: no read, so no wait)."""
+    try:
+        st = os.stat(path or "")
+    except OSError:
+        return False
+    return not (stat.S_ISREG(st.st_mode) and st.st_size == 0)
+
+
 @dataclass(frozen=True)
 class SwitchChoice:
     kind: str
     path: str | None
     size: int | None
     copy: bool
+    overwrite: bool = False  # asked: copy over the data at path
 
     def describe(self) -> str:
         where = f" {self.path}" if self.path else ""
@@ -62,11 +81,20 @@ class SwitchBackendScreen(PanelScreen):
         Binding("ctrl+s", "switch", "Switch", show=False),
     ]
 
-    def __init__(self, current: str, current_kind: str, size: int) -> None:
+    def __init__(
+        self,
+        current: str,
+        current_kind: str,
+        size: int,
+        would_overwrite: Callable[[str, str | None], ExistingData | None] | None = None,
+    ) -> None:
+        """`would_overwrite(kind, path)`: what a copy into it would overwrite (Steering.switch_would_overwrite)."""
         super().__init__()
         self.current = current
         self.current_kind = current_kind
         self.disk_size = size
+        self.would_overwrite = would_overwrite
+        self._looking = False
 
     def compose(self) -> ComposeResult:
         with Vertical(id="panel") as panel:
@@ -138,9 +166,55 @@ class SwitchBackendScreen(PanelScreen):
         return SwitchChoice(kind, path, size, copy)
 
     def action_switch(self) -> None:
+        if self._looking:
+            return
         try:
             choice = self.choice()
         except UserError as exc:
             self.say(str(exc), error=True)
             return
-        self.dismiss(choice)  # type: ignore[arg-type]
+        look = self.would_overwrite
+        if look is None or not choice.copy or choice.kind != "file" or not _something_at(choice.path):
+            self.dismiss(choice)  # type: ignore[arg-type]
+            return
+        # Reading the target's first bytes can wait on a slow device: off the UI thread.
+        self._looking = True
+        self.say(f"looking at {choice.path}…")
+
+        def looked(existing: ExistingData | None) -> None:
+            self._looking = False
+            self._ask(choice, existing)
+
+        def failed(message: str) -> None:
+            self._looking = False
+            self.say(message, error=True)
+
+        self.app.steer(  # type: ignore[attr-defined]
+            f"looking at {choice.path}",
+            lambda: look(choice.kind, choice.path),
+            done=looked,
+            failed=failed,
+            busy=False,
+        )
+
+    def _ask(self, choice: SwitchChoice, existing: ExistingData | None) -> None:
+        if self.app.screen is not self:  # closed (or covered) while the target was looked at
+            return
+        self.say("")
+        if existing is None:
+            self.dismiss(choice)  # type: ignore[arg-type]
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.dismiss(replace(choice, overwrite=True))  # type: ignore[arg-type]
+            else:
+                self.say(f"not switched: {choice.path} is left as it is")
+
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Overwrite {choice.path}?",
+                f"It is {existing.describe()}. Switching copies the disk into it: what it holds now is lost.",
+            ),
+            answered,
+        )

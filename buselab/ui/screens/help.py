@@ -30,7 +30,10 @@ KEYS: list[tuple[str, str]] = [
     ("N (shift+n)", "step with a choice: release, fail it with EIO/ENOSPC/EPERM/..., or delay it N ms"),
     ("k", "breakpoints: add (op=flush, op=write+fua, range=0-1M, ext4-sb ...), on/off, remove"),
     ("f", "filters: delay, error, throttle, readonly, cache; on/off, remove; ! power cut, cow c/d"),
-    ("b", "switch the backend live: ram, file, cow, null, plugin; copies the disk across"),
+    (
+        "b",
+        "switch the backend live: ram, file, cow, null, plugin; copies the disk across (asks before overwriting data)",
+    ),
     ("r", "record a trace (./buselab-DATE-TIME.jsonl.zst) / stop recording"),
     ("e", "export: statistics as JSON and this screen as SVG, into the current directory"),
 ]
@@ -86,7 +89,8 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "filters, switches, power cuts) are ◆ rows in the stream.",
             "In the breakpoints (k) and filters (f) panels you type a spec and press enter; tab "
             "moves to the list, where space, enter, x and the panel's other keys act on it. What "
-            "loses data (a power cut, a cow commit or discard) asks first.",
+            "loses data (a power cut, a cow commit or discard, a switch that copies over a file or "
+            "device holding data) asks first.",
             "Everything the keys do, `buselab ctl` does from scripts; a request that makes no sense "
             "is refused in one line.",
         ],
