@@ -148,7 +148,7 @@ def test_disconnect_mid_write_payload_applies_nothing(tmp_path, length, sent):
         assert session.engine.telemetry.snapshot().count[c.CMD_WRITE] == writes_before
 
 
-def test_overlong_write_gets_eoverflow_payload_skipped_connection_continues(tmp_path):
+def test_overlong_write_gets_einval_payload_skipped_connection_continues(tmp_path):
     with serve(filled_ram(), tmp_path) as session:
         raw = RawClient(socket_path(session))
         length = c.MAX_PAYLOAD + MiB
@@ -157,7 +157,8 @@ def test_overlong_write_gets_eoverflow_payload_skipped_connection_continues(tmp_
         for _ in range(length // MiB):
             raw.send(chunk)
         raw.request(c.CMD_READ, 2, 0, 16)
-        assert raw.simple_reply() == (c.EOVERFLOW, 1)
+        # The spec: SHOULD NOT answer EOVERFLOW to a command that carries its payload.
+        assert raw.simple_reply() == (c.EINVAL, 1)
         assert raw.simple_reply() == (0, 2)
         assert raw.recv_exact(16) == PATTERN[:16]  # nothing of the skipped payload was written
         raw.close()
@@ -278,7 +279,7 @@ def test_memory_stays_bounded_under_abuse(buselab_server):
         for raw in clients:
             raw.send(chunk)
     for raw in clients:
-        assert raw.simple_reply() == (c.EOVERFLOW, 1)
+        assert raw.simple_reply() == (c.EINVAL, 1)  # an over-long WRITE: see check_request
 
     # 2. Handshakes that try to make the server buffer: a 4 GiB option, endless options.
     huge = RawClient(served.socket, handshake=False)

@@ -550,3 +550,22 @@ def test_data_after_done_is_refused():
     feed(hs, option(c.OPT_GO, info_request("")))
     with pytest.raises(HandshakeError):
         hs.receive_data(b"more")
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [
+        meta_request("missing", "base:allocation"),  # unknown export: REP_ERR_UNKNOWN
+        b"\x00\x00\x00\x00\x00\x00\x00\x00zz",  # malformed: REP_ERR_INVALID
+    ],
+    ids=["unknown-export", "malformed"],
+)
+def test_a_failed_set_meta_context_leaves_no_context_selected(failing):
+    """The spec: a SET that fails clears what an earlier SET selected, it does not keep it."""
+    hs = started()
+    feed(hs, option(c.OPT_STRUCTURED_REPLY))
+    feed(hs, option(c.OPT_SET_META_CONTEXT, meta_request("", "base:allocation")))
+    replies = feed(hs, option(c.OPT_SET_META_CONTEXT, failing))
+    assert replies[-1][1] & c.REP_FLAG_ERROR
+    feed(hs, option(c.OPT_GO, info_request("")))
+    assert hs.negotiated.meta_contexts == {}

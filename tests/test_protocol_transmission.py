@@ -154,10 +154,10 @@ def test_df_only_on_structured_reads():
         (req(c.CMD_WRITE, SIZE, 1), c.ENOSPC),
         (req(c.CMD_TRIM, 512, SIZE), c.EINVAL),  # the spec: ENOSPC is for writes only
         (req(c.CMD_WRITE_ZEROES, SIZE, 4096), c.ENOSPC),
-        # over-long payloads: EOVERFLOW
+        # over-long requests: EOVERFLOW for a READ, EINVAL for a WRITE (which carries its payload)
         (req(c.CMD_READ, 0, c.MAX_PAYLOAD + 1), c.EOVERFLOW),
-        (req(c.CMD_WRITE, 0, c.MAX_PAYLOAD + 1), c.EOVERFLOW),
-        (req(c.CMD_WRITE, 0, 0xFFFFFFFF), c.EOVERFLOW),
+        (req(c.CMD_WRITE, 0, c.MAX_PAYLOAD + 1), c.EINVAL),  # SHOULD NOT: EOVERFLOW is for no-payload commands
+        (req(c.CMD_WRITE, 0, 0xFFFFFFFF), c.EINVAL),
         # unknown commands
         (req(8), c.EINVAL),
         (req(99), c.EINVAL),

@@ -134,7 +134,7 @@ ERRNO_BY_NAME = {name: value for value, name in ERRNO_NAMES.items() if value}
 # --- sizes and limits -------------------------------------------------------
 MIN_BLOCK_SIZE = 1
 PREFERRED_BLOCK_SIZE = 4096
-MAX_PAYLOAD = 32 * 1024 * 1024  # larger requests get EOVERFLOW (spec: 32 MiB is safe)
+MAX_PAYLOAD = 32 * 1024 * 1024  # larger READs get EOVERFLOW, WRITEs EINVAL (spec: 32 MiB is safe)
 MAX_OPTION_LENGTH = 64 * 1024  # bounded handshake buffering
 MAX_OPTIONS = 64  # a client that negotiates forever is cut off
 

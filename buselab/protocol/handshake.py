@@ -321,8 +321,10 @@ class ServerHandshake:
             return
         # We know one context. LIST with no queries lists all; "base:" means
         # every context of that namespace.
-        matches = (not queries and option == c.OPT_LIST_META_CONTEXT) or any(
-            q in (c.BASE_ALLOCATION, "base:") for q in queries
+        # "base:" alone lists every context of the namespace, but SET MUST ignore that form.
+        listing = option == c.OPT_LIST_META_CONTEXT
+        matches = (not queries and listing) or any(
+            q == c.BASE_ALLOCATION or (listing and q == "base:") for q in queries
         )
         if matches:
             if option == c.OPT_SET_META_CONTEXT:

@@ -93,8 +93,10 @@ def check_request(req: Request, size: int, tflags: int, structured: bool, meta_c
         return c.EINVAL
     if cmd == c.CMD_FLUSH:
         return 0 if req.offset == 0 and req.length == 0 else c.EINVAL
-    if cmd in (c.CMD_READ, c.CMD_WRITE) and req.length > c.MAX_PAYLOAD:
-        return c.EOVERFLOW
+    if cmd == c.CMD_READ and req.length > c.MAX_PAYLOAD:
+        return c.EOVERFLOW  # the spec allows it for a command without payload asking too much
+    if cmd == c.CMD_WRITE and req.length > c.MAX_PAYLOAD:
+        return c.EINVAL  # ... and says SHOULD NOT for one that carries it: EINVAL (the payload is skipped)
     if req.offset + req.length > size:
         # The spec: ENOSPC for a write past the end, EINVAL for anything else (TRIM included).
         return c.ENOSPC if cmd in (c.CMD_WRITE, c.CMD_WRITE_ZEROES) else c.EINVAL

@@ -120,7 +120,9 @@ class Connection:
             reason = str(exc) or "client disconnected"
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
-            log.warning("connection %d (%s): %s; closing it", self.number, self.peer, exc)
+            # str(exc), not exc: a log record that holds the exception holds its traceback and so
+            # this connection and its buffers, for as long as a handler keeps the record.
+            log.warning("connection %d (%s): %s; closing it", self.number, self.peer, str(exc))
         except OSError as exc:
             reason = f"socket error: {exc.strerror or exc}"
         finally:
@@ -443,7 +445,7 @@ class Connection:
             except OSError as exc:
                 # The client is gone (its serve loop notices and cleans up), or the reply
                 # could not be sent: say so, a client left waiting for it is a hang to explain.
-                log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, exc)
+                log.info("connection %d: the reply to a released %s was not sent: %s", self.number, req.name, str(exc))
 
     def _reply_parts(self, req: Request, error: int, data: object) -> list:
         cmd = req.cmd

@@ -54,6 +54,7 @@ class NetworkServer:
         self.engine = engine
         self.unix_mode = unix_mode
         self.handshake_limit = handshake_limit
+        self.stop_timeout = 5.0  # seconds stop() waits for all connections together
         self._listeners: list[socket.socket] = []
         self._unix_paths: list[str] = []
         self._threads: set[threading.Thread] = set()  # running ones only: each removes itself
@@ -179,13 +180,13 @@ class NetworkServer:
                 self._connections.discard(conn)
 
     # -- stopping -----------------------------------------------------------------
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, answer what clients still send with ESHUTDOWN, close; `timeout` in all.
 
         A client that does not read its replies would keep its thread in sendmsg for ever:
         once the time is up its socket is shut both ways, which ends the send at once.
         """
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
         with self._lock:
             self._stopping = True
             connections = list(self._connections)
