@@ -32,7 +32,7 @@ from .session import ServeOptions, Session
 from .signals import stop_on_signals
 from .sizes import parse_size
 from .storage.registry import FilterSpecError, open_backend
-from .transport.network import DEFAULT_PORT, parse_listen
+from .transport.network import DEFAULT_HANDSHAKE_LIMIT, DEFAULT_PORT, DEFAULT_UNIX_MODE, parse_listen
 
 
 def positive_seconds(text: str) -> float:
@@ -43,6 +43,17 @@ def positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
+    return value
+
+
+def octal_mode(text: str) -> int:
+    """argparse type of --unix-mode: permission bits in octal, like chmod's."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an octal mode such as 600 or 660, got {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"expected permission bits (000 to 777), got {text!r}")
     return value
 
 
@@ -70,6 +81,20 @@ def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> No
         "--listen", action="append", metavar="HOST:PORT", help=f"serve NBD over TCP (default 127.0.0.1:{DEFAULT_PORT})"
     )
     p.add_argument("--unix", action="append", metavar="PATH", help="serve NBD on a Unix socket")
+    p.add_argument(
+        "--unix-mode",
+        type=octal_mode,
+        default=DEFAULT_UNIX_MODE,
+        metavar="MODE",
+        help="permissions of the --unix sockets, e.g. 660 (default 600: whoever can connect can write the disk)",
+    )
+    p.add_argument(
+        "--handshake-limit",
+        type=positive_seconds,
+        default=DEFAULT_HANDSHAKE_LIMIT,
+        metavar="SECONDS",
+        help=f"drop a client that has not finished the handshake by then (default {DEFAULT_HANDSHAKE_LIMIT:g})",
+    )
     p.add_argument("--export-name", default="", help="the export's name (clients may also ask for '')")
     p.add_argument("--readonly", action="store_true", help="refuse writes with EPERM")
     p.add_argument("--headless", action="store_true", help="no lab: print one stats line a second")
@@ -154,6 +179,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         connections=getattr(args, "connections", 1),
         use_ioctl=getattr(args, "ioctl", False),
         timeout=getattr(args, "timeout", 0),
+        unix_mode=getattr(args, "unix_mode", DEFAULT_UNIX_MODE),
+        handshake_limit=getattr(args, "handshake_limit", DEFAULT_HANDSHAKE_LIMIT),
     )
 
 

@@ -470,3 +470,10 @@ def test_nbdsh_fua_write_refused_below_the_cache_is_not_readable(buselab_server)
         "flush EPERM",
         "after flush b'WWWW'",  # kept dirty for the next FLUSH to retry
     ]
+
+
+def test_delay_ms_key_takes_a_bare_number_as_milliseconds():
+    """`ms=` names its unit, so `delay:ms=5` stays 5 ms although bare durations now need a unit."""
+    delay = DelayFilter.from_params([("ms", "5")])
+    assert delay.spec.startswith("delay:read=5ms,")
+    assert delay.delays["read"] == (0.005, 0.005)

@@ -28,7 +28,9 @@ from buselab.storage.backends.ram import RamBackend
 MiB = 1 << 20
 
 
-def _spawn(tmp_path, *prefix: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, object]:
+def _spawn(
+    tmp_path, *prefix: str, extra: tuple[str, ...] = (), umask: int = -1
+) -> tuple[subprocess.Popen, str, object]:
     """`buselab ram --size 1M --headless` on a Unix socket, behind `prefix` (e.g. prlimit)."""
     sock = str(tmp_path / "nbd.sock")
     log = tmp_path / "buselab.log"
@@ -37,6 +39,7 @@ def _spawn(tmp_path, *prefix: str, extra: tuple[str, ...] = ()) -> tuple[subproc
             [*prefix, sys.executable, "-m", "buselab", "ram", "--size", "1M", "--unix", sock, "--headless", *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
+            umask=umask,
         )
     wait_for_socket(sock, proc, log)
     return proc, sock, log
@@ -110,13 +113,16 @@ def test_serves_again_once_descriptors_are_free(tmp_path, listener):
         for sock in clients:
             sock.close()
         clients.clear()
-        if listener == "nbd":
-            client = _client(path)  # times out if the acceptor gave up
-            client.write(0, b"back")
-            assert client.read(0, 4) == b"back"
-            client.close()
-        else:
-            assert _control(control, '{"cmd": "status"}')["ok"]
+        try:
+            if listener == "nbd":
+                client = _client(path)  # times out if the acceptor gave up
+                client.write(0, b"back")
+                assert client.read(0, 4) == b"back"
+                client.close()
+            else:
+                assert _control(control, '{"cmd": "status"}')["ok"]
+        except (OSError, AssertionError) as exc:
+            raise AssertionError(f"not served again ({exc!r}); the server's log:\n{log.read_text()}") from exc
         text = log.read_text()
         assert text.count("cannot accept a client") == 1, text  # said once, not once per retry
         assert "accepting clients again" in text, text
@@ -329,3 +335,23 @@ def test_zero_length_structured_read_sends_no_data_chunk(tmp_path):
         raw.request(c.CMD_READ, 8, 4096, 1)  # and the connection goes on
         assert raw.chunk() == (c.REPLY_FLAG_DONE, c.REPLY_TYPE_OFFSET_DATA, 8, struct.pack(">Q", 4096) + b"\0")
         raw.close()
+
+
+@pytest.mark.parametrize(("option", "expected"), [((), 0o600), (("--unix-mode", "660"), 0o660)])
+def test_unix_mode_option(tmp_path, option, expected):
+    proc, path, _ = _spawn(tmp_path, extra=option, umask=0)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == expected
+    finally:
+        _stop(proc)
+
+
+def test_handshake_limit_option(tmp_path):
+    proc, path, log = _spawn(tmp_path, extra=("--handshake-limit", "0.5"))
+    try:
+        silent = _greeted(path)
+        assert silent.recv(1) == b""  # closed, within TIMEOUT (the recv's), not left waiting for ever
+        silent.close()
+        wait_for(lambda: "handshake not finished within 0.5 s" in log.read_text(), timeout=TIMEOUT)
+    finally:
+        _stop(proc)

@@ -37,6 +37,10 @@ class DelayFilter(Filter):
         for key, value in params:
             key = key.removeprefix("delay-")
             if key in ("", "all", "random", "ms"):
+                if key == "ms":  # delay:ms=5 names its unit in the key
+                    value = "-".join(
+                        part + "ms" if part.replace(".", "", 1).isdigit() else part for part in value.split("-")
+                    )
                 d = parse_duration_range(value)
                 for op in OPS:
                     delays[op] = d
