@@ -1,10 +1,13 @@
-# Runs *inside* the test VM, nbd loaded with nbds_max=6 (tests/test_kernel_vm.py).
-# The netlink path: ext4 on /dev/nbd0 over 2 connections, chaining (lo /dev/nbd0 /dev/nbd1),
-# --device auto, a busy device, kill -9 recovery (by netlink and by the ioctls alone), and a
-# pause longer than the kernel's 30 s request timeout (guest_pause.py on /dev/nbd4 by ioctl and
-# /dev/nbd5 by netlink with 2 connections, one process each as buselab serves them, in the
-# background while the rest runs: they mostly sleep) unless PAUSE=0.
+# Runs *inside* the test VM, nbd loaded with nbds_max=6 (tests/test_kernel_vm.py), on the
+# release's kernel (Debian 12: 6.1). The netlink path with one connection per device: ext4 on
+# /dev/nbd0, `buselab ctl` pause/resume, chaining (lo /dev/nbd0 /dev/nbd1), --device auto, a
+# busy device, kill -9 recovery (by netlink and by the ioctls alone), and a pause longer than the
+# kernel's 30 s request timeout (guest_pause.py on /dev/nbd4 by ioctl and /dev/nbd5 by netlink,
+# one process each as buselab serves them, in the background while the rest runs: they mostly
+# sleep) unless PAUSE=0. Several connections per device: guest_kernel_multiconn.sh, on the
+# backports kernel (6.1 loses requests there: README, "Known problems").
 . "$(dirname "$0")/guest_lib.sh"
+echo "kernel $(uname -r)"
 watchdog "${WATCHDOG:-300}" &
 WATCHDOG_PID=$!
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -14,20 +17,20 @@ if [ "${PAUSE:-40}" != 0 ]; then
     timeout -s KILL 400 python3 "$HERE/guest_pause.py" --pause "${PAUSE:-40}" --device /dev/nbd4 --ioctl \
         >pause4.log 2>&1 &
     PAUSE_PID=$!
-    timeout -s KILL 400 python3 "$HERE/guest_pause.py" --pause "${PAUSE:-40}" --device /dev/nbd5 --connections 2 \
+    timeout -s KILL 400 python3 "$HERE/guest_pause.py" --pause "${PAUSE:-40}" --device /dev/nbd5 --connections 1 \
         >pause5.log 2>&1 &
     PAUSE5_PID=$!
 fi
 
-echo "== ext4 on /dev/nbd0 via netlink, 2 connections"
-if start nl ram --size 64M /dev/nbd0 --connections 2; then
-    grep -q '^buselab: attached /dev/nbd0 via netlink, 2 connections' nl.log &&
-        ok "nl: attached via netlink with 2 connections" || fail "nl: not via netlink: $(head -3 nl.log | tr '\n' '|')"
+echo "== ext4 on /dev/nbd0 via netlink, 1 connection"
+if start nl ram --size 64M /dev/nbd0; then
+    grep -qx 'buselab: attached /dev/nbd0 via netlink' nl.log &&
+        ok "nl: attached via netlink with 1 connection" || fail "nl: not via netlink: $(head -3 nl.log | tr '\n' '|')"
     queues=$(ls /sys/block/nbd0/mq | wc -l)
-    [ "$queues" = 2 ] && ok "nl: nbd0 has 2 hardware queues" || fail "nl: nbd0 has $queues hardware queues"
+    [ "$queues" = 1 ] && ok "nl: nbd0 has 1 hardware queue" || fail "nl: nbd0 has $queues hardware queues"
     fs_roundtrip nl /dev/nbd0
     expect_flush_trim nl
-    grep -q '| 2 clients |' nl.log && ok "nl: stats show 2 kernel connections" || fail "nl: stats do not show 2 clients"
+    grep -q '| 1 client |' nl.log && ok "nl: stats show 1 kernel connection" || fail "nl: stats do not show 1 client"
 
     echo "== buselab ctl pause / resume on the kernel device"
     if run "ctl: pause" $BUSELAB ctl "$PID_nl" pause; then

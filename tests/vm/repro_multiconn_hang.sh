@@ -2,13 +2,15 @@
 # without buselab on the device that hangs. Not part of the test suite (it is meant to hang).
 #
 #   python tests/vm/vm.py run "WHO=nbdkit sh $PWD/tests/vm/repro_multiconn_hang.sh" --shared-dir /tmp/r
+#   python tests/vm/vm.py run --kernel multiconn ...     # the same on the backports kernel (6.12)
 #
 # Two busy buselab devices run in the background (nbd1 by ioctl, written to; nbd2 by netlink with
 # 2 connections, read from). Then N times: attach nbd0 with 2 connections -- buselab (WHO=buselab)
 # or nbdkit + nbd-client -C 2 (WHO=nbdkit) --, read 4 KiB from CPU 0, 1, 0, 1, detach. A read
 # that takes over 20 s is a hang: the script prints blk-mq's view of nbd0, the stacks of D-state
 # tasks, the server's sockets, and stops. On Debian's 6.1 kernel about every other boot hangs on
-# the first read from CPU 1, either way; on 6.12 (BUSELAB_VM_KERNEL=linux-image-6.12...-amd64) none did.
+# the first read from CPU 1, either way; on 6.12 (--kernel multiconn: bookworm-backports) none did.
+# tests/vm/guest_kernel_multiconn.sh runs the same load in the test suite, on 6.12.
 . "$(dirname "$0")/guest_lib.sh"
 N=${N:-3}
 WHO=${WHO:-buselab}

@@ -5,6 +5,9 @@ The host's kernel has no nbd driver, so buselab's kernel-attach tests run in a t
 * ``build_image()`` downloads the kernel package that ``linux-image-amd64`` depends on and packs
   the modules we need (virtio, 9p, nbd, ext4, loop, fuse, ...) into a busybox initramfs.
   The result is cached per kernel version, so only the first run pays for it.
+  ``build_image(multiconn_kernel())`` does the same for the release's backports kernel
+  (bookworm-backports on Debian 12: 6.12), which the multi-connection checks need, since
+  Debian 12's 6.1 loses requests with several connections (README, "Known problems").
 * ``run_in_vm()`` boots it with qemu (software emulation), mounts the host's root read-only
   over 9p and ``chroot``\\ s into it, so the guest runs the very same Python, packages and
   project checkout as the host. The test's own directory is shared read-write at the same
@@ -13,6 +16,7 @@ The host's kernel has no nbd driver, so buselab's kernel-attach tests run in a t
 Standard library only, so it can run before anything is installed. For humans::
 
     python -m tests.vm.vm build
+    python -m tests.vm.vm build --kernel multiconn     # the backports kernel
     python tests/vm/vm.py run 'modprobe nbd && ls /dev/nbd*'
 """
 
@@ -38,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
+# The release whose backports carry the kernel for the multi-connection checks, when
+# /etc/os-release does not say (the guest runs the host's binaries: Debian 12 is the target).
+DEFAULT_CODENAME = "bookworm"
 QEMU = os.environ.get("BUSELAB_VM_QEMU", "qemu-system-x86_64")
 
 # Modules packed into the initramfs, with everything they depend on (from modules.dep).
@@ -218,17 +225,48 @@ def default_cache_dir() -> Path:
     return Path(base) / "buselab-vm"
 
 
-def build_image(cache_dir: Path | None = None) -> Image:
-    """Return the VM image, building it first if the cache has none for the current kernel.
+def default_kernel() -> str:
+    """The kernel for every VM test but the multi-connection ones: the release's own.
 
-    Idempotent and safe to call from several processes at once (a lock file serialises
-    builds). A rerun costs one ``apt-cache`` query. Raises VmUnavailable when apt, dpkg,
-    depmod or busybox are missing or the kernel package cannot be downloaded.
+    ``BUSELAB_VM_KERNEL`` names another (a package, or a metapackage as ``name/release``).
+    """
+    return os.environ.get("BUSELAB_VM_KERNEL") or KERNEL_METAPACKAGE
+
+
+def multiconn_kernel() -> str:
+    """The kernel for the multi-connection checks: ``linux-image-amd64/<codename>-backports``.
+
+    Debian 12's 6.1 loses a request now and then on a device with several connections (README,
+    "Known problems"); the 6.12 of bookworm-backports does not. scripts/install-test-deps adds
+    the backports to apt's sources. ``BUSELAB_VM_MULTICONN_KERNEL`` names another kernel, e.g.
+    ``linux-image-amd64`` to watch 6.1 lose requests.
+    """
+    return os.environ.get("BUSELAB_VM_MULTICONN_KERNEL") or f"{KERNEL_METAPACKAGE}/{_codename()}-backports"
+
+
+def _codename() -> str:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return DEFAULT_CODENAME
+    match = re.search(r"^VERSION_CODENAME=\"?([a-z]+)\"?$", text, re.MULTILINE)
+    return match.group(1) if match else DEFAULT_CODENAME
+
+
+def build_image(kernel: str | None = None, cache_dir: Path | None = None) -> Image:
+    """Return the VM image for ``kernel``, building it first if the cache has none for it.
+
+    ``kernel`` is a kernel package (``linux-image-6.12.95+deb12-amd64``) or a metapackage that
+    depends on one, optionally from a given release (``linux-image-amd64/bookworm-backports``);
+    the default is default_kernel(). Idempotent and safe to call from several processes at
+    once (a lock file serialises builds). A rerun costs one ``apt-cache`` query. Raises
+    VmUnavailable when apt, dpkg, depmod or busybox are missing or the kernel package cannot
+    be found or downloaded.
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / "lock"):
-        package = _kernel_package(cache)
+        package = _kernel_package(cache, kernel or default_kernel())
         kver = package.removeprefix("linux-image-")
         busybox = _static_busybox(cache)
         key = _recipe_key(busybox)
@@ -268,28 +306,38 @@ def _run(cmd: Sequence[str], **kwargs: object) -> str:
     return done.stdout
 
 
-def _kernel_package(cache: Path) -> str:
-    """The versioned kernel package behind the metapackage, e.g. linux-image-6.1.0-56-amd64.
+def _kernel_package(cache: Path, spec: str) -> str:
+    """The versioned kernel package that ``spec`` names, e.g. linux-image-6.1.0-57-amd64.
 
-    BUSELAB_VM_KERNEL names another one (a package apt can download), to try a newer kernel.
-
-    Without apt (or offline with a broken apt cache) fall back to the newest kernel already
-    downloaded, so a warm cache keeps working.
+    A versioned package (``linux-image-6.12.95+deb12-amd64``) is itself; a metapackage
+    (``linux-image-amd64``, ``linux-image-amd64/bookworm-backports``) is what it depends on,
+    per apt. Each answer is noted in the cache, so that without apt (or offline with a broken
+    apt cache) a warm cache keeps working with the kernel it had.
     """
-    override = os.environ.get("BUSELAB_VM_KERNEL")
-    if override:  # another kernel, e.g. from bookworm-backports (see README, Known problems)
-        return override
+    name = spec.partition("/")[0]
+    if re.fullmatch(r"linux-image-\d\S*", name):
+        return name
+    note = cache / "kernels" / re.sub(r"[^A-Za-z0-9.+-]", "_", spec)
     try:
-        out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+        out = _run(["apt-cache", "depends", spec])
+    except VmUnavailable as e:
+        failure: VmUnavailable | None = e
+    else:
         match = re.search(r"Depends:\s*(linux-image-\S+)", out)
         if match:
+            note.parent.mkdir(exist_ok=True)
+            note.write_text(match.group(1) + "\n")
             return match.group(1)
-    except VmUnavailable:
-        pass
-    cached = sorted((cache / "debs").glob("linux-image-*.deb"), key=lambda p: p.stat().st_mtime)
-    if cached:
-        return cached[-1].name.split("_")[0]
-    raise VmUnavailable(f"cannot find the kernel package: `apt-cache depends {KERNEL_METAPACKAGE}`")
+        failure = None
+    if note.exists():
+        return note.read_text().strip()
+    if spec == KERNEL_METAPACKAGE and not note.parent.exists():  # a cache from before the notes
+        cached = sorted((cache / "debs").glob("linux-image-*.deb"), key=lambda p: p.stat().st_mtime)
+        if cached:
+            return cached[-1].name.split("_")[0]
+    hint = " (scripts/install-test-deps adds the backports to apt's sources)" if "-backports" in spec else ""
+    why = f": {failure}" if failure else ""
+    raise VmUnavailable(f"cannot find the kernel package: `apt-cache depends {spec}`{hint}{why}")
 
 
 def _download(package: str, debs: Path) -> Path:
@@ -674,9 +722,16 @@ def _tail(text: str, lines: int = 60) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--kernel",
+        default=None,
+        help="kernel package or metapackage[/release]; 'multiconn' for the multi-connection"
+        " tests' (default: $BUSELAB_VM_KERNEL or linux-image-amd64)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build (or find in the cache) the kernel and initramfs")
-    run = sub.add_parser("run", help="boot the VM and run a shell command in it")
+    sub.add_parser("build", parents=[common], help="build (or find in the cache) the kernel and initramfs")
+    run = sub.add_parser("run", parents=[common], help="boot the VM and run a shell command in it")
     run.add_argument("script", help="shell commands, run by /bin/sh as root in the guest")
     run.add_argument(
         "--shared-dir",
@@ -692,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         t0 = time.monotonic()
-        image = build_image()
+        image = build_image(multiconn_kernel() if args.kernel == "multiconn" else args.kernel)
         print(
             f"image: kernel {image.kernel_version} ({time.monotonic() - t0:.1f} s)\n  {image.kernel}\n  {image.initrd}",
             file=sys.stderr,
