@@ -95,6 +95,34 @@ def _sys(index: int, name: str) -> str | None:
         return None
 
 
+# The request queue's limits that shape what reaches buselab (Documentation/ABI/stable/sysfs-block).
+QUEUE_LIMITS = (
+    "max_sectors_kb",  # the largest request the kernel sends: bigger I/O is split at this size
+    "max_hw_sectors_kb",  # the driver's ceiling for max_sectors_kb
+    "read_ahead_kb",  # the page cache's largest readahead window
+    "nr_requests",  # requests the queue holds per hardware queue
+    "scheduler",  # the I/O scheduler, the one in use in brackets
+    "logical_block_size",  # bytes: the smallest unit a request addresses
+)
+
+
+def queue_limits(block: str) -> dict[str, int | str]:
+    """The queue limits of /dev/BLOCK (nbd0, loop3, ...) as sysfs has them (numbers as ints)."""
+    limits: dict[str, int | str] = {}
+    for name in QUEUE_LIMITS:
+        try:
+            with open(f"/sys/block/{block}/queue/{name}") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if name == "scheduler":  # "mq-deadline [none]": the one in brackets is in use
+            chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
+            limits[name] = chosen[0] if chosen else text
+        else:
+            limits[name] = int(text) if text.isdigit() else text
+    return limits
+
+
 def device_size(index: int) -> int:
     """Size in bytes the kernel reports for nbdN (0 when detached)."""
     sectors = _sys(index, "size")
@@ -267,6 +295,10 @@ class KernelAttachment:
         self._netlink = None
         self._connections: list = []
         self._detached = False
+
+    def queue_limits(self) -> dict[str, int | str]:
+        """The device's queue limits now (read_ahead_kb and the scheduler can change at any time)."""
+        return queue_limits(f"nbd{self.index}")
 
     def _flush_device(self) -> None:
         """Push dirty pages to us before we go (a mounted filesystem's too, with sync)."""
