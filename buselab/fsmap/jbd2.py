@@ -1,0 +1,257 @@
+"""The jbd2 journal (ext3/ext4), read from its blocks' own headers.
+
+Every block the journal writes for itself starts with a 12-byte big-endian header: the magic
+0xC03B3998, a block type (1 descriptor, 2 commit, 3/4 superblock v1/v2, 5 revoke) and the
+transaction's sequence number. A descriptor lists, in tags, the file-system blocks whose copies
+follow it in the log; a commit closes the transaction. Logged copies that happen to start with
+the magic are stored with it zeroed (the ESCAPE flag), so a block that starts with the magic is
+always one of the journal's own. Layout: the kernel's Documentation/filesystems/ext4/journal.rst.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .layouts import JBD2_HEADER, JBD2_MAGIC, JBD2_REVOKE_COUNT, JBD2_SUPERBLOCK
+
+DESCRIPTOR, COMMIT, SUPERBLOCK_V1, SUPERBLOCK_V2, REVOKE = 1, 2, 3, 4, 5
+BLOCK_TYPES = {DESCRIPTOR: "descriptor", COMMIT: "commit", SUPERBLOCK_V1: "superblock", SUPERBLOCK_V2: "superblock"}
+BLOCK_TYPES[REVOKE] = "revoke"
+
+INCOMPAT_REVOKE, INCOMPAT_64BIT, INCOMPAT_ASYNC_COMMIT = 0x1, 0x2, 0x4
+INCOMPAT_CSUM_V2, INCOMPAT_CSUM_V3, INCOMPAT_FAST_COMMIT = 0x8, 0x10, 0x20
+INCOMPAT_NAMES = {
+    INCOMPAT_REVOKE: "revoke",
+    INCOMPAT_64BIT: "64bit",
+    INCOMPAT_ASYNC_COMMIT: "async_commit",
+    INCOMPAT_CSUM_V2: "csum_v2",
+    INCOMPAT_CSUM_V3: "csum_v3",
+    INCOMPAT_FAST_COMMIT: "fast_commit",
+}
+TAG_ESCAPE, TAG_SAME_UUID, TAG_DELETED, TAG_LAST = 0x1, 0x2, 0x4, 0x8
+_MAGIC = JBD2_MAGIC.to_bytes(4, "big")
+MAX_DECODED_BLOCKS = 256  # of one request's data: a bound on the cost of a label
+
+
+@dataclass
+class JournalArea:
+    """Where a jbd2 journal lives on the disk, so a request's own bytes can be decoded."""
+
+    fs_offset: int  # where its file system starts on the disk
+    block_size: int
+    extents: list[tuple[int, int, int]]  # (disk offset, length, first journal block)
+    prefix: str = ""  # "partition 1 (ext4): " on a partitioned disk
+    incompat: int = 0
+    first: int = 1  # s_first: the first block of the log
+    maxlen: int = 0  # s_maxlen: blocks in the journal
+    fast_commit_blocks: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tag_bytes(self) -> int:
+        """Size of one descriptor tag (the kernel's journal_tag_bytes)."""
+        if self.incompat & INCOMPAT_CSUM_V3:
+            return 16
+        size = 12 + (2 if self.incompat & INCOMPAT_CSUM_V2 else 0)
+        return size if self.incompat & INCOMPAT_64BIT else size - 4
+
+    @property
+    def has_tail(self) -> bool:
+        return bool(self.incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3))
+
+    def journal_block(self, disk_offset: int) -> int | None:
+        for start, length, first in self.extents:
+            if start <= disk_offset < start + length:
+                return first + (disk_offset - start) // self.block_size
+        return None
+
+
+def parse_superblock(buf: bytes) -> dict[str, Any] | None:
+    """The jbd2 superblock's fields that say where the log is, or None if `buf` is not one."""
+    if len(buf) < JBD2_SUPERBLOCK.size:
+        return None
+    sb = JBD2_SUPERBLOCK.parse(buf)
+    if sb.h_magic != JBD2_MAGIC or sb.h_blocktype not in (SUPERBLOCK_V1, SUPERBLOCK_V2):
+        return None
+    v2 = sb.h_blocktype == SUPERBLOCK_V2
+    incompat = sb.s_feature_incompat if v2 else 0
+    return {
+        "version": 2 if v2 else 1,
+        "block_size": sb.s_blocksize,
+        "blocks": sb.s_maxlen,
+        "first": sb.s_first,
+        "sequence": sb.s_sequence,
+        "start": sb.s_start,  # 0: the log is empty (clean); else recovery starts at this block
+        "errno": sb.s_errno,
+        "features": [name for bit, name in INCOMPAT_NAMES.items() if incompat & bit],
+        "incompat": incompat,
+        "fast_commit_blocks": (sb.s_num_fc_blks or 256) if incompat & INCOMPAT_FAST_COMMIT else 0,
+        "users": sb.s_nr_users if v2 else 1,
+    }
+
+
+def header(block: bytes | memoryview, pos: int = 0) -> tuple[int, int] | None:
+    """(block type, sequence) of a journal block that starts at `pos`, or None for logged data."""
+    if block[pos : pos + 4] != _MAGIC or len(block) < pos + 12:
+        return None
+    _, blocktype, sequence = JBD2_HEADER.struct.unpack_from(block, pos)
+    return (blocktype, sequence) if blocktype in BLOCK_TYPES else None
+
+
+def descriptor_tags(area: JournalArea, block: bytes | memoryview, pos: int = 0) -> list[int]:
+    """The file-system block numbers a descriptor block's tags name, in log order."""
+    end = pos + area.block_size - (4 if area.has_tail else 0)
+    end = min(end, len(block))
+    p = pos + 12
+    size = area.tag_bytes
+    v3 = bool(area.incompat & INCOMPAT_CSUM_V3)
+    wide = bool(area.incompat & INCOMPAT_64BIT)
+    targets: list[int] = []
+    while p + size <= end and len(targets) < area.block_size:
+        lo = int.from_bytes(block[p : p + 4], "big")
+        if v3:
+            flags = int.from_bytes(block[p + 4 : p + 8], "big")
+            hi = int.from_bytes(block[p + 8 : p + 12], "big") if wide else 0
+        else:
+            flags = int.from_bytes(block[p + 6 : p + 8], "big")
+            hi = int.from_bytes(block[p + 8 : p + 12], "big") if wide else 0
+        targets.append(lo | hi << 32)
+        p += size
+        if not flags & TAG_SAME_UUID:
+            p += 16
+        if flags & TAG_LAST:
+            break
+    return targets
+
+
+def revoke_count(area: JournalArea, block: bytes | memoryview, pos: int = 0) -> int:
+    """How many blocks a revoke block revokes."""
+    if len(block) < pos + 16:
+        return 0
+    (used,) = JBD2_REVOKE_COUNT.unpack_from(block, pos + 12)
+    entry = 8 if area.incompat & INCOMPAT_64BIT else 4
+    return max(0, min(used, area.block_size) - 16) // entry
+
+
+def describe_blocks(area: JournalArea, offset: int, data: bytes | memoryview) -> str | None:
+    """A label for a request into the journal, from its own bytes: 'jbd2 commit, transaction 57'.
+
+    `offset` is the request's offset on the disk and `data` its bytes (a write's payload or a
+    read's reply). Blocks are taken at the file system's block boundaries; at most
+    MAX_DECODED_BLOCKS of them are looked at.
+    """
+    bs = area.block_size
+    skip = (-(offset - area.fs_offset)) % bs
+    parts: list[str] = []
+    sequences: list[int] = []
+    plain = 0
+    logged = 0  # tags announced by descriptors seen so far, not yet matched by data blocks
+    pos = skip
+    count = 0
+    while pos + 12 <= len(data) and count < MAX_DECODED_BLOCKS:
+        found = header(data, pos)
+        if found is None:
+            plain += 1
+        else:
+            if plain:
+                parts.append(_blocks(plain, logged))
+                logged = max(0, logged - plain)
+                plain = 0
+            blocktype, sequence = found
+            name = BLOCK_TYPES[blocktype]
+            if blocktype == DESCRIPTOR:
+                tags = len(descriptor_tags(area, data, pos)) if pos + bs <= len(data) else 0
+                logged = tags
+                parts.append(f"descriptor ({tags} blocks)" if tags and len(data) - pos <= bs else name)
+            elif blocktype == REVOKE:
+                n = revoke_count(area, data, pos)
+                parts.append(f"revoke ({n} blocks)" if len(data) - pos <= bs else name)
+            elif blocktype in (SUPERBLOCK_V1, SUPERBLOCK_V2):
+                info = parse_superblock(bytes(data[pos : pos + 1024]))
+                if info is not None:
+                    state = "empty" if info["start"] == 0 else f"starts at block {info['start']}"
+                    return (
+                        f"{area.prefix}jbd2 superblock (v{info['version']}), log {state}, sequence {info['sequence']}"
+                    )
+                parts.append(name)
+            else:
+                parts.append(name)
+            if blocktype != SUPERBLOCK_V1 and blocktype != SUPERBLOCK_V2:
+                sequences.append(sequence)
+        pos += bs
+        count += 1
+    if not parts:
+        if not plain:
+            return None
+        first = area.journal_block(offset + skip)
+        where = f", journal block {first}" if first is not None else ""
+        if first is not None and area.fast_commit_blocks and first >= area.maxlen - area.fast_commit_blocks:
+            return f"{area.prefix}jbd2 fast-commit area{where}"
+        return f"{area.prefix}jbd2 logged block{'s' if plain > 1 else ''}{where}" + (
+            f" (+{plain - 1} blocks)" if plain > 1 else ""
+        )
+    if plain:
+        parts.append(_blocks(plain, logged))
+    if not sequences:
+        return f"{area.prefix}jbd2 " + ", ".join(parts)
+    lo, hi = min(sequences), max(sequences)
+    which = f"transaction {lo}" if lo == hi else f"transactions {lo}-{hi}"
+    return f"{area.prefix}jbd2 " + ", ".join(parts) + f", {which}"
+
+
+def _blocks(n: int, logged: int) -> str:
+    return f"{n} logged block{'s' if n != 1 else ''}" if logged else f"{n} block{'s' if n != 1 else ''}"
+
+
+@dataclass
+class JournalBlock:
+    """One block of a scanned journal that is not free: what it is and which transaction."""
+
+    block: int  # journal block number
+    what: str  # descriptor, commit, revoke, superblock, logged
+    sequence: int | None = None
+    target: int | None = None  # a logged copy: the file-system block it is a copy of
+    detail: str = ""
+
+
+def scan(area: JournalArea, read_blocks: Callable[[int, int], bytes], chunk: int = 1024) -> list[JournalBlock]:
+    """Every descriptor, commit and revoke block in the journal and the logged copies each descriptor announces.
+
+    `read_blocks(n, count)` returns journal blocks n .. n+count-1. The whole log is looked at, old
+    transactions too (they stay on the disk until overwritten), so the map shows what the
+    journal holds; only the first 4 bytes of a block that is not a header are looked at.
+    """
+    bs = area.block_size
+    last = area.maxlen - area.fast_commit_blocks
+    found: list[JournalBlock] = []
+    buf = b""
+    buf_first = 0
+    n = area.first
+    while n < last:
+        if not buf_first <= n < buf_first + len(buf) // bs:
+            buf_first = n
+            buf = read_blocks(n, min(chunk, last - n))
+        pos = (n - buf_first) * bs
+        got = header(buf, pos)
+        if got is None:
+            n += 1
+            continue
+        blocktype, sequence = got
+        if blocktype == DESCRIPTOR:
+            targets = descriptor_tags(area, buf, pos)
+            found.append(JournalBlock(n, "descriptor", sequence, detail=f"{len(targets)} blocks"))
+            for k, target in enumerate(targets):
+                copy = n + 1 + k
+                if copy >= last:  # the log wraps around to its first block
+                    copy = area.first + (copy - last)
+                found.append(JournalBlock(copy, "logged", sequence, target=target))
+            n += 1 + len(targets)
+            continue
+        if blocktype == REVOKE:
+            found.append(JournalBlock(n, "revoke", sequence, detail=f"{revoke_count(area, buf, pos)} blocks"))
+        elif blocktype == COMMIT:
+            found.append(JournalBlock(n, "commit", sequence))
+        n += 1
+    return found
