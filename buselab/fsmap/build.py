@@ -19,7 +19,7 @@ from .model import P_JOURNAL_BLOCK, PROBE_BYTES, Filesystem, FsMap, Partition, R
 from .source import Disk
 
 P_PARTITION = -1
-P_DISK = -2
+P_DISK = -3
 
 
 class _Found:

@@ -471,6 +471,11 @@ class ExtParser:
                     continue  # deleted
                 if special and (ino not in self.special and ino != ROOT_INO or raw.i_mode == 0 and not raw.i_blocks_lo):
                     continue  # a reserved inode that is not used (the undelete directory, an empty bad-blocks list)
+                if budget <= 0:
+                    self.notes.append(
+                        f"stopped reading inodes at inode {ino}: the limit of {self.limits.max_inodes} inodes was reached"
+                    )
+                    return
                 budget -= 1
                 node = _Inode(ino, raw.i_mode, raw.i_size_lo | raw.i_size_high << 32, raw.i_flags)
                 node.xattr = raw.i_file_acl_lo | raw.i_file_acl_high << 32

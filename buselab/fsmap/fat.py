@@ -126,7 +126,7 @@ class FatParser:
             return
         n = self.clusters + 2
         width = {12: 0, 16: 2, 32: 4}[self.bits]
-        raw = self.disk.read(self.fat_start * self.bps, min(size, -(-n * (width or 1.5) // 1)))
+        raw = self.disk.read(self.fat_start * self.bps, min(size, n * width if width else (n * 3 + 1) // 2))
         self.fat_raw = raw
         if width:
             raw = raw[: n * width]

@@ -145,9 +145,10 @@ def describe_blocks(area: JournalArea, offset: int, data: bytes | memoryview) ->
     bs = area.block_size
     skip = (-(offset - area.fs_offset)) % bs
     parts: list[str] = []
+    details: list[str] = []
     sequences: list[int] = []
     plain = 0
-    logged = 0  # tags announced by descriptors seen so far, not yet matched by data blocks
+    logged = 0  # tags announced by the last descriptor seen
     pos = skip
     count = 0
     while pos + 12 <= len(data) and count < MAX_DECODED_BLOCKS:
@@ -157,28 +158,24 @@ def describe_blocks(area: JournalArea, offset: int, data: bytes | memoryview) ->
         else:
             if plain:
                 parts.append(_blocks(plain, logged))
-                logged = max(0, logged - plain)
                 plain = 0
             blocktype, sequence = found
-            name = BLOCK_TYPES[blocktype]
-            if blocktype == DESCRIPTOR:
-                tags = len(descriptor_tags(area, data, pos)) if pos + bs <= len(data) else 0
-                logged = tags
-                parts.append(f"descriptor ({tags} blocks)" if tags and len(data) - pos <= bs else name)
-            elif blocktype == REVOKE:
-                n = revoke_count(area, data, pos)
-                parts.append(f"revoke ({n} blocks)" if len(data) - pos <= bs else name)
-            elif blocktype in (SUPERBLOCK_V1, SUPERBLOCK_V2):
+            if blocktype in (SUPERBLOCK_V1, SUPERBLOCK_V2):
                 info = parse_superblock(bytes(data[pos : pos + 1024]))
                 if info is not None:
                     state = "empty" if info["start"] == 0 else f"starts at block {info['start']}"
                     return (
                         f"{area.prefix}jbd2 superblock (v{info['version']}), log {state}, sequence {info['sequence']}"
                     )
-                parts.append(name)
+            parts.append(BLOCK_TYPES[blocktype])
+            if blocktype == DESCRIPTOR:
+                logged = len(descriptor_tags(area, data, pos))
+                details.append(f"{logged} blocks")
+            elif blocktype == REVOKE:
+                details.append(f"{revoke_count(area, data, pos)} blocks")
             else:
-                parts.append(name)
-            if blocktype != SUPERBLOCK_V1 and blocktype != SUPERBLOCK_V2:
+                details.append("")
+            if blocktype not in (SUPERBLOCK_V1, SUPERBLOCK_V2):
                 sequences.append(sequence)
         pos += bs
         count += 1
@@ -189,15 +186,17 @@ def describe_blocks(area: JournalArea, offset: int, data: bytes | memoryview) ->
         where = f", journal block {first}" if first is not None else ""
         if first is not None and area.fast_commit_blocks and first >= area.maxlen - area.fast_commit_blocks:
             return f"{area.prefix}jbd2 fast-commit area{where}"
-        return f"{area.prefix}jbd2 logged block{'s' if plain > 1 else ''}{where}" + (
-            f" (+{plain - 1} blocks)" if plain > 1 else ""
-        )
+        more = f" (+{plain - 1} blocks)" if plain > 1 else ""
+        return f"{area.prefix}jbd2 logged block{where}{more}"
     if plain:
         parts.append(_blocks(plain, logged))
     if not sequences:
         return f"{area.prefix}jbd2 " + ", ".join(parts)
     lo, hi = min(sequences), max(sequences)
     which = f"transaction {lo}" if lo == hi else f"transactions {lo}-{hi}"
+    if len(parts) == 1:  # one of the journal's own blocks: 'jbd2 descriptor, transaction 57 (5 blocks)'
+        detail = f" ({details[0]})" if details[0] else ""
+        return f"{area.prefix}jbd2 {parts[0]}, {which}{detail}"
     return f"{area.prefix}jbd2 " + ", ".join(parts) + f", {which}"
 
 

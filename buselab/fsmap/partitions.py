@@ -52,6 +52,7 @@ MBR_TYPES = {
 }
 EXTENDED = (0x05, 0x0F, 0x85)
 GPT_SIGNATURE = b"EFI PART"
+P_EXTENDED = -2  # below the logical partitions it holds (-1), above the unpartitioned rest of the disk (-3)
 
 
 @dataclass
