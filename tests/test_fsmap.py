@@ -378,6 +378,7 @@ def test_jbd2_blocks_decoded_as_logdump_finds_them(tmp_path, options):
 
     scanned = image_map(copy, scan_journal=True)
     plain = image_map(copy)
+    in_place = image_map(copy, replay_journal=False)
     data = copy.read_bytes()
     for what, sequence, jblock, target in expected:
         offset = disk_block(jblock) * bs
@@ -392,6 +393,10 @@ def test_jbd2_blocks_decoded_as_logdump_finds_them(tmp_path, options):
         assert plain.label(offset, bs).text.endswith(" journal (inode 8)")
         decoded = plain.label(offset, bs, data[offset : offset + bs])
         assert decoded.text.startswith(f"jbd2 {what}, transaction {sequence}"), decoded
+        # A commit changes what the replayed map shows; the other journal blocks do not
+        assert plain.needs_refresh(offset, bs, data[offset : offset + bs]) == (what == "commit")
+        assert plain.needs_refresh(offset, bs)  # without the bytes: maybe a commit
+        assert not in_place.needs_refresh(offset, bs, data[offset : offset + bs])
     # One request holding a whole transaction: descriptor, its logged blocks, the commit
     descriptor = next(e for e in expected if e[0] == "descriptor")
     commit = next(e for e in expected if e[0] == "commit" and e[1] == descriptor[1])
@@ -430,6 +435,52 @@ def test_jbd2_decoder_on_hand_made_blocks():
     assert describe_blocks(area, 10 * bs, whole) == "jbd2 descriptor, 3 logged blocks, commit, transaction 57"
     # A request that starts mid-block is decoded from the next block boundary
     assert describe_blocks(area, 10 * bs - 512, bytes(512) + block(2, 9)) == "jbd2 commit, transaction 9"
+
+
+# --- recovery in memory: committed transactions not yet written in place ------------------------------
+
+
+@pytest.mark.parametrize("revoke", [False, True], ids=["committed", "revoked"])
+def test_replay_shows_what_e2fsck_recovery_would(tmp_path, source, revoke):
+    """debugfs writes transactions into the journal (jo/jw/jc) without touching the blocks in place."""
+    require_tool("e2fsck")
+    image = mkfs_ext(tmp_path, "rp", "64M", "-b", "1024", source=source)
+    ino, blocks = debugfs_stat(image, "/")
+    root = blocks["data"][0][0]
+    raw = image.read_bytes()[root * 1024 : (root + 1) * 1024]
+    assert b"hello.txt" in raw
+    (tmp_path / "renamed").write_bytes(raw.replace(b"hello.txt", b"howdy.txt"))
+    (tmp_path / "bogus").write_bytes(raw.replace(b"hello.txt", b"bogus.txt"))
+    (tmp_path / "empty").write_bytes(b"")
+    commands = [f"jw -b {root} {tmp_path / 'renamed'}"]
+    if revoke:
+        commands.append(f"jw -r {root} {tmp_path / 'empty'}")
+    commands.append(f"jw -b {root} {tmp_path / 'bogus'} -c")  # never committed: recovery ignores it
+    script = "".join(f"jo\n{c}\njc\n" for c in commands)
+    (tmp_path / "cmds").write_text(script)
+    run("debugfs", "-w", "-f", str(tmp_path / "cmds"), str(image))
+    hello, blocks = debugfs_stat(image, "/hello.txt")
+    data_offset = blocks["data"][0][0] * 1024
+
+    in_place = image_map(image, replay_journal=False)
+    assert in_place.label(data_offset, 1).text == f"file data (inode {hello}, /hello.txt)"
+    replayed = image_map(image)
+    expected = "/hello.txt" if revoke else "/howdy.txt"
+    assert replayed.label(data_offset, 1).text == f"file data (inode {hello}, {expected})"
+    journal = replayed.filesystems[0].info["journal"]
+    assert journal["replayed_transactions"] == (2 if revoke else 1)
+    assert journal["replayed_blocks"] == (0 if revoke else 1)
+
+    recovered = tmp_path / "recovered.img"
+    shutil.copyfile(image, recovered)
+    subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(recovered)], capture_output=True, check=False)
+    after = image_map(recovered)
+    assert after.filesystems[0].info["needs_recovery"] is False
+
+    def outside_journal(fsmap: FsMap) -> list:
+        return [(r.offset, r.length, r.kind, r.label) for r in fsmap.regions if r.kind != "journal"]
+
+    assert outside_journal(after) == outside_journal(replayed)
 
 
 # --- refreshing --------------------------------------------------------------------------------------------
@@ -640,6 +691,11 @@ def test_mbr_with_logical_partitions(tmp_path):
     assert fsmap.label(by_number[1].offset + 4096, 512).text == "partition 1 (Linux): contents not recognised"
     ebrs = [r for r in fsmap.regions if r.label.startswith("EBR of logical partition")]
     assert len(ebrs) == 2
+    # A file system made in the empty partition would show: its start is watched, its middle not
+    assert fsmap.needs_refresh(by_number[1].offset + 1024, 1024)
+    assert not fsmap.needs_refresh(by_number[1].offset + (4 << 20), 4096)
+    assert fsmap.needs_refresh(logical["start"] * 512 + 1024, 1)  # partition 5's superblock
+    assert fsmap.needs_refresh(ebrs[1].offset, 512)
 
 
 # --- FAT against fsck.fat -v and mtools -------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from dataclasses import replace
 
 from . import ext, fat, partitions
 from .jbd2 import JournalArea
+from .layouts import JBD2_MAGIC
 from .limits import Limits
 from .model import P_JOURNAL_BLOCK, PROBE_BYTES, Filesystem, FsMap, Partition, Region
-from .source import Disk
+from .source import Disk, PatchedDisk
 
 P_PARTITION = -1
 P_DISK = -3
@@ -35,6 +36,7 @@ def build_map(
     size: int,
     *,
     scan_journal: bool = False,
+    replay_journal: bool = True,
     limits: Limits | None = None,
 ) -> FsMap:
     """The map of a disk of `size` bytes whose bytes `read(offset, length)` returns.
@@ -42,17 +44,25 @@ def build_map(
     `scan_journal` also decodes every block of ext3/ext4 journals (descriptor, commit and revoke
     blocks, and which block each logged copy is of): `buselab layout` does, a live map need not
     (`FsMap.label(offset, length, data)` decodes a request's own journal blocks).
+
+    `replay_journal` maps an ext3/ext4 whose journal holds committed transactions as recovery
+    would leave it (in memory: nothing is written), so a mounted file system's map follows its
+    last commit rather than its in-place metadata, which trails by up to the write-back delay.
     """
     limits = limits or Limits()
     disk = Disk(read, size)
     found = _Found()
-    probes = [(0, PROBE_BYTES)]
+    # Where a new partition table or file system would first show, watched by needs_refresh()
+    # where nothing is recognised yet (what is recognised watches its own boot sector, superblock
+    # and table regions).
+    probes: list[tuple[int, int]] = []
     table_kind = None
     table_info: dict = {}
     parts: list[Partition] = []
-    if not _filesystem(disk, found, limits, scan_journal, prefix="", partition=None):
+    if not _filesystem(disk, found, limits, scan_journal, replay_journal, prefix="", partition=None):
         table = partitions.parse(disk, limits)
         if table is None:
+            probes.append((0, PROBE_BYTES))
             found.regions.append(Region(0, size, "unknown", "no partition table or file system recognised", P_DISK))
         else:
             table_kind = table.kind
@@ -65,10 +75,17 @@ def build_map(
                 if part.offset >= size:
                     found.notes.append(f"partition {part.number} starts past the end of the disk")
                     continue
-                probes.append((part.offset, PROBE_BYTES))
                 window = disk.window(part.offset, part.size)
                 before = len(found.filesystems)
-                _filesystem(window, found, limits, scan_journal, prefix=f"partition {part.number}", partition=part)
+                _filesystem(
+                    window,
+                    found,
+                    limits,
+                    scan_journal,
+                    replay_journal,
+                    prefix=f"partition {part.number}",
+                    partition=part,
+                )
                 if len(found.filesystems) > before:
                     part.contents = found.filesystems[-1].type
                     what = f"partition {part.number} ({part.contents}): outside the file system"
@@ -76,6 +93,7 @@ def build_map(
                 else:
                     what = f"partition {part.number} ({part.type}): contents not recognised"
                     kind = "unknown"
+                    probes.append((part.offset, PROBE_BYTES))
                 found.regions.append(
                     Region(
                         part.offset, min(part.size, size - part.offset), kind, what, P_PARTITION, partition=part.number
@@ -90,6 +108,7 @@ def build_map(
         journals=found.journals,
         probes=probes,
         notes=found.notes,
+        watch_commits=replay_journal,
     )
     fsmap.table_info = table_info
     fsmap.bytes_read = disk.bytes_read
@@ -98,12 +117,26 @@ def build_map(
 
 
 def _filesystem(
-    disk: Disk, found: _Found, limits: Limits, scan_journal: bool, *, prefix: str, partition: Partition | None
+    disk: Disk,
+    found: _Found,
+    limits: Limits,
+    scan_journal: bool,
+    replay_journal: bool,
+    *,
+    prefix: str,
+    partition: Partition | None,
 ) -> bool:
     """Recognise and map the file system at the start of `disk`; False if there is none we know."""
     try:
         if ext.probe(disk):
             parser: ext.ExtParser | fat.FatParser = ext.ExtParser(disk, limits, scan_journal=scan_journal)
+            replay = parser.replay() if replay_journal else None
+            if replay is not None:
+                plan, patches = replay
+                if patches:
+                    patched = PatchedDisk(disk, parser.bs, patches, JBD2_MAGIC.to_bytes(4, "big"))
+                    parser = ext.ExtParser(patched, limits, scan_journal=scan_journal)
+                parser.replayed = plan
         elif fat.probe(disk):
             parser = fat.FatParser(disk, limits)
         else:

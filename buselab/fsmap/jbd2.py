@@ -102,28 +102,99 @@ def header(block: bytes | memoryview, pos: int = 0) -> tuple[int, int] | None:
 
 def descriptor_tags(area: JournalArea, block: bytes | memoryview, pos: int = 0) -> list[int]:
     """The file-system block numbers a descriptor block's tags name, in log order."""
+    return [target for target, _ in descriptor_entries(area, block, pos)]
+
+
+def descriptor_entries(area: JournalArea, block: bytes | memoryview, pos: int = 0) -> list[tuple[int, int]]:
+    """(file-system block, tag flags) of each tag of a descriptor block, in log order."""
     end = pos + area.block_size - (4 if area.has_tail else 0)
     end = min(end, len(block))
     p = pos + 12
     size = area.tag_bytes
     v3 = bool(area.incompat & INCOMPAT_CSUM_V3)
     wide = bool(area.incompat & INCOMPAT_64BIT)
-    targets: list[int] = []
-    while p + size <= end and len(targets) < area.block_size:
+    entries: list[tuple[int, int]] = []
+    while p + size <= end and len(entries) < area.block_size:
         lo = int.from_bytes(block[p : p + 4], "big")
-        if v3:
-            flags = int.from_bytes(block[p + 4 : p + 8], "big")
-            hi = int.from_bytes(block[p + 8 : p + 12], "big") if wide else 0
-        else:
-            flags = int.from_bytes(block[p + 6 : p + 8], "big")
-            hi = int.from_bytes(block[p + 8 : p + 12], "big") if wide else 0
-        targets.append(lo | hi << 32)
+        flags = int.from_bytes(block[p + 4 : p + 8] if v3 else block[p + 6 : p + 8], "big")
+        hi = int.from_bytes(block[p + 8 : p + 12], "big") if wide else 0
+        entries.append((lo | hi << 32, flags))
         p += size
         if not flags & TAG_SAME_UUID:
             p += 16
         if flags & TAG_LAST:
             break
-    return targets
+    return entries
+
+
+def revoked_blocks(area: JournalArea, block: bytes | memoryview, pos: int = 0) -> list[int]:
+    """The file-system blocks a revoke block revokes."""
+    if len(block) < pos + 16:
+        return []
+    (used,) = JBD2_REVOKE_COUNT.unpack_from(block, pos + 12)
+    entry = 8 if area.incompat & INCOMPAT_64BIT else 4
+    end = pos + min(used, area.block_size, len(block) - pos)
+    return [int.from_bytes(block[p : p + entry], "big") for p in range(pos + 16, end - entry + 1, entry)]
+
+
+@dataclass
+class Replay:
+    """What recovery would write in place: file-system block -> (journal block of its newest copy, escaped)."""
+
+    blocks: dict[int, tuple[int, bool]]
+    transactions: int  # committed transactions found in the live log
+    end_sequence: int  # the first sequence number not found
+
+
+def replay_plan(area: JournalArea, read_block: Callable[[int], bytes], start: int, sequence: int) -> Replay:
+    """Walk the live log as jbd2 recovery does: from `start` (s_start) with `sequence` (s_sequence).
+
+    Each committed transaction's logged blocks are kept, the newest copy of a block winning; a
+    block revoked in a transaction at or after the one that logged it is dropped (the kernel's
+    jbd2_journal_test_revoke); a transaction without its commit block is not applied. Checksums
+    are not verified.
+    """
+    plan: dict[int, tuple[int, bool, int]] = {}
+    revoked: dict[int, int] = {}
+    last = area.maxlen - area.fast_commit_blocks
+    if not (area.first <= start < last):
+        return Replay({}, 0, sequence)
+
+    def step(n: int) -> int:
+        n += 1
+        return area.first if n >= last else n
+
+    pending: dict[int, tuple[int, bool]] = {}
+    pending_revoked: list[int] = []
+    n = start
+    committed = 0
+    for _ in range(last):  # a bound: the log cannot be longer than the journal
+        block = read_block(n)
+        found = header(block)
+        if found is None or found[1] != sequence:
+            break
+        blocktype = found[0]
+        if blocktype == DESCRIPTOR:
+            for target, flags in descriptor_entries(area, block):
+                n = step(n)
+                pending[target] = (n, bool(flags & TAG_ESCAPE))
+        elif blocktype == REVOKE:
+            pending_revoked += revoked_blocks(area, block)
+        elif blocktype == COMMIT:
+            for target, (copy, escaped) in pending.items():
+                plan[target] = (copy, escaped, sequence)
+            for target in pending_revoked:
+                revoked[target] = max(revoked.get(target, sequence), sequence)
+            pending, pending_revoked = {}, []
+            committed += 1
+            sequence += 1
+        else:
+            break
+        n = step(n)
+    blocks = {
+        target: (copy, escaped) for target, (copy, escaped, seq) in plan.items() if revoked.get(target, seq - 1) < seq
+    }
+    return Replay(blocks, committed, sequence)
 
 
 def revoke_count(area: JournalArea, block: bytes | memoryview, pos: int = 0) -> int:
@@ -198,6 +269,20 @@ def describe_blocks(area: JournalArea, offset: int, data: bytes | memoryview) ->
         detail = f" ({details[0]})" if details[0] else ""
         return f"{area.prefix}jbd2 {parts[0]}, {which}{detail}"
     return f"{area.prefix}jbd2 " + ", ".join(parts) + f", {which}"
+
+
+def has_commit(area: JournalArea, offset: int, data: bytes | memoryview) -> bool:
+    """Does a request's data hold a jbd2 commit block (at the file system's block boundaries)?"""
+    bs = area.block_size
+    pos = (-(offset - area.fs_offset)) % bs
+    for _ in range(MAX_DECODED_BLOCKS):
+        if pos + 12 > len(data):
+            return False
+        found = header(data, pos)
+        if found is not None and found[0] == COMMIT:
+            return True
+        pos += bs
+    return False
 
 
 def _blocks(n: int, logged: int) -> str:

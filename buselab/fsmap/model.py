@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from .jbd2 import JournalArea, describe_blocks
+from .jbd2 import JournalArea, describe_blocks, has_commit
 
 Read = Callable[[int, int], bytes]
 """read(offset, length) -> exactly `length` bytes of the disk (a backend, an image file, an NBD client)."""
@@ -208,8 +208,10 @@ class FsMap:
         probes: list[tuple[int, int]] | None = None,
         notes: list[str] | None = None,
         refresh_kinds: frozenset[str] = REFRESH_KINDS,
+        watch_commits: bool = False,
     ) -> None:
         self.size = size
+        self.watch_commits = watch_commits  # built with the journal replayed: a new commit changes the map
         self.regions = flatten(regions)
         self.table = table  # "GPT", "MBR" or None
         self.partitions = partitions or []
@@ -224,7 +226,7 @@ class FsMap:
         self._labels = [Label(r.label, r.kind) for r in self.regions]
         self._gap = Label("not mapped", "unknown")
         watched = [(r.offset, r.end) for r in self.regions if r.kind in refresh_kinds]
-        watched += [(start, start + length) for start, length in (probes or [(0, PROBE_BYTES)])]
+        watched += [(start, start + length) for start, length in (probes if probes is not None else [(0, PROBE_BYTES)])]
         self._watch_starts, self._watch_ends = _merge(watched)
         self._journal_ranges = sorted(
             (start, start + length, area) for area in self.journals for start, length, _ in area.extents
@@ -271,15 +273,24 @@ class FsMap:
         last = bisect_left(self._starts, offset + max(length, 1))
         return [r for r in self.regions[i:last] if r.end > offset]
 
-    def needs_refresh(self, offset: int, length: int) -> bool:
+    def needs_refresh(self, offset: int, length: int, data: bytes | memoryview | None = None) -> bool:
         """Does a write to [offset, offset+length) touch bytes the map was read from?
 
         Superblocks, descriptors, bitmaps, inode tables, directories, extent trees, partition
-        tables, FATs, and the first 64 KiB of the disk and of each partition (where a new
-        file system would appear). The caller re-builds the map, debounced, when it says so.
+        tables, FATs, boot sectors, and the first 64 KiB of a disk or partition whose contents
+        are not recognised (where a new file system would appear). For a map built with the journal replayed, also a write into
+        the journal that holds a commit block (any write into the journal when `data` is not
+        given). The caller re-builds the map, debounced (RefreshTimer), when it says so.
         """
         i = bisect_right(self._watch_starts, offset + max(length, 1) - 1) - 1
-        return i >= 0 and self._watch_ends[i] > offset
+        if i >= 0 and self._watch_ends[i] > offset:
+            return True
+        if not self.watch_commits or not self._journal_ranges:
+            return False
+        k = bisect_right(self._journal_ranges, (offset + max(length, 1) - 1, float("inf"))) - 1
+        if k < 0 or self._journal_ranges[k][1] <= offset:
+            return False
+        return data is None or has_commit(self._journal_ranges[k][2], offset, data)
 
     # --- jbd2 ---------------------------------------------------------------------------
 

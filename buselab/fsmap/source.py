@@ -7,6 +7,7 @@ NBD server accepts, and `window(offset, size)` gives a partition its own offset 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 
 CHUNK = 4 << 20  # the longest single read asked of the callable (NBD servers may refuse 32 MiB+)
@@ -59,3 +60,40 @@ class Disk:
         """The bytes [offset, offset+size) of this disk as a disk of their own."""
         size = max(0, min(size, self.size - offset))
         return Disk(self._read, size, self.base + offset, self._counter)
+
+
+class PatchedDisk(Disk):
+    """A disk as it will be once some blocks are overwritten by copies kept elsewhere on it.
+
+    Journal recovery without writing: `patches` maps a block number (of `block_size`) to the
+    offset of its newest committed copy in the journal, and whether the copy was stored with its
+    first four bytes zeroed (jbd2's ESCAPE flag), which `escape` puts back.
+    """
+
+    def __init__(self, disk: Disk, block_size: int, patches: dict[int, tuple[int, bool]], escape: bytes) -> None:
+        super().__init__(disk._read, disk.size, disk.base, disk._counter)
+        self.block_size = block_size
+        self.patches = patches
+        self._keys = sorted(patches)
+        self._escape = escape
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = super().read(offset, length)
+        if length <= 0 or not self._keys:
+            return data
+        bs = self.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        i = bisect_left(self._keys, first)
+        if i == len(self._keys) or self._keys[i] > last:
+            return data
+        buf = bytearray(data)
+        while i < len(self._keys) and self._keys[i] <= last:
+            block = self._keys[i]
+            at, escaped = self.patches[block]
+            copy = bytearray(super().read(at, bs))
+            if escaped:
+                copy[:4] = self._escape
+            lo, hi = max(offset, block * bs), min(offset + length, (block + 1) * bs)
+            buf[lo - offset : hi - offset] = copy[lo - block * bs : hi - block * bs]
+            i += 1
+        return bytes(buf)
