@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-journal-scan", action="store_true", help="do not decode the journal's blocks (faster on a big journal)"
     )
+    p.add_argument(
+        "--no-replay",
+        action="store_true",
+        help="map the metadata as it is in place, not as journal recovery would leave it",
+    )
     p.set_defaults(func=cmd_layout)
 
 
@@ -62,7 +67,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
         if size <= 0:
             raise UserError(f"{what} is empty: there is nothing to map")
         try:
-            fsmap = build_map(read, size, scan_journal=not args.no_journal_scan)
+            fsmap = build_map(read, size, scan_journal=not args.no_journal_scan, replay_journal=not args.no_replay)
         except (OSError, ConnectionError) as exc:
             raise UserError(f"reading {what} failed: {exc}") from None
     if not fsmap.filesystems and not fsmap.table:
@@ -285,6 +290,11 @@ def _journal_lines(fsmap: Any, fs: Any, journal: dict) -> list[str]:
             f"    jbd2 v{journal['version']}, {journal['blocks']} blocks of {journal['block_size']}, log {state},"
             f" sequence {journal['sequence']}"
             + (f", features {' '.join(journal['features'])}" if journal["features"] else "")
+        )
+    if "replayed_transactions" in journal:
+        lines.append(
+            f"    mapped as recovery would leave it: {journal['replayed_blocks']} block(s) read from the"
+            f" {journal['replayed_transactions']} committed transaction(s) not yet written in place (--no-replay: as it is)"
         )
     if "transactions" in journal:
         tx = journal["transactions"]

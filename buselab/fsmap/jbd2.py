@@ -10,6 +10,7 @@ always one of the journal's own. Layout: the kernel's Documentation/filesystems/
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,20 +112,25 @@ def descriptor_entries(area: JournalArea, block: bytes | memoryview, pos: int = 
     end = min(end, len(block))
     p = pos + 12
     size = area.tag_bytes
-    v3 = bool(area.incompat & INCOMPAT_CSUM_V3)
     wide = bool(area.incompat & INCOMPAT_64BIT)
+    # tag3 (csum_v3): blocknr, flags (32 bits), blocknr_high, checksum; the older tag: blocknr,
+    # checksum (16 bits), flags (16 bits), then blocknr_high with 64bit. Never read past a tag.
+    v3 = bool(area.incompat & INCOMPAT_CSUM_V3)
+    unpack = (_TAG3 if v3 else _TAG_WIDE if wide else _TAG_NARROW).unpack_from
     entries: list[tuple[int, int]] = []
     while p + size <= end and len(entries) < area.block_size:
-        lo = int.from_bytes(block[p : p + 4], "big")
-        flags = int.from_bytes(block[p + 4 : p + 8] if v3 else block[p + 6 : p + 8], "big")
-        hi = int.from_bytes(block[p + 8 : p + 12], "big") if wide else 0
-        entries.append((lo | hi << 32, flags))
-        p += size
-        if not flags & TAG_SAME_UUID:
-            p += 16
+        values = unpack(block, p)
+        flags = values[1]
+        entries.append((values[0] | values[2] << 32 if wide else values[0], flags))
+        p += size if flags & TAG_SAME_UUID else size + 16
         if flags & TAG_LAST:
             break
     return entries
+
+
+_TAG3 = struct.Struct(">III")  # blocknr, flags, blocknr_high (then a checksum, not needed)
+_TAG_WIDE = struct.Struct(">I2xHI")  # blocknr, (checksum), flags, blocknr_high
+_TAG_NARROW = struct.Struct(">I2xH")  # blocknr, (checksum), flags
 
 
 def revoked_blocks(area: JournalArea, block: bytes | memoryview, pos: int = 0) -> list[int]:
