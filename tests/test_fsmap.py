@@ -551,10 +551,24 @@ def test_damaged_metadata_never_raises(tmp_path, source):
         for _ in range(rnd.randrange(1, 40)):
             at = rnd.randrange(0, 1 << 20)
             raw[at : at + 4] = rnd.randbytes(4)
+        at = rnd.randrange(1024, 4096)  # and once in the superblock or the descriptors
+        raw[at : at + 4] = rnd.randbytes(4)
         started = time.perf_counter()
         fsmap = build_map(lambda o, n, raw=raw: bytes(raw[o : o + n]), len(raw), scan_journal=True)
         assert time.perf_counter() - started < 5
         assert fsmap.label(1024, 1024).kind in KINDS
+
+
+def test_a_superblock_that_claims_exabytes_costs_no_more_than_the_disk(tmp_path, source):
+    image = mkfs_ext(tmp_path, "x", "16M", "-b", "1024", source=source)
+    raw = bytearray(image.read_bytes())
+    raw[1024 + 0x150 : 1024 + 0x154] = (1 << 28).to_bytes(4, "little")  # s_blocks_count_hi: 2**60 blocks
+    started = time.perf_counter()
+    fsmap = build_map(lambda o, n: bytes(raw[o : o + n]), len(raw))
+    assert time.perf_counter() - started < 2
+    assert fsmap.filesystems[0].info["groups"] > 1 << 40
+    assert any("only groups 0-1 of" in note for note in fsmap.notes), fsmap.notes
+    assert fsmap.label(1024, 1024).kind == "superblock"
 
 
 def test_limits_bound_the_work_and_say_so(tmp_path, source):

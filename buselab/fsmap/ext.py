@@ -107,12 +107,22 @@ def probe(disk: Disk) -> bool:
     if disk.size < EXT_SB_OFFSET + 1024:
         return False
     sb = EXT_SUPERBLOCK.parse(disk.read(EXT_SB_OFFSET, 1024))
+    if sb.s_magic != EXT_MAGIC or sb.s_log_block_size > 6 or sb.s_feature_incompat & INCOMPAT_JOURNAL_DEV:
+        return False
+    bs = 1024 << sb.s_log_block_size
+    ratio = 1
+    if sb.s_feature_ro_compat & RO_COMPAT_BIGALLOC:
+        if not sb.s_log_block_size <= sb.s_log_cluster_size <= sb.s_log_block_size + 16:
+            return False
+        ratio = 1 << (sb.s_log_cluster_size - sb.s_log_block_size)
+    inode_size = sb.s_inode_size if sb.s_rev_level >= 1 else 128
+    # The bounds mke2fs keeps (a bitmap is one block): anything else is not a file system we can map.
     return (
-        sb.s_magic == EXT_MAGIC
-        and sb.s_log_block_size <= 6
-        and sb.s_blocks_per_group > 0
-        and sb.s_inodes_per_group > 0
-        and not sb.s_feature_incompat & INCOMPAT_JOURNAL_DEV
+        256 <= sb.s_blocks_per_group <= 8 * bs * ratio
+        and 1 <= sb.s_inodes_per_group <= 8 * bs
+        and 128 <= inode_size <= bs
+        and inode_size & (inode_size - 1) == 0
+        and sb.s_blocks_count_lo > sb.s_first_data_block
     )
 
 
@@ -177,9 +187,14 @@ class ExtParser:
         self.inode_size = sb.s_inode_size if sb.s_rev_level >= 1 else 128
         self.first_ino = sb.s_first_ino if sb.s_rev_level >= 1 else 11
         self.desc_size = sb.s_desc_size if self.wide and sb.s_desc_size >= 64 else 32
-        self.groups = max(0, -(-(self.blocks - self.first_data_block) // self.bpg))
+        self.all_groups = max(0, -(-(self.blocks - self.first_data_block) // self.bpg))
         self.descs_per_block = self.bs // self.desc_size
-        self.gdt_blocks = -(-self.groups // self.descs_per_block)
+        self.gdt_blocks = -(-self.all_groups // self.descs_per_block)
+        # Groups that start on the disk, to a limit: a superblock that claims exabytes on a
+        # small disk (damaged, or hostile) costs no more than the disk it is on.
+        on_disk = max(1, -(-(min(self.blocks, disk.size // self.bs) - self.first_data_block) // self.bpg))
+        self.groups = min(self.all_groups, on_disk, limits.max_groups)
+        self._tree_budget = limits.max_tree_blocks
         self.csum = bool(sb.s_feature_ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM))
         self.meta_bg = bool(sb.s_feature_incompat & INCOMPAT_META_BG)
         self.itable_blocks = -(-self.ipg * self.inode_size // self.bs)
@@ -293,6 +308,8 @@ class ExtParser:
             self.notes.append(
                 f"the file system says it is {self.blocks * self.bs} bytes, the disk holds {self.disk.size}"
             )
+        if self.groups < self.all_groups:
+            self.notes.append(f"only groups 0-{self.groups - 1} of {self.all_groups} are mapped")
         self._read_descriptors()
         self._static_layout(fs)
         self._free_space()
@@ -313,10 +330,11 @@ class ExtParser:
 
     def _read_descriptors(self) -> None:
         raw = bytearray()
+        blocks = -(-self.groups // self.descs_per_block)
         if not self.meta_bg:
-            raw += self.read_blocks(self.first_data_block + 1, self.gdt_blocks)
+            raw += self.read_blocks(self.first_data_block + 1, blocks)
         else:
-            for index in range(self.gdt_blocks):
+            for index in range(blocks):
                 raw += self.read_blocks(self._descriptor_block(index))
         for g in range(self.groups):
             pos = g * self.desc_size
@@ -362,6 +380,9 @@ class ExtParser:
         )
         reserved = self.sb.s_reserved_gdt_blocks if self.sb.s_feature_compat & COMPAT_RESIZE_INODE else 0
         old_gdt = min(self.gdt_blocks, self.sb.s_first_meta_bg) if self.meta_bg else self.gdt_blocks
+        if old_gdt + reserved >= self.bpg:
+            self.notes.append(f"{old_gdt} descriptor and {reserved} reserved GDT blocks do not fit in a group")
+            old_gdt, reserved = min(old_gdt, self.bpg - 1), 0
         for g in range(self.groups):
             start = self.group_start(g)
             end = min(start + self.bpg, self.blocks)
@@ -378,7 +399,7 @@ class ExtParser:
                     info["group_descriptors"] = [start + 1, start + old_gdt]
                     for k in range(old_gdt):
                         first = k * self.descs_per_block
-                        last = min(self.groups, first + self.descs_per_block) - 1
+                        last = min(self.all_groups, first + self.descs_per_block) - 1
                         self._add(
                             start + 1 + k,
                             1,
@@ -402,7 +423,7 @@ class ExtParser:
                 first_in_meta = meta * self.descs_per_block
                 if meta >= self.sb.s_first_meta_bg and g - first_in_meta in (0, 1, self.descs_per_block - 1):
                     at = start + (1 if self.has_super(g) else 0)
-                    last = min(self.groups, first_in_meta + self.descs_per_block) - 1
+                    last = min(self.all_groups, first_in_meta + self.descs_per_block) - 1
                     copy = "primary" if g == first_in_meta else f"backup in group {g}"
                     info["group_descriptors"] = [at, at]
                     self._add(
@@ -502,6 +523,8 @@ class ExtParser:
                     f"stopped reading inodes at group {g}: the limit of {self.limits.max_inodes} inodes was reached"
                 )
                 break
+            used = min(used, budget)
+            budget -= used
             table = self.disk.read(d["inode_table"] * self.bs, used * isz)
             base = g * self.ipg + 1
             for k in range(used):
@@ -515,12 +538,6 @@ class ExtParser:
                     continue  # deleted
                 if special and (ino not in self.special and ino != ROOT_INO or raw.i_mode == 0 and not raw.i_blocks_lo):
                     continue  # a reserved inode that is not used (the undelete directory, an empty bad-blocks list)
-                if budget <= 0:
-                    self.notes.append(
-                        f"stopped reading inodes at inode {ino}: the limit of {self.limits.max_inodes} inodes was reached"
-                    )
-                    return
-                budget -= 1
                 node = _Inode(ino, raw.i_mode, raw.i_size_lo | raw.i_size_high << 32, raw.i_flags)
                 node.xattr = raw.i_file_acl_lo | raw.i_file_acl_high << 32
                 self._map_blocks(node, raw)
@@ -562,7 +579,8 @@ class ExtParser:
             else:
                 _, lo, hi = EXTENT_INDEX.unpack_from(buf, pos)
                 child = lo | hi << 32
-                if self._valid(child) and len(node.tree) < self.limits.max_tree_blocks:
+                if self._valid(child) and self._tree_budget > 0:
+                    self._tree_budget -= 1
                     node.tree.append(child)
                     self._extent_node(node, self.read_blocks(child), depth_left - 1)
 
@@ -588,8 +606,9 @@ class ExtParser:
             logical += span
 
     def _indirect(self, node: _Inode, block: int, level: int, logical: int, want: int) -> None:
-        if len(node.tree) >= self.limits.max_tree_blocks:
+        if self._tree_budget <= 0:
             return
+        self._tree_budget -= 1
         node.tree.append(block)
         raw = self.read_blocks(block)
         per = self.bs // 4
@@ -621,7 +640,7 @@ class ExtParser:
         filetype = bool(self.sb.s_feature_incompat & INCOMPAT_FILETYPE)
         queue = deque([ROOT_INO])
         seen = {ROOT_INO}
-        dirs = entries = 0
+        dirs = entries = dir_bytes = 0
         limits = self.limits
         while queue:
             ino = queue.popleft()
@@ -638,12 +657,16 @@ class ExtParser:
             parent = self.paths[ino]
             depth = parent.count("/")
             for _, physical, count, unwritten in node.extents:
-                if unwritten:
+                if unwritten or entries > limits.max_entries:
                     continue
+                if dir_bytes > limits.max_dir_bytes:
+                    self.notes.append(f"paths: stopped after reading {dir_bytes} bytes of directories (limit)")
+                    return
                 raw = self.read_blocks(physical, min(count, 1024))
+                dir_bytes += len(raw)
                 for name, child in _dirents(raw, self.bs, filetype):
                     entries += 1
-                    if child in self.paths or child > self.ipg * self.groups:
+                    if child in self.paths or child > self.ipg * self.all_groups:
                         continue
                     self.paths[child] = (parent.rstrip("/") + "/" + name) if parent != "/" else "/" + name
                     if child not in seen and depth < limits.max_depth:
@@ -820,7 +843,7 @@ class ExtParser:
             "inodes_per_group": self.ipg,
             "inode_size": self.inode_size,
             "inodes": sb.s_inodes_count,
-            "groups": self.groups,
+            "groups": self.all_groups,
             "inode_table_blocks": self.itable_blocks,
             "descriptor_size": self.desc_size,
             "reserved_gdt_blocks": sb.s_reserved_gdt_blocks if sb.s_feature_compat & COMPAT_RESIZE_INODE else 0,

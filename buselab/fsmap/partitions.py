@@ -150,7 +150,9 @@ def _gpt(disk: Disk, ss: int, limits: Limits) -> Table:
     if h.header_size < 92 or zlib.crc32(check) != h.header_crc:
         table.notes.append("the primary GPT header's checksum does not match")
     table.regions.append(Region(ss, ss, "partition-table", "GPT header (primary)", P_TABLE))
-    entry_size = max(h.entry_size, 128)
+    entry_size = h.entry_size if 128 <= h.entry_size <= 4096 and h.entry_size % 8 == 0 else 128
+    if entry_size != h.entry_size:
+        table.notes.append(f"the GPT header's entry size ({h.entry_size}) is not valid: 128 assumed")
     count = min(h.num_entries, 4096)
     array_bytes = entry_size * count
     table.regions.append(
