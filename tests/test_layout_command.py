@@ -186,3 +186,22 @@ def test_gpt_disk_text(capfd, tmp_path):
     assert re.search(r"GPT header \(primary\)\s+sector 1\s+offset 512\s", out)
     assert 'partition 1 "data": Linux filesystem, offset 1048576 (1.0 MiB), 20.0 MiB, holds ext4' in out
     assert "partition 1: ext4, 20.0 MiB at offset 1048576" in out
+
+
+def test_fat_text_where_fsck_fat_says(capfd, tmp_path):
+    require_tool("mkfs.vfat", "fsck.fat", "mcopy")
+    image = tmp_path / "fat.img"
+    run("mkfs.vfat", "-C", str(image), "32768")
+    (tmp_path / "note.txt").write_text("note\n")
+    run("mcopy", "-i", str(image), str(tmp_path / "note.txt"), "::/note.txt")
+    report = run("fsck.fat", "-v", "-n", str(image))
+    fat_sector = int(re.search(r"First FAT starts at byte \d+ \(sector (\d+)\)", report).group(1))
+    fat_sectors = int(re.search(r"bytes per FAT \(= (\d+) sectors\)", report).group(1))
+    data_sector = int(re.search(r"Data area starts at byte \d+ \(sector (\d+)\)", report).group(1))
+    code, out, _ = layout(capfd, str(image))
+    assert code == 0
+    assert "vfat (FAT16), 32.0 MiB at offset 0" in out
+    first, last = fat_sector, fat_sector + fat_sectors - 1
+    assert re.search(rf"vfat FAT #1\s+sectors {first}-{last}\s+offset {first * 512}\s", out), out
+    assert re.search(rf"data area \(cluster 2 on\)\s+sector {data_sector} on\s", out)
+    assert re.search(r"file\s+5 B\s+/note\.txt\s+cluster \d+$", out, re.M)

@@ -346,11 +346,9 @@ def _fat_lines(fsmap: Any, fs: Any, files: int) -> list[str]:
         f" {i['clusters']} clusters, {i['fats']} FATs of {i['fat_sectors']} sectors{label}"
     )
     for r in fsmap.regions:
-        if (
-            fs.offset <= r.offset < fs.offset + fs.size
-            and r.kind in ("boot", "fat")
-            or (r.kind == "directory" and r.label.endswith("vfat root directory (/)"))
-        ):
+        if not fs.offset <= r.offset < fs.offset + fs.size:
+            continue
+        if r.kind in ("boot", "fat") or (r.kind == "directory" and r.label.endswith("vfat root directory (/)")):
             sector = (r.offset - base) // bps
             last = sector + r.length // bps - 1
             where = f"sector {sector}" if last <= sector else f"sectors {sector}-{last}"
