@@ -79,7 +79,10 @@ def test_every_command_answers_the_documented_keys(served, tmp_path):
     assert set(f) == FILTER and f["spec"] == "cache" and isinstance(f["stats"], dict)
     assert [set(x) for x in call("filter.list")] == [FILTER]
     nbd.write(4096, b"y" * 4096)
-    assert call("powercut") == {"lost_bytes": 4096}
+    cut = call("powercut")
+    assert set(cut) == {"lost_bytes", "lost_writes", "lost_requests"}
+    assert cut["lost_bytes"] == 4096 and cut["lost_writes"] == 1 and len(cut["lost_requests"]) == 1
+    assert set(call("poweron")) == {"off_seconds", "refused"}
     assert set(call("filter.disable", ref="cache")) == FILTER
     assert call("filter.rm", ref="all") == {"removed": [f["id"]]}
 

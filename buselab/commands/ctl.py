@@ -7,7 +7,7 @@
     buselab ctl [PATH|PID] break add SPEC | break list | break rm ID|all | break enable|disable|toggle ID
     buselab ctl [PATH|PID] filter add SPEC [--position N] | filter list | filter rm REF|all | filter enable|disable|toggle REF
     buselab ctl [PATH|PID] switch ram|file|cow|null|plugin [PATH] [--size SIZE] [--no-copy] [--overwrite]
-    buselab ctl [PATH|PID] powercut
+    buselab ctl [PATH|PID] powercut | poweron
     buselab ctl [PATH|PID] cow commit | cow discard
     buselab ctl [PATH|PID] events [--limit N]
 
@@ -33,7 +33,7 @@ from . import ArgumentParser, UsageError
 
 COMMAND_WORDS = {
     "status", "pause", "resume", "continue", "step", "held", "wait", "break", "filter",
-    "switch", "powercut", "cow", "events", "help",
+    "switch", "powercut", "poweron", "cow", "events", "help",
 }  # fmt: skip
 
 
@@ -106,7 +106,12 @@ def build_ctl_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="copy even over a file that holds data, or a block device (refused without it)",
     )
-    sub.add_parser("powercut", parents=[common], help="lose every write the cache filter holds since the last FLUSH")
+    sub.add_parser(
+        "powercut",
+        parents=[common],
+        help="a crash: lose every write the cache filter holds since the last FLUSH; requests fail until poweron",
+    )
+    sub.add_parser("poweron", parents=[common], help="the power back after a powercut: serve again")
     p = sub.add_parser("cow", parents=[common], help="cow commit | cow discard")
     p.add_argument("action", choices=["commit", "discard"])
     p = sub.add_parser("events", parents=[common], help="recent events (switches, breakpoints, connections)")
@@ -298,7 +303,19 @@ def render(cmd: str, result: Any) -> str:
         took = f" in {result['seconds']:.2f} s" if result.get("seconds") else ""
         return f"switched: {result['from']} -> {result['to']}{copied}{took}"
     if cmd == "powercut":
-        return f"power cut: {human_bytes(result['lost_bytes'])} of writes since the last FLUSH lost"
+        n = result.get("lost_writes", 0)
+        seqs = result.get("lost_requests") or []
+        which = ""
+        if seqs:
+            shown = ", ".join(str(seq) for seq in seqs[:10]) + (", ..." if len(seqs) > 10 else "")
+            which = f": request{'s' if len(seqs) != 1 else ''} {shown}"
+        return (
+            f"power cut: {human_bytes(result['lost_bytes'])} of writes since the last FLUSH lost "
+            f"({n} write{'s' if n != 1 else ''}{which}); every request fails with EIO until `buselab ctl poweron`"
+        )
+    if cmd == "poweron":
+        n = result["refused"]
+        return f"power on after {result['off_seconds']:.1f} s off ({n} request{'s' if n != 1 else ''} failed meanwhile)"
     if cmd == "cow.commit":
         return f"committed {human_bytes(result['committed_bytes'])} of changes into the base"
     if cmd == "cow.discard":

@@ -22,7 +22,8 @@ Commands (arguments; positional ones in order):
     filter.toggle REF                   REF is a filter id or name
     switch    KIND [PATH] [size=SIZE] [copy=true] [overwrite=false]
                                         overwrite: copy over a file that holds data, or a block device
-    powercut
+    powercut                            a crash: the cache's unflushed writes are lost, every request fails (EIO)
+    poweron                             ... until the power is back
     cow.commit | cow.discard
     events    [after=EPOCH] [limit=50]
     help
@@ -136,6 +137,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Handler]] = {
     "filter.toggle": (("ref",), lambda s, a: s.toggle_filter(_need(a, "ref", "filter toggle"))),
     "switch": (("kind", "path"), _switch),
     "powercut": ((), lambda s, a: s.powercut()),
+    "poweron": ((), lambda s, a: s.poweron()),
     "cow.commit": ((), lambda s, a: s.cow_commit()),
     "cow.discard": ((), lambda s, a: s.cow_discard()),
     "events": ((), lambda s, a: s.events(float(a.pop("after", 0.0)), int(a.pop("limit", 50)))),
@@ -149,6 +151,9 @@ _ALIASES = {
     "filter.remove": "filter.rm",
     "filter.ls": "filter.list",
     "power-cut": "powercut",
+    "power.cut": "powercut",
+    "power-on": "poweron",
+    "power.on": "poweron",
     "commit": "cow.commit",
     "discard": "cow.discard",
     "continue": "resume",

@@ -1,6 +1,11 @@
 """Changing the storage under a running disk: filters added, removed and toggled,
-the base backend switched (its contents copied across), a cache's power cut,
-a cow overlay's commit and discard.
+the base backend switched (its contents copied across), a cache's power cut
+and power on, a cow overlay's commit and discard.
+
+A power cut is a crash: the cache filters throw away what no FLUSH sent down
+and go dark (every request fails with EIO) until `poweron`. The writes thrown
+away are matched to the requests telemetry recorded (`PowerCut.requests`), so
+the lab can mark them lost.
 
 A switch that copies the disk into a file refuses to copy over data: a file
 that holds some, or any block device, needs `overwrite=True`; the refusal
@@ -21,6 +26,7 @@ import stat
 import struct
 import threading
 import time
+from dataclasses import dataclass, field
 
 from ..engine.engine import Engine
 from ..protocol import constants as c
@@ -29,7 +35,7 @@ from ..storage import registry
 from ..storage.backends.cow import CowBackend
 from ..storage.base import Backend, BackendError
 from ..storage.filters.base import Filter
-from ..storage.filters.cache import CacheFilter
+from ..storage.filters.cache import CacheFilter, LostWrite
 from ..storage.stack import Layer, Stack
 from .errors import SteeringError
 from .results import (
@@ -38,6 +44,7 @@ from .results import (
     ExistingData,
     FilterInfo,
     PowercutResult,
+    PoweronResult,
     Removed,
     SwitchProgress,
     SwitchResult,
@@ -136,6 +143,42 @@ def _holds_data(fd: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class PowerCut:
+    """One power cut, as the lab marks it: the requests it threw away and the bytes they wrote."""
+
+    time: float  # wall clock
+    requests: frozenset[int]  # numbers (seq) of the lost requests telemetry still holds
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of every lost write
+
+
+_LOST_CMDS = frozenset({c.CMD_WRITE, c.CMD_TRIM, c.CMD_WRITE_ZEROES})
+_CLOCK_SLACK = 2e-6  # seconds: wall times of records are perf_counter + an offset, rounded
+
+
+def lost_requests(records: list[tuple], lost: list[LostWrite], clock_offset: float) -> list[int]:
+    """The numbers of the recorded requests whose writes `lost` names, in the order recorded.
+
+    A lost write is the request with its offset and length that was being served
+    (between arrival and reply) when the cache took it. `records` are telemetry's
+    ring tuples (RequestRecord's fields).
+    """
+    if not lost:
+        return []
+    taken: dict[tuple[int, int], list[float]] = {}
+    for write in lost:
+        taken.setdefault((write.offset, write.length), []).append(write.at)
+    seqs = []
+    for seq, wall, cmd, flags, offset, length, latency, error, *_ in records:
+        times = taken.get((offset, length))
+        if times is None or error or cmd not in _LOST_CMDS or flags & c.CMD_FLAG_FUA:
+            continue
+        start = wall - clock_offset
+        if any(start - _CLOCK_SLACK <= at <= start + latency + _CLOCK_SLACK for at in times):
+            seqs.append(seq)
+    return seqs
+
+
 def filter_info(layer: Layer) -> FilterInfo:
     return FilterInfo(id=layer.id, name=layer.name, spec=layer.spec, enabled=layer.enabled, stats=layer.filter.stats())
 
@@ -176,6 +219,7 @@ class Restacker:
         self.stack: Stack = engine.stack
         self._lock = threading.RLock()  # one change to the stack at a time
         self.switching: SwitchProgress | None = None  # a switch copying the disk, while it does
+        self.last_cut: PowerCut | None = None  # the last power cut (the lab marks its lost requests)
 
     @property
     def base(self) -> Backend:
@@ -198,11 +242,14 @@ class Restacker:
         """Stack a filter (a spec, or a made filter) on top, or at `position` (0 = lowest).
 
         A bad spec raises `registry.FilterSpecError`, whose front end words where it came from.
+        A cache added while the power is off is off too: the disk stays dark until poweron.
         """
         with self._lock:
             new = registry.parse_filter_spec(spec, self.engine.size) if isinstance(spec, str) else spec
             index = None if position is None else self.stack._position(position)
             with self._quiesced(f"add filter {new.spec}"):
+                if isinstance(new, CacheFilter) and self.powered_off:
+                    new.power_off()
                 layer = self.stack.add(new, index)
         self._event(f"filter {layer.id} added: {layer.spec}")
         return filter_info(layer)
@@ -351,19 +398,63 @@ class Restacker:
         timer.start()
 
     # -- actions ------------------------------------------------------------------------
+    @property
+    def powered_off(self) -> bool:
+        """A power cut happened and no poweron since: every request fails with EIO."""
+        return any(f.powered_off for f in self._caches())
+
+    def _caches(self) -> list[CacheFilter]:
+        return self.stack.enabled(CacheFilter)  # type: ignore[return-value]
+
     def powercut(self) -> PowercutResult:
-        """Throw away every write the cache filter(s) hold that no FLUSH has sent down."""
+        """A crash: throw away every write the cache filter(s) hold that no FLUSH has sent
+        down, and fail every request with EIO from now on, until `poweron`."""
         with self._lock:
-            caches = self.stack.enabled(CacheFilter)
+            caches = self._caches()
             if not caches:
                 raise SteeringError(
                     "no cache filter to lose writes from: add one with `filter add cache` "
                     "(without it every acknowledged write is already in the backend)"
                 )
+            if self.powered_off:
+                raise SteeringError("the power is off already: `poweron` first")
             with self._quiesced("power cut"):
-                lost = sum(f.powercut() for f in caches)  # type: ignore[attr-defined]
-        self._event(f"POWER CUT: {human_bytes(lost)} of writes since the last FLUSH lost")
-        return PowercutResult(lost_bytes=lost)
+                lost = 0
+                writes: list[LostWrite] = []
+                count = 0
+                for cache in caches:
+                    lost += cache.powercut()
+                    writes += cache.last_lost
+                    count += cache.last_lost_count
+                    cache.power_off()
+            telemetry = self.engine.telemetry
+            telemetry.settle()  # every request the cache took is recorded by now
+            seqs = lost_requests(list(telemetry.ring), writes, telemetry.clock_offset)
+            self.last_cut = PowerCut(time.time(), frozenset(seqs), [(w.offset, w.length) for w in writes])
+        writes_text = f"{count:,} write{'s' if count != 1 else ''}"
+        self._event(
+            f"POWER CUT: {human_bytes(lost)} of writes since the last FLUSH lost ({writes_text}); "
+            "every request fails with EIO until poweron"
+        )
+        return PowercutResult(lost_bytes=lost, lost_writes=count, lost_requests=seqs)
+
+    def poweron(self) -> PoweronResult:
+        """The power back after a power cut: the cache filters serve again, empty (what was
+        lost stays lost), as a disk does when it boots after a crash."""
+        with self._lock:
+            off = [f for f in self._caches() if f.powered_off]
+            if not off:
+                raise SteeringError("the power is on: nothing to switch on (`powercut` cuts it, with a cache filter)")
+            seconds, refused = 0.0, 0
+            for cache in off:
+                was_off, failed = cache.power_on()
+                seconds = max(seconds, was_off)
+                refused += failed
+        self._event(
+            f"POWER ON after {seconds:.1f} s off ({refused:,} request{'s' if refused != 1 else ''} failed meanwhile): "
+            "serving again"
+        )
+        return PoweronResult(off_seconds=round(seconds, 3), refused=refused)
 
     def _cow(self) -> CowBackend:
         base = self.stack.base

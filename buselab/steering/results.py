@@ -187,6 +187,16 @@ class ExistingData(Result):
 @dataclass(frozen=True)
 class PowercutResult(Result):
     lost_bytes: int
+    lost_writes: int = 0  # writes (trims, zeroings) whose data the cut threw away
+    lost_requests: list[int] = field(default_factory=list)  # their numbers, as the lab's stream shows them
+
+
+@dataclass(frozen=True)
+class PoweronResult(Result):
+    """The power back after a power cut: the disk serves again, its cache empty."""
+
+    off_seconds: float  # how long the power was off
+    refused: int  # requests answered EIO meanwhile
 
 
 @dataclass(frozen=True)

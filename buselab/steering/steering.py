@@ -6,8 +6,8 @@ It puts three parts behind one object, each in its own module:
   delay the oldest held request), wait for requests to be held;
 - `breakpoints.BreakpointTable`: breakpoints, which arm the gate;
 - `restack.Restacker`: the stack -- filters added, removed and toggled, the
-  base backend switched with its contents copied, power cut, cow commit and
-  discard.
+  base backend switched with its contents copied, power cut and power on, cow
+  commit and discard.
 
 The session makes one Steering for its engine and hands it to the control
 server and the lab; nothing finds it through the engine. Every result is a
@@ -39,6 +39,7 @@ from .results import (
     HeldInfo,
     PauseResult,
     PowercutResult,
+    PoweronResult,
     Removed,
     ResumeResult,
     SteeringStatus,
@@ -186,6 +187,9 @@ class Steering:
 
     def powercut(self) -> PowercutResult:
         return self.restacker.powercut()
+
+    def poweron(self) -> PoweronResult:
+        return self.restacker.poweron()
 
     def cow_commit(self) -> CowCommitResult:
         return self.restacker.cow_commit()

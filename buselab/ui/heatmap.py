@@ -3,7 +3,8 @@
 Two views of the same counters. The grid lays the disk out like a page, offset
 0 at the top left, one half-block cell per range of blocks, coloured by the
 decayed recent reads (blue), writes (orange) and trims (violet) in it, with a
-dim tint where anything was ever written. The time view plots offset
+dim tint where anything was ever written, and a loud one where a power cut
+threw written data away (until it is written again). The time view plots offset
 (vertical) against time (horizontal), one column a second, as iowatcher does.
 Lines are rebuilt only when the model's heat changed, never per request.
 """
@@ -26,6 +27,7 @@ from textual.strip import Strip
 from . import format as fmt
 from .model import LabModel
 from .pane import Pane
+from .stream import LOST_COLOUR
 
 if TYPE_CHECKING:
     from textual.app import RenderResult  # noqa: F401
@@ -49,6 +51,7 @@ def _hex(colour: str) -> RGB:
 READ_RGB = _hex(fmt.READ_COLOUR)
 WRITE_RGB = _hex(fmt.WRITE_COLOUR)
 TRIM_RGB = _hex(fmt.TRIM_COLOUR)
+LOST = _hex(LOST_COLOUR)  # written data a power cut threw away
 
 _LABEL = Style.parse(fmt.DIM_COLOUR)
 _TEXT = Style.parse("#d8dee9")
@@ -185,13 +188,19 @@ class Heatmap(Pane, can_focus=True):
         group, shown = self.group, self.cells_shown
         reads, writes, trims = (aggregate(model.activity[k], group, shown) for k in range(3))
         t_reads, t_writes, t_trims = (aggregate(model.heat_prev[k], group, shown) for k in range(3))
+        lost = model.lost_cell_flags(group, shown)
         cache = self._colour_cache
         if len(cache) > 20000:
             cache.clear()
         colours: list[RGB] = []
         append = colours.append
         for i in range(shown):
-            base = EVER_WRITTEN if t_writes[i] else EVER_TRIMMED if t_trims[i] else EVER_READ if t_reads[i] else NEVER
+            if lost is not None and lost[i]:
+                base = LOST
+            elif t_writes[i]:
+                base = EVER_WRITTEN
+            else:
+                base = EVER_TRIMMED if t_trims[i] else EVER_READ if t_reads[i] else NEVER
             r, w, t = reads[i], writes[i], trims[i]
             if r < 0.05 and w < 0.05 and t < 0.05:
                 append(base)
@@ -279,6 +288,8 @@ class Heatmap(Pane, can_focus=True):
                 Segment("■", Style(color=Color.from_rgb(*EVER_WRITTEN))),
                 Segment("written"),
             ]
+            if self.model.lost_requests:
+                segments += [Segment(" ■", Style(color=Color.from_rgb(*LOST))), Segment("lost")]
         return Strip(segments).crop_extend(0, width, None)
 
     # -- the time view ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from ..engine.telemetry import PREVIEW_BYTES, RequestRecord
 from ..protocol import constants as c
 from . import format as fmt
 from .pane import Pane
+from .stream import LOST_COLOUR
 
 if TYPE_CHECKING:
     from ..engine.gate import HeldRequest
@@ -69,11 +70,13 @@ def describe_record(
     note: str = "",
     reason: str = "",
     width: int | None = None,
+    lost: bool = False,
 ) -> Text:
     """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it.
 
     `note`: what the lab did with it (stepped, failed, caught by a breakpoint).
     `reason`: why it failed, as the backend said it (wrapped to `width` columns if given).
+    `lost`: a power cut threw its write away (it was answered ok).
     """
     text = Text()
     colour = fmt.OP_COLOURS.get(record.cmd, "white")
@@ -86,6 +89,9 @@ def describe_record(
         text.append("  " + " ".join(flags), style=f"bold {fmt.HELD_COLOUR}")
     if record.error:
         text.append(f"  failed: {fmt.errno_name(record.error)} ({record.error})", style=f"bold {fmt.ERROR_COLOUR}")
+    elif lost:
+        text.append(" lost ", style=f"bold #101418 on {LOST_COLOUR}")
+        text.append("  answered ok, then a power cut threw it away: no FLUSH had sent it down", style=LOST_COLOUR)
     elif not held:
         text.append("  ok", style="#8fbf7a")
     text.append("\n")
@@ -164,6 +170,7 @@ class Inspector(Pane, can_focus=True):
         self.record: RequestRecord | None = None
         self.note = ""
         self.reason = ""  # why the shown request failed, when the backend said
+        self.lost = False  # a power cut threw the shown request's write away
         self.cell_bytes: int | None = None
         self.top = 0
         self._text: Text = self._placeholder()
@@ -180,11 +187,13 @@ class Inspector(Pane, can_focus=True):
         )
 
     def show(self, record: RequestRecord | None, *, cell_bytes: int | None = None, note: str = "") -> None:
-        if record is self.record and cell_bytes == self.cell_bytes and note == self.note:
+        lost = self._lost(record)
+        if record is self.record and cell_bytes == self.cell_bytes and note == self.note and lost == self.lost:
             return
         self.record = record
         self.note = note
         self.reason = self._reason(record)
+        self.lost = lost
         self.cell_bytes = cell_bytes
         self.top = 0
         self._lines_for = None
@@ -201,6 +210,13 @@ class Inspector(Pane, can_focus=True):
         failure_reason = getattr(getattr(self.app, "model", None), "failure_reason", None)
         return failure_reason(record) if failure_reason is not None else ""
 
+    def _lost(self, record: RequestRecord | None) -> bool:
+        """Whether a power cut threw the request's write away (the lab's model knows)."""
+        if record is None or not record.seq or record.error or not self.is_attached:
+            return False
+        is_lost = getattr(getattr(self.app, "model", None), "is_lost", None)
+        return bool(is_lost(record)) if is_lost is not None else False
+
     def _build(self, width: int) -> list[Strip]:
         if self.record is None:
             text = self._placeholder()
@@ -212,6 +228,7 @@ class Inspector(Pane, can_focus=True):
                 note=self.note,
                 reason=self.reason,
                 width=width,
+                lost=self.lost,
             )
         self._text = text
         console = self.app.console
@@ -226,7 +243,7 @@ class Inspector(Pane, can_focus=True):
 
     def _ensure(self) -> int:
         width = max(1, self.inner_width - 1)
-        key = (width, self.record, self.cell_bytes, self.note)
+        key = (width, self.record, self.cell_bytes, self.note, self.lost)
         if key != self._lines_for:
             self._lines_for = key
             self._lines = self._build(width)
@@ -264,4 +281,6 @@ class Inspector(Pane, can_focus=True):
         """Plain text of what is shown (for tests)."""
         if self.record is None:
             return self._placeholder().plain
-        return describe_record(self.record, cell_bytes=self.cell_bytes, note=self.note, reason=self.reason).plain
+        return describe_record(
+            self.record, cell_bytes=self.cell_bytes, note=self.note, reason=self.reason, lost=self.lost
+        ).plain

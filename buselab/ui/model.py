@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..engine.gate import HeldRequest
     from ..session import Session
     from ..steering.breakpoints import Breakpoint
+    from ..steering.restack import PowerCut
     from ..steering.results import SwitchProgress
     from ..storage.stack import Layer
     from ..trace.recorder import TraceRecorder
@@ -306,6 +307,8 @@ class LabModel:
         if last_break is not self._last_break:
             self._last_break = last_break
             tick.new_break = last_break
+        if self._power_cut_seen():
+            tick.heat_changed = True  # its lost cells are drawn
         return tick
 
     def _new_events(self, events: list[tuple[float, str]]) -> list[tuple[float, str]]:
@@ -341,6 +344,63 @@ class LabModel:
 
     def uptime(self) -> float:
         return self.wall() - self.telemetry.started
+
+    # -- power cuts: the requests and cells whose writes a cut threw away -----------------------
+    lost_requests: frozenset[int] = frozenset()
+    """Numbers of the requests power cuts threw away (the stream says 'lost'), over every cut."""
+    _cut_seen: object = None
+    _lost_cells: dict[int, int] | None = None  # telemetry cell -> its writes + trims at the cut
+    _lost_geometry: tuple[int, int] = (0, 0)  # (cells, cell_bytes) the lost cells count in
+
+    def _power_cut_seen(self) -> bool:
+        """Pick up a power cut the steering made since the last tick; True if there was one."""
+        cut: PowerCut | None = self.steering.restacker.last_cut
+        if cut is self._cut_seen:
+            return False
+        self._cut_seen = cut
+        if cut is None:
+            return False
+        self.lost_requests = self.lost_requests | cut.requests
+        # A cell stays lost until something is written (or trimmed) there again: remember
+        # how many writes it had, the lost ones included (the snapshot settles them).
+        snap = self.telemetry.snapshot()
+        geometry = (len(snap.heat[0]), snap.cell_bytes)
+        cells = self._lost_cells if self._lost_cells and self._lost_geometry == geometry else {}
+        writes, trims, cell = snap.heat[1], snap.heat[2], snap.cell_bytes
+        for offset, length in cut.ranges:
+            for i in range(offset // cell, min((offset + max(length, 1) - 1) // cell, geometry[0] - 1) + 1):
+                cells[i] = writes[i] + trims[i]
+        self._lost_cells = cells
+        self._lost_geometry = geometry
+        self.heat_version += 1
+        return True
+
+    def lost_cell_flags(self, group: int, shown: int) -> list[bool] | None:
+        """Per display cell (`group` telemetry cells each): does it hold data a power cut lost?
+        None when no cell does. A cell written or trimmed again since is no longer lost."""
+        cells = self._lost_cells
+        if not cells:
+            return None
+        if self._lost_geometry != (self.cells, self.cell_bytes):
+            self._lost_cells = None  # the disk was switched: its cells mean other bytes now
+            return None
+        writes, trims = self.heat_prev[1], self.heat_prev[2]
+        for i in [i for i, count in cells.items() if writes[i] + trims[i] > count]:
+            del cells[i]
+        flags = [False] * shown
+        for i in cells:
+            if i // group < shown:
+                flags[i // group] = True
+        return flags if cells else None
+
+    def is_lost(self, record: RequestRecord) -> bool:
+        """Whether a power cut threw this request's write away."""
+        return record.seq in self.lost_requests
+
+    @property
+    def powered_off(self) -> bool:
+        """A power cut and no poweron since: every request fails with EIO."""
+        return self.steering.restacker.powered_off
 
     # -- what is served, and how it is steered (the header reads these) ---------------------------
     @property

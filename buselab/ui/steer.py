@@ -94,6 +94,7 @@ class SteeringActions:
         self.exported: list[str] = []  # files `e` wrote (tests read them)
         self.export_dir: str | None = None  # None: the current directory
         self.record_dir: str | None = None
+        self.stream.lost_source = lambda: self.model.lost_requests  # rows a power cut lost say so
 
     # -- running steering calls --------------------------------------------------------------
     def steer(

@@ -8,14 +8,16 @@ which becomes one "+N more" row: the stream coalesces instead of falling behind.
 
 The engine's events (pause, resume, a step, a breakpoint hit, a filter added,
 a backend switch, a power cut, recording started) are rows too, in their
-place in time, whatever op filter is on.
+place in time, whatever op filter is on. A write that a power cut threw away
+says "lost" instead of "ok" (the lab hands the stream the lost requests'
+numbers: `lost_source`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from rich.segment import Segment
@@ -112,6 +114,8 @@ SLOW_STYLE = style("#ffd75f")
 VERY_SLOW_STYLE = style(f"bold {fmt.ERROR_COLOUR}")
 EVENT_STYLE = style(f"bold {fmt.EVENT_COLOUR}")
 EVENT_TIME_STYLE = style(fmt.EVENT_COLOUR)
+LOST_COLOUR = "#ff005f"  # a write a power cut threw away (the client was told ok); the heatmap's lost cells too
+LOST_STYLE = style(f"bold #101418 on {LOST_COLOUR}")
 
 
 def _cell(text: str, col: Column) -> str:
@@ -148,8 +152,8 @@ def join_cells(parts: list[tuple[str, Style]], width: int) -> Strip:
     return Strip(segments, used).crop(0, width)
 
 
-def record_cells(record: RequestRecord, columns: Iterable[Column]) -> list[tuple[str, Style]]:
-    """The (text, style) cells of one request row."""
+def record_cells(record: RequestRecord, columns: Iterable[Column], lost: bool = False) -> list[tuple[str, Style]]:
+    """The (text, style) cells of one request row; `lost`: a power cut threw its write away."""
     ranged = record.cmd in fmt.RANGED_OPS
     parts: list[tuple[str, Style]] = []
     for col in columns:
@@ -173,6 +177,8 @@ def record_cells(record: RequestRecord, columns: Iterable[Column]) -> list[tuple
             part = (_cell(fmt.latency_text(latency), col), lat_style)
         elif record.error:  # result
             part = (_cell(fmt.errno_name(record.error), col), ERR_STYLE)
+        elif lost:
+            part = (_cell("lost", col), LOST_STYLE)
         else:
             part = (_cell("ok", col), OK_STYLE)
         parts.append(part)
@@ -255,6 +261,9 @@ class RequestStream(Pane, can_focus=True):
         self.rows_added = 0
         self.gaps_added = 0
         self.events_added = 0
+        # The numbers of requests a power cut threw away, asked once per tick (the lab's model).
+        self.lost_source: Callable[[], frozenset[int]] = frozenset
+        self.lost: frozenset[int] = frozenset()
 
     # -- data ------------------------------------------------------------------
     def add(
@@ -268,6 +277,9 @@ class RequestStream(Pane, can_focus=True):
         held = held if held is not None else self.held
         if not records and gap is None and not held and not self.held and not events:
             return
+        lost = self.lost_source()
+        if lost is not self.lost:
+            self.mark_lost(lost)
         requests = len(records)
         if events:
             records = self._merge_events(records, events)
@@ -308,6 +320,12 @@ class RequestStream(Pane, can_focus=True):
             merged.append(EventRow(t, message, self.events_added))
         merged.extend(records[i:])
         return merged
+
+    def mark_lost(self, seqs: frozenset[int]) -> None:
+        """Rows of these requests say "lost" (a power cut threw their writes away)."""
+        self.lost = seqs
+        self._cache.clear()
+        self.refresh()
 
     @property
     def events(self) -> list[EventRow]:
@@ -457,7 +475,7 @@ class RequestStream(Pane, can_focus=True):
                 0, width, None
             )
         else:
-            strip = join_cells(record_cells(row, self._columns), width)
+            strip = join_cells(record_cells(row, self._columns, row.seq in self.lost), width)
         if selected:
             strip = strip.apply_style(CURSOR_BG if self.has_focus else CURSOR_BG_BLUR)
         return strip

@@ -1,6 +1,7 @@
 """`f`: the filter stack over the backend (nbdkit-style layers), top first as
-requests meet them: added by spec, toggled, removed; the cache's power cut and
-the cow backend's commit and discard.
+requests meet them: added by spec, toggled, removed; the cache's power cut (a
+crash: every request fails until power on) and power on, and the cow backend's
+commit and discard.
 
 Every change quiesces the engine (no request in a backend while the stack
 changes), which can take a moment under load, so the lab runs it in a thread
@@ -26,7 +27,7 @@ from .panel import ConfirmScreen, PanelScreen
 
 if TYPE_CHECKING:
     from ...steering import Steering
-    from ...steering.results import FilterInfo
+    from ...steering.results import FilterInfo, PowercutResult, PoweronResult
 
 EXAMPLES = "delay:read=5ms · error:rate=0.1,errno=EIO,op=read · throttle:mbps=10 · readonly · cache"
 REFRESH_EVERY = 0.5
@@ -37,6 +38,7 @@ _STAT_NAMES = {
     "written_back": "written back",
     "lost_to_powercuts": "lost",
     "waited_seconds": "waited",
+    "refused": "refused since the cut",
 }
 
 
@@ -71,6 +73,7 @@ class FiltersScreen(PanelScreen):
         # These act on the list, so only while it has the focus: in the spec input
         # every key is typed (tab moves between the two).
         Binding("exclamation_mark", "powercut", "Power cut", show=False),
+        Binding("o", "poweron", "Power on", show=False),
         Binding("c", "cow('commit')", "Commit", show=False),
         Binding("d", "cow('discard')", "Discard", show=False),
     ]
@@ -83,7 +86,7 @@ class FiltersScreen(PanelScreen):
     def compose(self) -> ComposeResult:
         with Vertical(id="panel") as panel:
             panel.border_title = "filters · top first, as requests meet them"
-            panel.border_subtitle = "enter add · tab list: space on/off · x remove · c/d cow · ! power cut · esc"
+            panel.border_subtitle = "enter add · tab list: space on/off · x remove · c/d cow · ! power cut · o on · esc"
             yield OptionList(id="list", compact=True)
             yield Static("", id="actions", classes="hint")
             yield Input(placeholder="a filter spec to add on top (enter)", id="spec", compact=True)
@@ -122,9 +125,15 @@ class FiltersScreen(PanelScreen):
         if listed:
             options.highlighted = min(highlighted or 0, len(listed) - 1)
         actions = Text()
-        if any(isinstance(layer.filter, CacheFilter) and layer.enabled for layer in steering.layers):
+        caches = self._caches()
+        if any(f.powered_off for f in caches):
+            actions.append(" POWER OFF ", style=f"bold #101418 on {fmt.ERROR_COLOUR}")
+            actions.append("  every request fails with EIO   ")
+            actions.append("o ", style=f"bold {fmt.EVENT_COLOUR}")
+            actions.append("power on: serve again   ")
+        elif caches:
             actions.append("! ", style=f"bold {fmt.ERROR_COLOUR}")
-            actions.append("power cut: throw away the cache's writes that no FLUSH sent down   ")
+            actions.append("power cut: a crash; the cache's writes that no FLUSH sent down are lost   ")
         if cow is not None:
             actions.append("c ", style=f"bold {fmt.HELD_COLOUR}")
             actions.append("commit the changes into the base   ")
@@ -212,26 +221,46 @@ class FiltersScreen(PanelScreen):
         if not self._caches():
             self.say("no cache filter to lose writes from: add one (type cache below)", error=True)
             return
+        if any(f.powered_off for f in self._caches()):
+            self.say("the power is off already: o switches it on", error=True)
+            return
 
         def detail() -> str:
             # Asked again while the dialog is open: writes keep arriving in the cache.
             dirty = sum(f.dirty_bytes() for f in self._caches())
             return (
                 f"The cache holds {human_bytes(dirty)} of writes no FLUSH has sent down: they are lost, "
-                "as on a disk whose volatile cache loses power."
+                "as on a disk whose volatile cache loses power. Until power on (o) every request "
+                "fails with EIO, as a crashed disk's would."
+            )
+
+        def cut(r: PowercutResult) -> str:
+            writes = f"{r.lost_writes:,} write{'s' if r.lost_writes != 1 else ''}"
+            return (
+                f"POWER CUT: {human_bytes(r.lost_bytes)} of writes since the last FLUSH lost ({writes}, "
+                "marked lost in the stream); requests fail with EIO until o (power on)"
             )
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self._steer(
-                    "power cut",
-                    self.steering.powercut,
-                    lambda r: f"POWER CUT: {human_bytes(r.lost_bytes)} of writes since the last FLUSH lost",
-                )
+                self._steer("power cut", self.steering.powercut, cut)
             else:
                 self.say("no power cut")
 
         self.app.push_screen(ConfirmScreen("Cut the power?", detail), answered)
+
+    def action_poweron(self) -> None:
+        if not self._list_focused():
+            return
+        if not any(f.powered_off for f in self._caches()):
+            self.say("the power is on: ! cuts it (with a cache filter)", error=True)
+            return
+
+        def on(r: PoweronResult) -> str:
+            failed = f"{r.refused:,} request{'s' if r.refused != 1 else ''}"
+            return f"POWER ON after {r.off_seconds:.1f} s off ({failed} failed meanwhile): serving again"
+
+        self._steer("power on", self.steering.poweron, on)
 
     def action_cow(self, what: str) -> None:
         if not self._list_focused():

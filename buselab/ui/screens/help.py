@@ -13,6 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 from .. import format as fmt
+from ..stream import LOST_COLOUR
 
 KEYS: list[tuple[str, str]] = [
     ("q, ctrl+c", "quit: answer in-flight requests, flush, detach, exit"),
@@ -29,7 +30,11 @@ KEYS: list[tuple[str, str]] = [
     ("n", "step: release the oldest held request; the inspector shows it"),
     ("N (shift+n)", "step with a choice: release, fail it with EIO/ENOSPC/EPERM/..., or delay it N ms"),
     ("k", "breakpoints: add (op=flush, op=write+fua, range=0-1M, ext4-sb ...), on/off, remove"),
-    ("f", "filters: delay, error, throttle, readonly, cache; on/off, remove; ! power cut, cow c/d"),
+    (
+        "f",
+        "filters: delay, error, throttle, readonly, cache; on/off, remove; cow c/d; ! power cut: a crash, the "
+        "cache's unflushed writes are lost and every request fails with EIO until o powers on",
+    ),
     (
         "b",
         "switch the backend live: ram, file, cow, null, plugin; copies the disk across (asks before overwriting data)",
@@ -50,6 +55,7 @@ COLOURS = (
     ("FLUSH", fmt.OP_COLOURS[3]),
     ("TRIM", fmt.TRIM_COLOUR),
     ("ZERO (write zeroes)", fmt.OP_COLOURS[6]),
+    ("lost: answered ok, then thrown away by a power cut (stream and heatmap)", LOST_COLOUR),
 )
 
 # (heading, paragraphs): one string per paragraph, never broken by hand, so the
@@ -62,6 +68,8 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "(FUA: force unit access), latency and result (the errno name on failure). At very "
             "high rates each tick shows its newest rows and one '+N more' row for the rest.",
             "While the I/O is paused, held requests wait at the bottom with their wait so far.",
+            "After a power cut, the writes it threw away say 'lost' (answered ok, never flushed); "
+            "until power on every request fails with EIO, as on a crashed disk.",
         ],
     ),
     (
