@@ -2,9 +2,11 @@
 
 Two views of the same counters. The grid lays the disk out like a page, offset
 0 at the top left, one half-block cell per range of blocks, coloured by the
-decayed recent reads (blue), writes (orange) and trims (violet) in it, with a
-dim tint where anything was ever written, and a loud one where a power cut
-threw written data away (until it is written again). The time view plots offset
+decayed recent reads (blue), writes (orange to yellow) and trims (violet) in
+it, and once they fade by what the cell keeps: a dim tint where it was written,
+trimmed or only read, the darkest grey where it was never touched, and a loud
+one where a power cut threw written data away (until it is written again).
+The legend names each of these. The time view plots offset
 (vertical) against time (horizontal), one column a second, as iowatcher does.
 Lines are rebuilt only when the model's heat changed, never per request.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from rich.color import Color
@@ -34,12 +37,22 @@ if TYPE_CHECKING:
 
 RGB = tuple[int, int, int]
 
-PANEL = (16, 19, 25)  # past the end of the disk
-NEVER = (34, 39, 49)  # never touched
-EVER_WRITTEN = (74, 62, 52)
-EVER_READ = (40, 54, 72)
-EVER_TRIMMED = (58, 46, 70)
-CURSOR = (255, 255, 255)
+# Every colour here is one of xterm's 256 (its 6x6x6 cube or its grey ramp), so a terminal
+# with 256 colours (tmux, TERM=xterm-256color without COLORTERM) shows each state exactly as
+# a truecolor one, or the SVG export, does, and no two states share an index: Rich turns an
+# RGB into its nearest index, and shades between states used to meet there (trim heat and
+# the discard tint mkfs leaves everywhere). In 16 colours the heats stay bright blue/cyan,
+# yellow and magenta, the tints their dim blue, brown and magenta, untouched black, lost red.
+PANEL = (18, 18, 18)  # past the end of the disk (232 + 1)
+NEVER = (38, 38, 38)  # untouched (235)
+EVER_READ = (0, 0, 95)  # read, never written (17)
+EVER_WRITTEN = (95, 95, 0)  # written at some time (58)
+EVER_TRIMMED = (95, 0, 95)  # trimmed and not written since (53): mkfs discards the whole disk
+CURSOR = (255, 255, 255)  # (231)
+# Recent I/O, dimmest first: a cell takes the ramp of its busiest op, brighter the more there was.
+READ_HEAT: tuple[RGB, ...] = ((0, 95, 215), (0, 135, 255), (95, 175, 255), (135, 215, 255))  # 26 33 75 117
+WRITE_HEAT: tuple[RGB, ...] = ((255, 175, 0), (255, 175, 95), (255, 215, 0), (255, 215, 95))  # 214 215 220 221
+TRIM_HEAT: tuple[RGB, ...] = ((175, 95, 215), (215, 95, 255), (215, 135, 255), (255, 135, 255))  # 134 171 177 213
 HEAT_SCALE = 24.0  # decayed touches at which a cell is at full brightness
 
 
@@ -51,7 +64,29 @@ def _hex(colour: str) -> RGB:
 READ_RGB = _hex(fmt.READ_COLOUR)
 WRITE_RGB = _hex(fmt.WRITE_COLOUR)
 TRIM_RGB = _hex(fmt.TRIM_COLOUR)
-LOST = _hex(LOST_COLOUR)  # written data a power cut threw away
+LOST = _hex(LOST_COLOUR)  # written data a power cut threw away (197)
+
+# What the legend names, in its order: (name, colour). The tests hold these to distinct indexes.
+STATES: tuple[tuple[str, RGB], ...] = (
+    ("read", READ_HEAT[2]),
+    ("write", WRITE_HEAT[0]),
+    ("trim", TRIM_HEAT[2]),
+    ("written", EVER_WRITTEN),
+    ("untouched", NEVER),
+    ("lost", LOST),
+)
+PALETTE: dict[str, RGB] = {
+    "past the end": PANEL,
+    "untouched": NEVER,
+    "ever read": EVER_READ,
+    "written": EVER_WRITTEN,
+    "trimmed": EVER_TRIMMED,
+    "lost": LOST,
+    "cursor": CURSOR,
+    **{f"read heat {i}": rgb for i, rgb in enumerate(READ_HEAT)},
+    **{f"write heat {i}": rgb for i, rgb in enumerate(WRITE_HEAT)},
+    **{f"trim heat {i}": rgb for i, rgb in enumerate(TRIM_HEAT)},
+}
 
 _LABEL = Style.parse(fmt.DIM_COLOUR)
 _TEXT = Style.parse("#d8dee9")
@@ -61,22 +96,25 @@ _WRITE = Style.parse(f"bold {fmt.WRITE_COLOUR}")
 _TRIM = Style.parse(f"bold {fmt.TRIM_COLOUR}")
 
 
-def _quant(rgb: tuple[float, float, float]) -> RGB:
-    return (int(rgb[0]) & 0xF8, int(rgb[1]) & 0xF8, int(rgb[2]) & 0xF8)
-
-
 def heat_colour(r: float, w: float, t: float, scale: float, base: RGB) -> RGB:
-    """Mix the op colours by share of recent touches; brighter the more there were."""
+    """The busiest op's colour, brighter the more recent touches there were; `base` when none."""
     total = r + w + t
     if total <= 0.02:
         return base
-    mix = (
-        (r * READ_RGB[0] + w * WRITE_RGB[0] + t * TRIM_RGB[0]) / total,
-        (r * READ_RGB[1] + w * WRITE_RGB[1] + t * TRIM_RGB[1]) / total,
-        (r * READ_RGB[2] + w * WRITE_RGB[2] + t * TRIM_RGB[2]) / total,
-    )
-    k = min(1.0, 0.35 + 0.65 * math.log1p(total) / math.log1p(max(scale, 1.0)))
-    return _quant(tuple(b + (m - b) * k for b, m in zip(base, mix)))  # type: ignore[arg-type]
+    ramp = WRITE_HEAT if w >= r and w >= t else TRIM_HEAT if t >= r else READ_HEAT
+    level = int(len(ramp) * math.log1p(total) / math.log1p(max(scale, 1.0)))
+    return ramp[min(len(ramp) - 1, level)]
+
+
+LEGEND_ROWS = 2  # the heatmap's legend: the scale and the heats, then the states a cell keeps
+
+
+def _swatches(items: Iterable[tuple[str, RGB]]) -> list[Segment]:
+    """'■name ' for each (name, colour): the square in the colour the cells show."""
+    segments = []
+    for name, rgb in items:
+        segments += [Segment("■", Style(color=Color.from_rgb(*rgb))), Segment(f"{name} ", _TEXT)]
+    return segments
 
 
 def aggregate(values: list, group: int, n: int) -> list:
@@ -139,16 +177,16 @@ class Heatmap(Pane, can_focus=True):
     def _grid_geometry(self) -> tuple[int, int, int]:
         """(group, display cells, grid columns) for the current size."""
         width = self.inner_width
-        group, shown = grid_layout(self.model.cells, width, max(1, self.inner_height - 2))
+        group, shown = grid_layout(self.model.cells, width, max(1, self.inner_height - 1 - LEGEND_ROWS))
         return group, shown, width
 
     def preferred_height(self, width: int, max_height: int) -> int:
         """Height (frame, info and legend included) that shows the whole disk
         at the finest grouping that fits in `max_height`: no empty rows."""
         inner = max(1, width - 2)
-        rows = max(1, max_height - 4)
+        rows = max(1, max_height - 3 - LEGEND_ROWS)
         group, shown = grid_layout(self.model.cells, inner, rows)
-        return grid_char_rows(shown, inner) + 4
+        return grid_char_rows(shown, inner) + 3 + LEGEND_ROWS
 
     def cell_range(self, index: int) -> tuple[int, int]:
         """Byte range [start, end) of display cell `index`."""
@@ -223,7 +261,7 @@ class Heatmap(Pane, can_focus=True):
         gw = self.grid_width
         lines: list[Strip] = []
         char_rows = grid_char_rows(shown, gw)
-        for row in range(max(0, height - 2)):
+        for row in range(max(0, height - 1 - LEGEND_ROWS)):
             if row >= char_rows:
                 lines.append(Strip.blank(width))
                 continue
@@ -242,7 +280,7 @@ class Heatmap(Pane, can_focus=True):
                 ]
             lines.append(Strip(segments, gw).simplify().crop_extend(0, width, None))
         lines.append(self._info_line(width))
-        lines.append(self._legend_line(width))
+        lines.extend(self._legend_lines(width))
         return lines
 
     def _info_line(self, width: int) -> Strip:
@@ -264,39 +302,50 @@ class Heatmap(Pane, can_focus=True):
         ]
         return Strip(segments).crop_extend(0, width, None)
 
-    def _legend_line(self, width: int) -> Strip:
-        keys = [
-            Segment("■", _READ),
-            Segment("read "),
-            Segment("■", _WRITE),
-            Segment("write "),
-            Segment("■", _TRIM),
-            Segment("trim "),
-        ]
+    def _legend_lines(self, width: int) -> list[Strip]:
+        """LEGEND_ROWS lines: the scale, the heat of each op, then the states a cell keeps.
+
+        Names are never cut: what does not fit on the first line goes to the second, and
+        what fits on neither is left out, least telling first (at 80 columns the pane is
+        30 wide); "untouched" comes right after the heats.
+        """
         if self.mode == "time":
-            band = self._band_bytes()
-            segments = [
-                Segment(f"1 col = {self.model.time_column:g} s · 1 row = {fmt.iec_size(band)}  ", _KEY),
-                *keys,
-            ]
+            head = f"1 col = {self.model.time_column:g} s · 1 row = {fmt.iec_size(self._band_bytes())}"
+            detail = ""
+            kept: list[tuple[str, RGB]] = [("untouched", NEVER)]
         else:
             per = self.group * self.model.cell_bytes
-            segments = [
-                Segment(f"1 cell = {fmt.iec_size(per)}", _KEY),
-                Segment(f" ({per // 4096:,} blocks)  ", _LABEL),
-                *keys,
-                Segment("■", Style(color=Color.from_rgb(*EVER_WRITTEN))),
-                Segment("written"),
-            ]
+            head = f"1 cell = {fmt.iec_size(per)}"
+            detail = f" ({per // 4096:,} blocks)"
+            kept = [("untouched", NEVER)]
             if self.model.lost_requests:
-                segments += [Segment(" ■", Style(color=Color.from_rgb(*LOST))), Segment("lost")]
-        return Strip(segments).crop_extend(0, width, None)
+                kept.append(("lost", LOST))
+            kept += [("written", EVER_WRITTEN), ("trimmed", EVER_TRIMMED), ("only read", EVER_READ)]
+        items = [*STATES[:3], *kept]  # the heats on the first line, what cells keep on the second
+        heats_width = sum(len(name) + 2 for name, _ in STATES[:3])
+        first = [Segment(head, _KEY)]
+        used = len(head)
+        if used + len(detail) + 2 + heats_width <= width + 1:
+            first.append(Segment(detail, _LABEL))
+            used += len(detail)
+        first.append(Segment("  "))
+        used += 2
+        lines: list[list[Segment]] = [first, []]
+        line = 0
+        for i, (name, rgb) in enumerate(items):
+            need = len(name) + 2  # "■name "
+            if line == 0 and (i >= 3 or used + need > width + 1):
+                line, used = 1, 0
+            if used + need <= width + 1:
+                lines[line] += _swatches([(name, rgb)])
+                used += need
+        return [Strip(segments).crop_extend(0, width, None) for segments in lines]
 
     # -- the time view ---------------------------------------------------------------
     def _time_geometry(self, width: int, height: int) -> tuple[int, int, int]:
         axis = 6
         plot = max(1, width - axis - 1)
-        bands = max(2, (height - 3) * 2)
+        bands = max(2, (height - 2 - LEGEND_ROWS) * 2)
         return axis, plot, bands
 
     def _band_bytes(self) -> int:
@@ -357,7 +406,7 @@ class Heatmap(Pane, can_focus=True):
                     colours.append(colour)
                 segments.append(self._half(colours[0], colours[1]))
             lines.append(Strip(segments).simplify().crop_extend(0, width, None))
-        while len(lines) < height - 3:
+        while len(lines) < height - 2 - LEGEND_ROWS:
             lines.append(Strip.blank(width))
         span = plot * model.time_column
         axis_line = " " * (axis + 1)
@@ -373,7 +422,7 @@ class Heatmap(Pane, can_focus=True):
                     chars[pos + i] = ch
         lines.append(Strip([Segment("".join(chars), _LABEL)]).crop_extend(0, width, None))
         lines.append(self._info_line(width))
-        lines.append(self._legend_line(width))
+        lines.extend(self._legend_lines(width))
         return lines[:height]
 
     def _time_info(self) -> str:

@@ -76,8 +76,11 @@ SECTIONS: list[tuple[str, list[str]]] = [
         "The heatmap",
         [
             "The disk laid out like a page, offset 0 at the top left. Each half-character cell "
-            "covers the bytes the legend names; recent I/O lights it up and fades within seconds; "
-            "a dim tint stays where data was ever written. m plots offset against time instead.",
+            "covers the bytes the legend names; recent I/O lights it up (reads blue, writes orange "
+            "to yellow, trims violet, brighter the more) and fades within seconds; then a dim tint "
+            "says what the cell keeps: written, trimmed, only read, or untouched; a loud pink-red one "
+            "where a power cut lost written data. Every colour is one of a 256-colour terminal's "
+            "own, so tmux and ssh show the same states. m plots offset against time instead.",
         ],
     ),
     (
