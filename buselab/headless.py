@@ -1,12 +1,15 @@
 """Headless mode: one humanized stats line a second until SIGINT or SIGTERM.
 
     12:00:01 ram 64.0 MiB | 1 client | 120 req/s read 1.20 MB/s write 0.00 MB/s
-        | p50 0.13 ms p99 1.02 ms | totals: requests 1,234, flush 3, trim 0, errors 0
+        | p50 130 µs p99 1.02 ms | in flight 3, max 32 | totals: requests 1,234, flush 3, trim 0, errors 0
 
-(one line). Before "totals:" everything is per second over the last interval:
-requests, and bytes in MB/s (decimal, like the lab and fio); the latency
-percentiles are of the requests that finished in it, "-" when none did. After
-"totals:" come counts since the start.
+(one line). Before "totals:" everything is over the last interval: requests per
+second, and bytes in MB/s (decimal, like the lab and fio); the latency
+percentiles (µs below a millisecond) are of the requests that finished in it,
+"-" when none did: the time they spent in buselab, from when it read them to
+their reply. "in flight" is how many requests buselab had read and not yet
+answered when the line was made (held ones included), "max" the most at once
+during the interval. After "totals:" come counts since the start.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ import sys
 import time
 from typing import TextIO
 
-from .engine.telemetry import Snapshot, percentile
+from .engine.telemetry import Snapshot, histogram_between, latency_text, percentile
 from .protocol import constants as c
 from .session import Session
 from .sizes import human_bytes, human_rate
 
 
 def _latency(window: list[int], q: float) -> str:
-    return f"{percentile(window, q) * 1e3:.2f} ms" if sum(window) else "-"
+    return latency_text(percentile(window, q)) if sum(window) else "-"
 
 
 def stats_line(session: Session, before: Snapshot, after: Snapshot) -> str:
@@ -33,11 +36,11 @@ def stats_line(session: Session, before: Snapshot, after: Snapshot) -> str:
         return (totals_after[cmd] - totals_before[cmd]) / dt
 
     reqs = (after.total_requests - before.total_requests) / dt
-    window = [0] * len(after.latency[0])
-    for cmd in range(len(after.latency)):
-        for i, (a, b) in enumerate(zip(after.latency[cmd], before.latency[cmd])):
-            window[i] += a - b
-    paused = " PAUSED" if session.engine.gate.halted else ""
+    window = histogram_between(after.latency, before.latency)
+    gate = session.engine.gate
+    held = [h.replier.number for h in gate.held()]
+    flight = session.engine.telemetry.activity(dt, snap=after, held=held, releasing=gate.releasing)
+    paused = " PAUSED" if gate.halted else ""
     return (
         f"{time.strftime('%H:%M:%S')} {session.backend.kind} {human_bytes(session.engine.size)}{paused}"
         f" | {after.connections} client{'s' if after.connections != 1 else ''}"
@@ -45,6 +48,7 @@ def stats_line(session: Session, before: Snapshot, after: Snapshot) -> str:
         f" read {human_rate(per_second(after.bytes, before.bytes, c.CMD_READ))}"
         f" write {human_rate(per_second(after.bytes, before.bytes, c.CMD_WRITE))}"
         f" | p50 {_latency(window, 0.5)} p99 {_latency(window, 0.99)}"
+        f" | in flight {flight.in_flight:,}, max {flight.max_in_flight:,}"
         f" | totals: requests {after.total_requests:,}, flush {after.count[c.CMD_FLUSH]:,},"
         f" trim {after.count[c.CMD_TRIM]:,}, errors {sum(after.errors):,}"
     )

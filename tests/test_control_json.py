@@ -23,8 +23,12 @@ BREAKPOINT = {"id", "spec", "enabled", "hits"}
 FILTER = {"id", "name", "spec", "enabled", "stats"}
 STATUS = {
     "backend", "kind", "size", "paused", "held", "oldest_wait", "filters", "breakpoints", "last_break",
-    "last_step", "switching", "requests", "connections", "where", "control", "control_error",
+    "last_step", "switching", "requests", "connections", "in_flight", "max_in_flight", "in_flight_by_connection",
+    "latency", "sizes", "sequential", "window", "where", "control", "control_error",
 }  # fmt: skip
+CONNECTION_FLIGHT = {"conn", "peer", "in_flight", "max_in_flight"}
+OP_LATENCY = {"p50_ms", "p99_ms", "requests"}
+SEQUENTIAL = {"sequential", "random", "share"}
 
 
 @pytest.fixture
@@ -43,6 +47,16 @@ def test_every_command_answers_the_documented_keys(served, tmp_path):
     status = call("status")
     assert set(status) == STATUS
     assert status["last_break"] is None and status["switching"] is None and status["where"] == session.where
+    for i in range(4):  # sequential reads: each starts where the one before ended
+        nbd.read(i * 4096, 4096)
+    status = call("status")
+    assert status["in_flight"] == 0 and status["max_in_flight"] >= 1 and 0 < status["window"] <= 11
+    (conn,) = status["in_flight_by_connection"]
+    assert set(conn) == CONNECTION_FLIGHT and conn["in_flight"] == 0 and conn["max_in_flight"] >= 1
+    assert set(status["latency"]) == {"READ"} and set(status["latency"]["READ"]) == OP_LATENCY
+    assert status["latency"]["READ"]["requests"] == 4 and 0 < status["latency"]["READ"]["p50_ms"] < 1000
+    assert status["sizes"] == {"READ": {"4096": 4}}
+    assert status["sequential"] == {"READ": {"sequential": 3, "random": 0, "share": 1.0}}
 
     assert set(call("pause")) == {"paused", "held"}
     reader = threading.Thread(target=nbd.read, args=(0, 4096))

@@ -219,8 +219,65 @@ class Event(Result):
 
 
 @dataclass(frozen=True)
+class ConnectionFlight(Result):
+    """One connection's requests in flight: read and not answered (held ones included)."""
+
+    conn: int
+    peer: str
+    in_flight: int  # now
+    max_in_flight: int  # the most at once over the status' window
+
+
+@dataclass(frozen=True)
+class OpLatency(Result):
+    """One op's latency over the status' window: the time its requests spent in buselab."""
+
+    p50_ms: float
+    p99_ms: float
+    requests: int
+
+
+@dataclass(frozen=True)
+class SequentialShare(Result):
+    """Of one op's requests looked at over the window: how many started where one before them
+    (same connection and op, one of the 8 before) ended; a connection's first counts as neither."""
+
+    sequential: int
+    random: int
+    share: float | None  # sequential / (sequential + random); None when there were none
+
+
+def activity_fields(activity: Any) -> dict[str, Any]:
+    """A telemetry Activity as SteeringStatus' in-flight, latency, sizes and sequential fields."""
+    latency: dict[str, OpLatency] = {}
+    sizes: dict[str, dict[str, int]] = {}
+    sequential: dict[str, SequentialShare] = {}
+    for cmd, op in activity.ops.items():
+        name = c.CMD_NAMES.get(cmd, f"CMD{cmd}")
+        if op.requests:
+            latency[name] = OpLatency(round(op.p50 * 1e3, 6), round(op.p99 * 1e3, 6), op.requests)
+        if op.sizes:
+            sizes[name] = {str(bucket): n for bucket, n in op.sizes.items()}
+        if op.sequential or op.random:
+            share = op.sequential_share
+            sequential[name] = SequentialShare(op.sequential, op.random, None if share is None else round(share, 4))
+    return {
+        "in_flight": activity.in_flight,
+        "max_in_flight": activity.max_in_flight,
+        "in_flight_by_connection": [
+            ConnectionFlight(conn.conn, conn.peer, conn.in_flight, conn.max_in_flight) for conn in activity.connections
+        ],
+        "latency": latency,
+        "sizes": sizes,
+        "sequential": sequential,
+        "window": round(activity.seconds, 3),
+    }
+
+
+@dataclass(frozen=True)
 class SteeringStatus(Result):
-    """What steering knows: the stack, the gate, breakpoints."""
+    """What steering knows: the stack, the gate, breakpoints; and what the requests look like
+    over the last seconds (`window`): in flight, latency, sizes, sequential share."""
 
     backend: str
     kind: str
@@ -235,6 +292,13 @@ class SteeringStatus(Result):
     switching: SwitchProgress | None
     requests: int
     connections: int
+    in_flight: int = 0  # requests read and not answered now, held ones included
+    max_in_flight: int = 0  # the most at once over the window
+    in_flight_by_connection: list[ConnectionFlight] = field(default_factory=list)
+    latency: dict[str, OpLatency] = field(default_factory=dict)  # by op name
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # by op name: size bucket (bytes, up to) -> requests
+    sequential: dict[str, SequentialShare] = field(default_factory=dict)  # by op name
+    window: float = 0.0  # seconds that latency, max_in_flight, sizes and sequential cover
     cow_changed_bytes: int | None = field(default=None, metadata=_OPTIONAL)
 
 

@@ -46,6 +46,7 @@ from .results import (
     StepResult,
     SwitchProgress,
     SwitchResult,
+    activity_fields,
 )
 from .stepping import Stepper
 
@@ -201,6 +202,11 @@ class Steering:
     def status(self) -> SteeringStatus:
         engine = self.engine
         base = self.base
+        telemetry = engine.telemetry
+        snap = telemetry.snapshot()
+        gate = engine.gate
+        held = [h.replier.number for h in gate.held()]
+        activity = telemetry.activity(snap=snap, held=held, releasing=gate.releasing)
         return SteeringStatus(
             backend=base.describe(),
             kind=base.kind,
@@ -213,8 +219,9 @@ class Steering:
             last_break=self.last_break,
             last_step=self.last_step,
             switching=self.switching,
-            requests=engine.telemetry.snapshot().total_requests,
+            requests=snap.total_requests,
             connections=len(engine.telemetry.connections),
+            **activity_fields(activity),
             cow_changed_bytes=self.restacker.cow_changed_bytes(),
         )
 

@@ -13,7 +13,9 @@ Definitions (docs/TRACE_FORMAT.md repeats them):
 - sequential: a data request whose offset is where one of the 32 data
   requests before it ended (so interleaved streams from several jobs or a
   queue depth above one still count as sequential); the others are random;
-- latency percentiles: nearest rank over the recorded latencies, per op;
+- latency percentiles: nearest rank over the recorded latencies, per op
+  (exact: every latency is kept); the text shows them in µs below a
+  millisecond, the JSON in seconds;
 - hot ranges: the device cut into regions (a power of two, at least 4 KiB,
   about 1/1024 of the device), ranked by how many requests touched each.
 """
@@ -26,6 +28,7 @@ from array import array
 from collections.abc import Iterable
 from typing import Any
 
+from ..engine.telemetry import latency_text
 from ..protocol import constants as c
 from ..sizes import human_bytes
 
@@ -263,7 +266,8 @@ def to_json(summary: dict[str, Any]) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f} ms"
+    """A latency for the table: in ms to the microsecond, in µs below a millisecond (not "0.005 ms")."""
+    return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else latency_text(seconds)
 
 
 def _size_label(n: int) -> str:

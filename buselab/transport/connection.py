@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -60,6 +61,7 @@ _DONTWAIT = socket.MSG_DONTWAIT
 # for them (sleeping and waking adds tens of microseconds to what we see).
 _POLL_IF_WAITS_UNDER = 4 * _SPIN
 _MAX_QUEUED_PARTS = 512  # below IOV_MAX (1024): one sendmsg per batch
+_REPLY_MAGICS = (struct.pack(">I", c.SIMPLE_REPLY_MAGIC), struct.pack(">I", c.STRUCTURED_REPLY_MAGIC))
 
 
 class ClientGone(Exception):
@@ -97,7 +99,11 @@ class Connection:
         self._payload_view: memoryview | None = None  # large writes land here whole: see _payload
         self._out: list = []  # reply parts not sent yet
         self._usual_wait = 0.0  # seconds, a moving average: see _fill
+        # perf_counter when the last receive completed: the arrival of the requests it completed,
+        # and their start in telemetry (so a request's latency includes waiting in our buffer).
+        self._arrived = time.perf_counter()
         self.closed_reason = ""
+        engine.telemetry.watch(self.number, self.requests_waiting)
 
     # -- the whole life of a connection -----------------------------------------
     def serve(self) -> None:
@@ -235,8 +241,10 @@ class Connection:
                     raise ClientGone("client disconnected")
                 raise ClientGone(f"client disconnected in the middle of a {what}; nothing of it was applied")
             end += got
+        # The requests this receive completed arrived now (one clock reading per receive).
+        arrived = self._arrived = perf_counter()
         # A moving average of how long we wait for the client, which decides the polling above.
-        self._usual_wait = (3 * self._usual_wait + perf_counter() - waiting_since) / 4
+        self._usual_wait = (3 * self._usual_wait + arrived - waiting_since) / 4
         self._pos, self._end = pos, end
 
     def _grow(self, need: int) -> memoryview:
@@ -321,10 +329,12 @@ class Connection:
             view[: len(self._prefix)] = self._prefix
             self._end = len(self._prefix)
             self._prefix = b""
+        arrived = self._arrived = now()  # for requests that came with the end of the handshake
         while True:
             if self._end - self._pos < _HEADER:
                 self._fill(_HEADER, "request")
                 view = self._recv_view  # _fill may have grown it
+                arrived = self._arrived
             pos = self._pos
             magic, flags, cmd, handle, offset, length = unpack(view, pos)
             if magic != _REQUEST_MAGIC:
@@ -339,6 +349,7 @@ class Connection:
                         self._fill(_HEADER + length, f"{length}-byte WRITE")
                         pos = self._pos
                         view = self._recv_view  # _fill may have grown it
+                        arrived = self._arrived
                     req.payload = view[pos + _HEADER : pos + _HEADER + length]
                     self._pos = pos + _HEADER + length
                 else:
@@ -347,7 +358,9 @@ class Connection:
                     self._take(req.payload, f"{length}-byte WRITE")
             else:
                 self._pos = pos + _HEADER
-            start = now()
+            # Its arrival, not now: requests read together wait for each other, and that is
+            # time in buselab (a clock reading per request would also cost more).
+            start = arrived
             if cmd == _DISC:
                 self._flush_replies()
                 return "client sent DISC"
@@ -413,6 +426,32 @@ class Connection:
                     inflight.wake()
             if len(out) >= _MAX_QUEUED_PARTS:
                 self._flush_replies()
+
+    def requests_waiting(self) -> int:
+        """Requests read from the socket and not answered yet, the gate's held ones apart.
+
+        For the lab and `ctl status` (Telemetry.in_flight_now), from another thread and off
+        the serve path: replies queued and not sent yet (a batch's replies go out together),
+        the request in hand, and the ones whose header waits in the receive buffer, walked
+        header by header. The serving thread may move the buffer meanwhile, so the count can
+        be off by a few (a header that no longer parses ends the walk); it changes nothing.
+        """
+        view, pos, end = self._recv_view, self._pos, self._end
+        n = self.slot.executing
+        for part in list(self._out):  # one reply header (bytes, starting with a magic) per reply
+            if type(part) is bytes and part[:4] in _REPLY_MAGICS:
+                n += 1
+        unpack = _REQUEST.unpack_from
+        try:
+            while end - pos >= _HEADER and n < 65536:
+                magic, _, cmd, _, _, length = unpack(view, pos)
+                if magic != _REQUEST_MAGIC:
+                    break
+                pos += _HEADER + length if cmd == _WRITE else _HEADER
+                n += 1
+        except (ValueError, IndexError, TypeError, struct.error):  # a buffer replaced meanwhile
+            pass
+        return n
 
     # -- replies ------------------------------------------------------------------
     def complete(self, req: Request, start: float, error: int, data: object) -> None:

@@ -1,11 +1,15 @@
 """`e` in the lab: the session's statistics as one JSON document.
 
-Two views of the same run: `counters` are the telemetry's totals since the
-start (every request, exact), and `recent` is `buselab stats`' summary
-(trace/stats.py: sizes, alignment, sequential share, latency percentiles,
-hot ranges) over the requests still in the telemetry's ring of recent ones.
-When the ring holds every request (`recent.complete`), the two agree.
-No Textual here: the lab calls it from a thread worker.
+Three views of the same run: `counters` are the telemetry's totals since the
+start (every request, exact; latency percentiles from its histograms, within
+2.2%), `recent` is `buselab stats`' summary (trace/stats.py: sizes,
+alignment, sequential share, exact latency percentiles, hot ranges) over the
+requests still in the telemetry's ring of recent ones, and `activity` the
+last seconds as `buselab ctl status --json` gives them (in flight now and at
+most, per connection too; latency, sizes and sequential share per op). When
+the ring holds every request (`recent.complete`), the first two agree.
+Latencies are the time requests spent in buselab, in seconds (`_ms` keys in
+milliseconds). No Textual here: the lab calls it from a thread worker.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..engine.telemetry import Snapshot
+from ..engine.telemetry import Snapshot, percentile
 from ..protocol import constants as c
-from ..steering.results import to_json
+from ..steering.results import activity_fields, to_json
 from ..trace.stats import summarize
 
 if TYPE_CHECKING:
@@ -38,6 +42,8 @@ def counters(snap: Snapshot) -> dict[str, Any]:
             "bytes": snap.bytes[cmd],
             "errors": snap.errors[cmd],
             "latency_mean": snap.latency_sum[cmd] / count,
+            "latency_p50": percentile(snap.latency[cmd], 0.5),
+            "latency_p99": percentile(snap.latency[cmd], 0.99),
         }
     return {
         "requests": snap.total_requests,
@@ -64,6 +70,9 @@ def export_stats(
     recent["last_seq"] = records[-1].seq if records else None
     recent["complete"] = bool(records) and records[0].seq == 1 or snap.total_requests == 0
     steering = session.steering
+    gate = engine.gate
+    held = [h.replier.number for h in gate.held()]
+    activity = engine.telemetry.activity(snap=snap, held=held, releasing=gate.releasing)
     data: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -77,6 +86,7 @@ def export_stats(
         },
         "counters": counters(snap),
         "recent": recent,
+        "activity": to_json(activity_fields(activity)),
         "graphs": [sample._asdict() for sample in samples],
     }
     data["filters"] = to_json(steering.list_filters())

@@ -67,6 +67,11 @@ def header_text(model: LabModel, width: int = 160) -> Text:
     text.append(f"  up {fmt.duration_text(model.uptime())}", style=fmt.DIM_COLOUR)
     clients = snap.connections
     text.append(f"  {clients} client{'s' if clients != 1 else ''}", style=fmt.DIM_COLOUR)
+    # Requests read and not yet answered (held ones included), and the most at once lately.
+    in_flight, most = model.in_flight, model.max_in_flight
+    text.append(", " if not compact else " ", style=fmt.DIM_COLOUR)
+    text.append(f"{in_flight:,}", style=f"bold {fmt.HELD_COLOUR if in_flight else '#d8dee9'}")
+    text.append(f" in flight (max {most:,})" if not compact else f"/{most:,} in flight", style=fmt.DIM_COLOUR)
     workload = model.workload
     if workload is not None:
         phase = getattr(workload, "phase", "")

@@ -5,7 +5,11 @@
 whatever the request rate. From those it derives everything the widgets draw:
 new rows for the stream (with a `Gap` when there were more than a tick can
 show), decayed per-cell activity for the heatmap, offset-by-time columns, and
-one graph sample a second. No Textual here, so it is tested on its own.
+one graph sample a second. Requests in flight are counted every tick
+(`Telemetry.in_flight_now`: the connections' receive buffers and the gate,
+off the serve path); every sample also takes `Telemetry.activity()`, the last
+seconds' most in flight, sizes and sequential share. No Textual here, so it
+is tested on its own.
 
 It also picks up, once per tick and only when they changed, the engine's
 events (pause, breakpoint hits, filters, backend switches: rows in the stream)
@@ -25,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..engine.telemetry import LATENCY_BUCKETS, RequestRecord, Snapshot, percentile
+from ..engine.telemetry import Activity, RequestRecord, Snapshot, histogram_between, percentile
 from ..protocol import constants as c
 from ..steering.results import BreakHit
 
@@ -60,9 +64,12 @@ class Sample(NamedTuple):
     read_iops: float
     write_iops: float
     other_iops: float  # flush, trim, write zeroes, cache, block status
-    p50: float  # seconds, over every op completed in the interval
+    p50: float  # seconds, over every op completed in the interval: time in buselab
     p99: float
     requests: int  # completed in the interval
+    in_flight: int = 0  # read and not answered at the end of the interval (held ones included)
+    max_in_flight: int = 0  # the most at once during it
+    mean_in_flight: float = 0.0  # on average (Little's L: latency-seconds per second)
 
 
 @dataclass
@@ -162,6 +169,11 @@ class LabModel:
         self._last_snapshot = self.started
         self._reset_heat(self.snapshot)
         self.requests = self.snapshot.total_requests
+        # Requests in flight: now (every tick, from the connections' buffers and the gate), and
+        # the last seconds' activity (every sample: the most in flight, latency per op, sizes
+        # and the sequential share).
+        self.in_flight = 0
+        self.window: Activity | None = None
 
     # -- heat ------------------------------------------------------------------
     def _reset_heat(self, snap: Snapshot) -> None:
@@ -229,14 +241,20 @@ class LabModel:
         dt = max(now - self._sample_base_t, 1e-6)
         count = [a - b for a, b in zip(snap.count, base.count)]
         nbytes = [a - b for a, b in zip(snap.bytes, base.bytes)]
-        window = [0] * LATENCY_BUCKETS
-        for cmd in range(len(snap.latency)):
-            if count[cmd]:
-                for i, (a, b) in enumerate(zip(snap.latency[cmd], base.latency[cmd])):
-                    window[i] += a - b
+        window = histogram_between(snap.latency, base.latency, [cmd for cmd in range(len(count)) if count[cmd]])
         reads = count[c.CMD_READ]
         writes = count[c.CMD_WRITE]
         total = sum(count)
+        # The last seconds (the header's "max", sizes and patterns), then this interval alone.
+        telemetry = self.telemetry
+        gate = self.gate
+        held = [h.replier.number for h in gate.held()] if gate.paused or self.held else []
+        # The records' own clock (perf_counter based: the wall clock may be stepped), unless a
+        # test runs the model on a clock of its own.
+        wall = None if self.wall is time.time else self.wall()
+        releasing = gate.releasing
+        self.window = telemetry.activity(now=wall, snap=snap, held=held, releasing=releasing)
+        interval = telemetry.activity(dt, now=wall, snap=snap, held=held, releasing=releasing)
         return Sample(
             t=now,
             read_bps=nbytes[c.CMD_READ] / dt,
@@ -247,7 +265,16 @@ class LabModel:
             p50=percentile(window, 0.5),
             p99=percentile(window, 0.99),
             requests=total,
+            in_flight=interval.in_flight,
+            max_in_flight=interval.max_in_flight,
+            mean_in_flight=max(0.0, sum(snap.latency_sum) - sum(base.latency_sum)) / dt,
         )
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests in flight at once over the last seconds (now included)."""
+        window = self.window
+        return max(self.in_flight, window.max_in_flight if window is not None else 0)
 
     @property
     def latest(self) -> Sample | None:
@@ -300,6 +327,11 @@ class LabModel:
         if gate.paused or self.held:
             self.held = gate.held()
         tick.held = self.held
+        if tick.sampled:
+            self.in_flight = self.samples[-1].in_flight
+        else:
+            held = [h.replier.number for h in self.held]
+            self.in_flight = sum(self.telemetry.in_flight_now(held, gate.releasing).values())
         events = self.telemetry.events
         if events and events[-1] is not self._last_event:
             tick.events = self._new_events(list(events))  # list(deque) is one C call: no torn copy
