@@ -89,6 +89,20 @@ class Breakpoint:
             return self._search(payload) is not None  # searches the buffer in place, no copy
         return True
 
+    def match_range(self, req: Request) -> tuple[int, int] | None:
+        """Where on the disk [start, end) the pattern matched in `req`'s payload (the lab
+        opens its hexdump there); None for a breakpoint without a pattern, or no match."""
+        pattern, payload = self.pattern, req.payload
+        if pattern is None or payload is None:
+            return None
+        if self.at is not None:
+            rel = self.at - req.offset
+            found = rel >= 0 and payload[rel : rel + len(pattern)] == pattern
+        else:
+            rel = bytes(payload).find(pattern)
+            found = rel >= 0
+        return (req.offset + rel, req.offset + rel + len(pattern)) if found else None
+
     def info(self) -> BreakpointInfo:
         return BreakpointInfo(id=self.id, spec=self.spec, enabled=self.enabled, hits=self.hits)
 

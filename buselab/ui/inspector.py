@@ -1,7 +1,12 @@
 """The inspector: one request decoded, with a hexdump of its payload.
 
 Besides finished requests it shows held ones (the request a step released or
-a breakpoint caught), with a note saying what happened to it.
+a breakpoint caught), with a note saying what happened to it. A held request
+carries its whole payload (a step keeps it for the answered request too):
+the hexdump shows it a KiB at a time, `]` and `[` page, `g` goes to a byte.
+A breakpoint's hit opens at the bytes it matched, highlighted (the ext4-sb
+preset: the superblock's magic at byte 1080). Answered requests keep only
+their first KiB in telemetry, so that is all the lab can show of them.
 """
 
 from __future__ import annotations
@@ -14,11 +19,17 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import events
+from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
 from textual.strip import Strip
+from textual.widgets import Input, Static
 
 from ..engine.telemetry import PREVIEW_BYTES, RequestRecord
+from ..errors import UserError
 from ..protocol import constants as c
+from ..sizes import parse_size
 from . import format as fmt
 from .pane import Pane
 from .stream import LOST_COLOUR
@@ -29,6 +40,8 @@ if TYPE_CHECKING:
 _THUMB = Style.parse("#4a5568")
 BLOCK = 4096
 SECTOR = 512
+PAGE_BYTES = 1024  # of a whole payload, shown at a time
+MARK_STYLE = f"bold #101418 on {fmt.HELD_COLOUR}"  # the bytes a breakpoint matched, or the byte gone to
 
 _MEANING = {
     c.CMD_READ: "data read from the disk",
@@ -71,12 +84,20 @@ def describe_record(
     reason: str = "",
     width: int | None = None,
     lost: bool = False,
+    payload: bytes | None = None,
+    page_start: int = 0,
+    mark: tuple[int, int] | None = None,
+    where: dict[str, int] | None = None,
 ) -> Text:
     """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it.
 
     `note`: what the lab did with it (stepped, failed, caught by a breakpoint).
     `reason`: why it failed, as the backend said it (wrapped to `width` columns if given).
     `lost`: a power cut threw its write away (it was answered ok).
+    `payload`: the whole payload, when the lab has it (a held request's): then one page
+    of PAGE_BYTES from `page_start` (an offset in the payload) is dumped, with the bytes
+    [mark) highlighted. Without it the record's first KiB is.
+    `where`: filled with the line numbers of the "payload" row and of the marked row.
     """
     text = Text()
     colour = fmt.OP_COLOURS.get(record.cmd, "white")
@@ -123,6 +144,13 @@ def describe_record(
     row("handle", f"{record.handle:#018x}   connection {record.conn}")
     waited = "held for" if held else "latency"
     row("arrived", f"{fmt.clock_text(record.time, micro=True)}   {waited} {fmt.latency_text(record.latency)}")
+    whole = payload is not None and len(payload) == record.length and not record.error
+    if where is not None:
+        where["payload"] = text.plain.count("\n")
+    if whole:
+        assert payload is not None
+        _append_page(text, record, payload, page_start, mark, hex_width, colour, where)
+        return text
     payload = record.preview
     meaning = _MEANING.get(record.cmd, "")
     if payload is None or record.error:
@@ -149,6 +177,135 @@ def describe_record(
     return text
 
 
+def _append_page(
+    text: Text,
+    record: RequestRecord,
+    payload: bytes,
+    start: int,
+    mark: tuple[int, int] | None,
+    width: int,
+    colour: str,
+    where: dict[str, int] | None,
+) -> None:
+    """The payload row, and one page of a whole payload as `hexdump -C` lines, [mark) highlighted."""
+    length = len(payload)
+    start = max(0, min(start, last_row(length, width)))
+    end = min(length, start + PAGE_BYTES)
+    pages = -(-length // PAGE_BYTES)
+    what = "read" if record.cmd == c.CMD_READ else "written"
+    label = f"{length:,} bytes {what}"
+    if length > PAGE_BYTES:
+        label += f" · bytes {start:,}–{end - 1:,} (page {start // PAGE_BYTES + 1} of {pages}: ] [ page, g goes to)"
+    text.append(f"{'payload':<9}", style=fmt.DIM_COLOUR)
+    text.append(label + "\n", style=fmt.DIM_COLOUR)
+    if mark is not None:
+        text.append(f"{'':<9}", style=fmt.DIM_COLOUR)
+        text.append(f"bytes {mark[0]:,}–{mark[1] - 1:,} highlighted", style=MARK_STYLE)
+        text.append(f" (at {record.offset + mark[0]:#x} on the disk)\n", style=fmt.DIM_COLOUR)
+    page = payload[start:end]
+    if not any(page):
+        text.append(f"          all zeros ({len(page):,} bytes)\n", style=fmt.DIM_COLOUR)
+    half = width // 2
+    previous: bytes | None = None
+    squeezed = False
+    for pos in range(start, end, width):
+        chunk = payload[pos : min(end, pos + width)]
+        marked = mark is not None and mark[0] < pos + width and mark[1] > pos
+        if chunk == previous and len(chunk) == width and not marked:
+            if not squeezed:
+                text.append("*\n", style=fmt.DIM_COLOUR)
+                squeezed = True
+            continue
+        squeezed = False
+        previous = chunk
+        if marked and where is not None:
+            where.setdefault("mark", text.plain.count("\n"))
+        text.append(f"{record.offset + pos:08x}  ", style=fmt.DIM_COLOUR)
+        hits = [mark is not None and mark[0] <= pos + i < mark[1] for i in range(len(chunk))]
+        for i in range(width):
+            if i:
+                gap = "  " if i == half else " "
+                text.append(gap, style=MARK_STYLE if i < len(chunk) and hits[i] and hits[i - 1] else "")
+            text.append(
+                f"{chunk[i]:02x}" if i < len(chunk) else "  ",
+                style=MARK_STYLE if i < len(chunk) and hits[i] else colour,
+            )
+        text.append("  |", style="#aeb7c4")
+        for i, b in enumerate(chunk):
+            text.append(chr(b) if 32 <= b < 127 else ".", style=MARK_STYLE if hits[i] else "#aeb7c4")
+        text.append("|\n", style="#aeb7c4")
+    if squeezed:
+        text.append(f"{record.offset + end:08x}\n", style=fmt.DIM_COLOUR)
+
+
+def last_row(length: int, width: int = 16) -> int:
+    """Where the last hexdump row of a `length`-byte payload starts."""
+    return max(0, (length - 1) // width * width)
+
+
+def parse_payload_offset(text: str, record: RequestRecord, length: int) -> int:
+    """Where in a payload `g` goes: '1080', '0x438', '4K', 'end', or '@0x100438' (a disk offset)."""
+    value = text.strip().lower()
+    if not value:
+        raise UserError("give a byte: 1080, 0x438, 4K, end, or @OFFSET on the disk")
+    if value == "end":
+        return max(0, length - 1)
+    on_disk = value.startswith("@")
+    value = value.lstrip("@").strip()
+    try:
+        number = int(value, 0)
+    except ValueError:
+        number = parse_size(value)
+    if on_disk:
+        number -= record.offset
+    if not 0 <= number < length:
+        lo, hi = (record.offset, record.offset + length - 1) if on_disk else (0, length - 1)
+        raise UserError(f"{text.strip()} is outside the payload: give {lo:,}–{hi:,}")
+    return number
+
+
+class GotoScreen(ModalScreen[int | None]):
+    """`g`: which byte of the payload to show (the page starts at its row)."""
+
+    DEFAULT_CSS = """
+    GotoScreen { align: center middle; background: #0f1217 55%; }
+    GotoScreen > Vertical {
+        width: 64; max-width: 94%; height: auto; border: round #4fb3ff; background: #151a21; padding: 0 1;
+    }
+    GotoScreen Static { width: 100%; color: #7a8391; }
+    """
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, record: RequestRecord, length: int) -> None:
+        super().__init__()
+        self.record = record
+        self.length = length
+
+    def compose(self) -> ComposeResult:
+        with Vertical() as box:
+            box.border_title = "go to a byte of the payload"
+            yield Input(placeholder="1080, 0x438, 4K, end, or @0x100438 on the disk", id="offset", compact=True)
+            yield Static(
+                f"0 – {self.length - 1:,} in the payload; the disk's {self.record.offset:#x} is its 0", id="hint"
+            )
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        try:
+            offset = parse_payload_offset(event.value, self.record, self.length)
+        except UserError as exc:
+            self.query_one("#hint", Static).update(Text(str(exc), style=f"bold {fmt.ERROR_COLOUR}"))
+            return
+        self.dismiss(offset)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
 class Inspector(Pane, can_focus=True):
     """Shows the selected request, or the newest one while the stream follows.
 
@@ -163,6 +320,11 @@ class Inspector(Pane, can_focus=True):
         Binding("pagedown", "scroll_lines(10)", "Page down", show=False),
         Binding("home", "scroll_lines(-100000)", "Top", show=False),
         Binding("end", "scroll_lines(100000)", "Bottom", show=False),
+        # Named in the pane's bottom edge and its payload row while there are pages (the
+        # lab's footer has no room to spare at 80 columns), and in the help.
+        Binding("right_square_bracket", "page(1)", "Next KiB", key_display="]", show=False),
+        Binding("left_square_bracket", "page(-1)", "Prev KiB", key_display="[", show=False),
+        Binding("g", "goto", "Go to byte", show=False),
     ]
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -172,6 +334,11 @@ class Inspector(Pane, can_focus=True):
         self.reason = ""  # why the shown request failed, when the backend said
         self.lost = False  # a power cut threw the shown request's write away
         self.cell_bytes: int | None = None
+        self.payload: bytes | None = None  # the whole payload, when the lab has it (held requests)
+        self.page_start = 0  # where in it the page shown starts
+        self.mark: tuple[int, int] | None = None  # bytes of it highlighted: a breakpoint's match
+        self._scroll_to: str | None = None  # after the next build: "mark" or "payload" into view
+        self._where: dict[str, int] = {}
         self.top = 0
         self._text: Text = self._placeholder()
         self._lines: list[Strip] = []
@@ -182,26 +349,98 @@ class Inspector(Pane, can_focus=True):
         return Text(
             "No request yet. Select one in the stream (↑/↓ or click) to decode it here;\n"
             "while the stream follows, this shows the newest request.\n"
-            f"Payloads show their first {PREVIEW_BYTES:,} bytes.",
+            f"Answered requests show their first {PREVIEW_BYTES:,} bytes of payload; held ones (p, k)\n"
+            "all of it, a KiB at a time: ] and [ page, g goes to a byte.",
             style=fmt.DIM_COLOUR,
         )
 
-    def show(self, record: RequestRecord | None, *, cell_bytes: int | None = None, note: str = "") -> None:
+    def show(
+        self,
+        record: RequestRecord | None,
+        *,
+        cell_bytes: int | None = None,
+        note: str = "",
+        payload: bytes | bytearray | memoryview | None = None,
+        mark: tuple[int, int] | None = None,
+    ) -> None:
+        """Show `record`; with its whole `payload` (a held request's) it pages through all of it,
+        opening at the page that holds `mark` (offsets in the payload), highlighted."""
         lost = self._lost(record)
-        if record is self.record and cell_bytes == self.cell_bytes and note == self.note and lost == self.lost:
+        whole = bytes(payload) if payload is not None and record is not None and len(payload) == record.length else None
+        if (
+            record is self.record
+            and cell_bytes == self.cell_bytes
+            and note == self.note
+            and lost == self.lost
+            and whole == self.payload
+            and mark == self.mark
+        ):
             return
         self.record = record
         self.note = note
         self.reason = self._reason(record)
         self.lost = lost
         self.cell_bytes = cell_bytes
+        self.payload = whole
+        self.mark = mark if whole is not None else None
+        self.page_start = mark[0] // 16 * 16 if self.mark is not None else 0
+        self._scroll_to = "mark" if self.mark is not None else None
         self.top = 0
         self._lines_for = None
+        self._subtitle()
+        self.refresh()
+
+    def _subtitle(self) -> None:
+        record = self.record
         if record is None:
             self.pane_subtitle = ""
-        else:
-            self.pane_subtitle = f"#{record.seq}" if record.seq else "held"
+            return
+        name = f"#{record.seq}" if record.seq else "held"
+        payload = self.payload
+        if payload is not None and len(payload) > PAGE_BYTES:
+            pages = -(-len(payload) // PAGE_BYTES)
+            name += f" · page {self.page_start // PAGE_BYTES + 1}/{pages} · ] [ g"
+        self.pane_subtitle = name
+
+    def action_page(self, delta: int) -> None:
+        """A page (PAGE_BYTES) further into the payload, or back."""
+        payload = self.payload
+        if payload is None or self.record is None:
+            self._say_whole_payload()
+            return
+        if delta > 0 and self.page_start + PAGE_BYTES >= len(payload):
+            return  # the last byte is on this page already
+        start = max(0, min(self.page_start + delta * PAGE_BYTES, last_row(len(payload))))
+        if start != self.page_start:
+            self._page_to(start)
+
+    def action_goto(self) -> None:
+        payload, record = self.payload, self.record
+        if payload is None or record is None:
+            self._say_whole_payload()
+            return
+
+        def chosen(offset: int | None) -> None:
+            if offset is not None and self.payload is not None:
+                self.mark = (offset, offset + 1)
+                self._page_to(offset // 16 * 16, scroll="mark")
+
+        self.app.push_screen(GotoScreen(record, len(payload)), chosen)
+
+    def _page_to(self, start: int, scroll: str = "payload") -> None:
+        self.page_start = start
+        self._scroll_to = scroll
+        self._lines_for = None
+        self._subtitle()
         self.refresh()
+
+    def _say_whole_payload(self) -> None:
+        if self.record is not None and self.record.length > PREVIEW_BYTES and self.record.preview is not None:
+            self.app.notify(
+                f"the lab keeps the first {PREVIEW_BYTES:,} bytes of an answered request; a held one "
+                "(p pauses, k breaks) shows all of its payload",
+                markup=False,
+            )
 
     def _reason(self, record: RequestRecord | None) -> str:
         """Why a failed request failed, from the lab's model (only asked for failed ones)."""
@@ -229,7 +468,12 @@ class Inspector(Pane, can_focus=True):
                 reason=self.reason,
                 width=width,
                 lost=self.lost,
+                payload=self.payload,
+                page_start=self.page_start,
+                mark=self.mark,
+                where=(where := {}),
             )
+            self._where = where
         self._text = text
         console = self.app.console
         lines = []
@@ -243,10 +487,20 @@ class Inspector(Pane, can_focus=True):
 
     def _ensure(self) -> int:
         width = max(1, self.inner_width - 1)
-        key = (width, self.record, self.cell_bytes, self.note, self.lost)
+        key = (width, self.record, self.cell_bytes, self.note, self.lost, self.page_start, self.mark)
         if key != self._lines_for:
             self._lines_for = key
             self._lines = self._build(width)
+            scroll, self._scroll_to = self._scroll_to, None
+            line = self._where.get(scroll or "")
+            if line is not None:
+                # The marked row (or the page) into view: near the top, the rows above it for context.
+                height = self.inner_height
+                if scroll == "mark" and line < height - 1:
+                    line = 0
+                elif scroll == "mark":
+                    line -= max(0, min(3, height // 3))
+                self.top = max(0, min(len(self._lines) - height, line))
         return width
 
     def render_inner(self, y: int, inner_width: int) -> Strip:
@@ -282,5 +536,18 @@ class Inspector(Pane, can_focus=True):
         if self.record is None:
             return self._placeholder().plain
         return describe_record(
-            self.record, cell_bytes=self.cell_bytes, note=self.note, reason=self.reason, lost=self.lost
+            self.record,
+            cell_bytes=self.cell_bytes,
+            note=self.note,
+            reason=self.reason,
+            lost=self.lost,
+            payload=self.payload,
+            page_start=self.page_start,
+            mark=self.mark,
         ).plain
+
+    @property
+    def screen_text(self) -> str:
+        """What the pane shows now, scrolled as it is (for tests)."""
+        self._ensure()
+        return "\n".join(strip.text for strip in self._lines[self.top : self.top + self.inner_height])

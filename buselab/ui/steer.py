@@ -33,6 +33,7 @@ from .screens.filters import FiltersScreen
 from .screens.step import StepChoice, StepScreen
 
 if TYPE_CHECKING:
+    from ..engine.gate import HeldRequest
     from ..steering import Steering
     from ..steering.results import StepResult, SwitchResult
     from .model import Tick
@@ -79,6 +80,13 @@ def _fresh_path(directory: str | None, stem: str, ext: str) -> str:
     return path
 
 
+def matched(item: HeldRequest) -> tuple[int, int] | None:
+    """The bytes of a held request's payload (offsets in it) that its breakpoint's pattern matched."""
+    match_range = getattr(item.breakpoint, "match_range", None)
+    found = match_range(item.req) if match_range is not None else None
+    return (found[0] - item.req.offset, found[1] - item.req.offset) if found is not None else None
+
+
 class SteeringActions:
     """The steering half of LabApp (see lab.py for the other half)."""
 
@@ -88,7 +96,8 @@ class SteeringActions:
         self.steering = self.model.steering
         self._busy: dict[int, str] = {}
         self._busy_ids = 0
-        self._stepped: tuple[int, int, str, float] | None = None  # conn, handle, note, since
+        # conn, handle, note, since, and the whole payload and its highlighted bytes, to show again
+        self._stepped: tuple[int, int, str, float, bytes | None, tuple[int, int] | None] | None = None
         self._caught: tuple[dict, float] | None = None  # a breakpoint hit whose request to show
         self._recording_busy = False
         self.exported: list[str] = []  # files `e` wrote (tests read them)
@@ -173,7 +182,13 @@ class SteeringActions:
             for item in tick.held:
                 if item.req.handle == hit.handle and getattr(item.breakpoint, "id", None) == hit.breakpoint:
                     note = f"caught by breakpoint {hit.breakpoint} ({hit.spec}): held · n releases it"
-                    self.inspector.show(record_from_held(item), cell_bytes=self.heatmap.display_cell_bytes, note=note)
+                    self.inspector.show(
+                        record_from_held(item),
+                        cell_bytes=self.heatmap.display_cell_bytes,
+                        note=note,
+                        payload=item.req.payload,
+                        mark=matched(item),
+                    )
                     self._caught = None
                     break
             else:
@@ -181,10 +196,12 @@ class SteeringActions:
                     self._caught = None
         stepped = self._stepped
         if stepped is not None and tick.records:
-            conn, handle, note, since = stepped
+            conn, handle, note, since, payload, mark = stepped
             for record in reversed(tick.records):
                 if record.handle == handle and record.conn == conn:
-                    self.inspector.show(record, cell_bytes=self.heatmap.display_cell_bytes, note=note)
+                    self.inspector.show(
+                        record, cell_bytes=self.heatmap.display_cell_bytes, note=note, payload=payload, mark=mark
+                    )
                     self._inspector_shown_at = time.monotonic()
                     self._stepped = None
                     break
@@ -232,10 +249,17 @@ class SteeringActions:
         note = f"stepped: {choice.describe()}" + (f" · {still} still held" if still else " · nothing else held")
         if item is not None:
             error = c.ERRNO_BY_NAME.get(str(info.errno), 0) if choice.action == "fail" else 0
+            payload = bytes(item.req.payload) if item.req.payload is not None else None
+            mark = matched(item)
             self.inspector.show(
-                record_from_held(item, error=error), cell_bytes=self.heatmap.display_cell_bytes, note=note
+                record_from_held(item, error=error),
+                cell_bytes=self.heatmap.display_cell_bytes,
+                note=note,
+                payload=payload,
+                mark=mark,
             )
-            self._stepped = (getattr(item.replier, "number", 0), item.req.handle, note, time.monotonic())
+            conn = getattr(item.replier, "number", 0)
+            self._stepped = (conn, item.req.handle, note, time.monotonic(), payload, mark)
         self.poll()
         return info
 

@@ -26,6 +26,11 @@ KEYS: list[tuple[str, str]] = [
     ("0", "show every op again"),
     ("m", "heatmap: address-space grid ⇄ offset by time (as iowatcher plots it)"),
     ("← → ↑ ↓", "heatmap (focused): move the cell cursor"),
+    (
+        "] [ g",
+        "inspector (focused): next / previous KiB of a held request's whole payload, go to a byte (1080, 0x438, "
+        "4K, end, @0x100438 on the disk); a breakpoint's hit opens at the bytes it matched, highlighted",
+    ),
     ("p", "pause / resume: requests that arrive are held (the client waits); resume answers them in order"),
     ("n", "step: release the oldest held request; the inspector shows it"),
     ("N (shift+n)", "step with a choice: release, fail it with EIO/ENOSPC/EPERM/..., or delay it N ms"),
