@@ -242,7 +242,8 @@ def test_ram_too_big_for_the_address_space(tmp_path):
 STATS_LINE = re.compile(
     r"^\d\d:\d\d:\d\d ram 64\.0 MiB \| \d+ clients? \| (?P<reqs>[\d,]+) req/s"
     r" read (?P<read>[\d.]+) MB/s write (?P<write>[\d.]+) MB/s"
-    r" \| p50 (?P<p50>[\d.]+ ms|-) p99 (?P<p99>[\d.]+ ms|-)"
+    r" \| p50 (?P<p50>[\d.]+ [µm]?s|-) p99 (?P<p99>[\d.]+ [µm]?s|-)"
+    r" \| in flight (?P<in_flight>[\d,]+), max (?P<max_in_flight>[\d,]+)"
     r" \| totals: requests (?P<requests>[\d,]+), flush (?P<flush>[\d,]+), trim (?P<trim>[\d,]+),"
     r" errors (?P<errors>[\d,]+)$",
     re.MULTILINE,
@@ -510,10 +511,12 @@ def test_stats_line_separates_rates_from_totals(buselab_server):
         client.flush()
         client.trim(0, MiB)
         busy = wait_for(lambda m: float(m["write"]) > 0, "with writes")
-        assert int(busy["reqs"].replace(",", "")) > 0 and busy["p50"].endswith(" ms"), busy[0]
+        assert int(busy["reqs"].replace(",", "")) > 0 and re.fullmatch(r"[\d.]+ [µm]?s", busy["p50"]), busy[0]
+        assert int(busy["max_in_flight"]) >= 1, busy[0]
     # After the traffic: rates and latency go back to nothing, the totals stay.
     after = wait_for(lambda m: m.start() > busy.end() and m["reqs"] == "0", "after the traffic")
     assert (after["read"], after["write"], after["p50"], after["p99"]) == ("0.00", "0.00", "-", "-"), after[0]
+    assert (after["in_flight"], after["max_in_flight"]) == ("0", "0"), after[0]
     assert (after["requests"], after["flush"], after["trim"], after["errors"]) == ("10", "1", "1", "0"), after[0]
     assert served.stop() == 0
 
