@@ -168,6 +168,7 @@ def test_live_error_filter_and_powercut_with_real_clients(controlled):
     assert "dirty_bytes 69632" in ctl(path, "filter", "list").stdout  # 64 KiB of B and 4 KiB of C
     out = ctl(path, "powercut").stdout
     assert out.startswith("power cut: 68.0 KiB"), out
+    ctl(path, "poweron")  # a power cut is a crash: nothing is served until the power is back
     check = subprocess.run(
         [
             *nbdsh(),

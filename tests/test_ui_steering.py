@@ -266,6 +266,9 @@ async def test_an_error_filter_added_in_the_panel_fails_reads_until_toggled_off(
         await pilot.press("y")
         await finish_workers(app, pilot)
         assert "POWER CUT: 4.0 KiB" in screen.status_text
+        await pilot.press("o")  # a power cut is a crash: nothing is served until the power is back
+        await finish_workers(app, pilot)
+        assert "POWER ON after" in screen.status_text
         assert client.read(3 * MiB, 4096) == bytes(4096)
         await pilot.press("escape")
         await settle(app, pilot)
