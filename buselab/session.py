@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from .control.server import ControlServer
 from .engine import Engine
+from .engine.labels import Labeller
 from .errors import UserError
 from .steering import Steering
 from .steering.results import Status
@@ -73,6 +74,7 @@ class Session:
         self.stack = Stack(backend)
         self.engine = Engine(self.stack, export_name=options.export_name, readonly=options.readonly)
         self.steering = Steering(self.engine)
+        self.labeller = Labeller(self.engine)  # what each request touches; started with the session
         self.network = NetworkServer(self.engine, unix_mode=options.unix_mode, handshake_limit=options.handshake_limit)
         self.kernel = None  # a kernel attachment, when serving /dev/nbdN
         self.control: ControlServer | None = None  # the control socket server, when there is one
@@ -123,6 +125,8 @@ class Session:
             where=self.where,
             control=control.path if control is not None else None,
             control_error=control.error if control is not None else None,
+            structures=self.labeller.structures_json(),
+            queue_limits=self.kernel.queue_limits() if self.kernel is not None else None,
         )
 
     @property
@@ -150,6 +154,7 @@ class Session:
                 self.stack.add(spec_filter)  # not serving yet: nothing to quiesce
             if self.options.record:
                 self.start_recording(self.options.record)
+            self.labeller.start()
             for host, port in self.options.listen:
                 self.network.listen_tcp(host, port)
             for path in self.options.unix:
@@ -191,6 +196,7 @@ class Session:
         if self.kernel is not None:
             self.kernel.detach()
         self.network.stop()
+        self.labeller.stop()
         if self.recorder is not None:
             self.recorder.stop()
         self.engine.close()

@@ -24,8 +24,9 @@ FILTER = {"id", "name", "spec", "enabled", "stats"}
 STATUS = {
     "backend", "kind", "size", "paused", "held", "oldest_wait", "filters", "breakpoints", "last_break",
     "last_step", "switching", "requests", "connections", "in_flight", "max_in_flight", "in_flight_by_connection",
-    "latency", "sizes", "sequential", "window", "where", "control", "control_error",
+    "latency", "sizes", "sequential", "window", "where", "control", "control_error", "structures", "queue_limits",
 }  # fmt: skip
+STRUCTURE = {"requests", "bytes"}
 CONNECTION_FLIGHT = {"conn", "peer", "in_flight", "max_in_flight"}
 OP_LATENCY = {"p50_ms", "p99_ms", "requests"}
 SEQUENTIAL = {"sequential", "random", "share"}
@@ -57,6 +58,16 @@ def test_every_command_answers_the_documented_keys(served, tmp_path):
     assert status["latency"]["READ"]["requests"] == 4 and 0 < status["latency"]["READ"]["p50_ms"] < 1000
     assert status["sizes"] == {"READ": {"4096": 4}}
     assert status["sequential"] == {"READ": {"sequential": 3, "random": 0, "share": 1.0}}
+    assert status["queue_limits"] is None  # no kernel device
+    # The labeller counts what each request touched (here nothing it knows: "unknown"), off the
+    # serve path, a few times a second.
+    deadline = time.monotonic() + 10
+    while status["structures"].get("unknown", {}).get("requests", 0) < 4:
+        assert time.monotonic() < deadline, status["structures"]
+        time.sleep(0.1)
+        status = call("status")
+    assert all(set(counts) == STRUCTURE for counts in status["structures"].values())
+    assert status["structures"]["unknown"]["bytes"] >= 4 * 4096
 
     assert set(call("pause")) == {"paused", "held"}
     reader = threading.Thread(target=nbd.read, args=(0, 4096))

@@ -309,6 +309,10 @@ class Status(SteeringStatus):
     where: str = ""
     control: str | None = None  # the control socket's path
     control_error: str | None = None  # why there is none
+    # requests and bytes since the start per kind of structure they touched (superblock,
+    # journal, data, ...; "unknown" where the disk holds nothing buselab recognises)
+    structures: dict[str, dict[str, int]] = field(default_factory=dict)
+    queue_limits: dict[str, int | str] | None = None  # a kernel device's request queue (sysfs)
 
     @classmethod
     def of(cls, steering: SteeringStatus, **session: Any) -> Status:

@@ -88,6 +88,7 @@ def describe_record(
     page_start: int = 0,
     mark: tuple[int, int] | None = None,
     where: dict[str, int] | None = None,
+    what: str = "",
 ) -> Text:
     """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it.
 
@@ -98,6 +99,7 @@ def describe_record(
     of PAGE_BYTES from `page_start` (an offset in the payload) is dumped, with the bytes
     [mark) highlighted. Without it the record's first KiB is.
     `where`: filled with the line numbers of the "payload" row and of the marked row.
+    `what`: the structure the request touched, from the disk's map ("ext4 group 3 inode bitmap").
     """
     text = Text()
     colour = fmt.OP_COLOURS.get(record.cmd, "white")
@@ -129,6 +131,8 @@ def describe_record(
         for line in lines[1:]:
             row("", line, fmt.ERROR_COLOUR)
 
+    if what:
+        row("what", what, "bold #88c0d0")
     if record.cmd in fmt.RANGED_OPS:
         end = record.offset + record.length
         last = end - 1 if record.length else record.offset
@@ -332,6 +336,7 @@ class Inspector(Pane, can_focus=True):
         self.record: RequestRecord | None = None
         self.note = ""
         self.reason = ""  # why the shown request failed, when the backend said
+        self.what = ""  # the structure it touched, from the disk's map
         self.lost = False  # a power cut threw the shown request's write away
         self.cell_bytes: int | None = None
         self.payload: bytes | None = None  # the whole payload, when the lab has it (held requests)
@@ -379,6 +384,7 @@ class Inspector(Pane, can_focus=True):
         self.record = record
         self.note = note
         self.reason = self._reason(record)
+        self.what = self._what(record)
         self.lost = lost
         self.cell_bytes = cell_bytes
         self.payload = whole
@@ -449,6 +455,13 @@ class Inspector(Pane, can_focus=True):
         failure_reason = getattr(getattr(self.app, "model", None), "failure_reason", None)
         return failure_reason(record) if failure_reason is not None else ""
 
+    def _what(self, record: RequestRecord | None) -> str:
+        """What the request touched, from the lab's model ("" when the disk's map knows nothing)."""
+        if record is None or not self.is_attached:
+            return ""
+        what = getattr(getattr(self.app, "model", None), "what", None)
+        return what(record) if what is not None else ""
+
     def _lost(self, record: RequestRecord | None) -> bool:
         """Whether a power cut threw the request's write away (the lab's model knows)."""
         if record is None or not record.seq or record.error or not self.is_attached:
@@ -466,6 +479,7 @@ class Inspector(Pane, can_focus=True):
                 hex_width=16 if width >= 79 else 8,
                 note=self.note,
                 reason=self.reason,
+                what=self.what,
                 width=width,
                 lost=self.lost,
                 payload=self.payload,
@@ -540,6 +554,7 @@ class Inspector(Pane, can_focus=True):
             cell_bytes=self.cell_bytes,
             note=self.note,
             reason=self.reason,
+            what=self.what,
             lost=self.lost,
             payload=self.payload,
             page_start=self.page_start,

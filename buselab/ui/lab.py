@@ -289,6 +289,7 @@ class LabApp(SteeringActions, App[int]):
         """Read telemetry once and hand each widget what changed."""
         started = time.perf_counter()
         tick = self.model.poll()
+        self.stream.set_want_what(self.model.disk_known)
         self.stream.add(tick.records, tick.gap, tick.held, tick.events)
         if tick.heat_changed:
             self.heatmap.refresh_heat()

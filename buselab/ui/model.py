@@ -368,6 +368,23 @@ class LabModel:
         recent = [sum(self.activity[k][first_cell : last_cell + 1]) for k in range(3)]
         return totals, recent
 
+    @property
+    def disk_known(self) -> bool:
+        """Does the disk's map know what the disk holds (a partition table, a file system)?"""
+        fsmap = self.session.labeller.map
+        return fsmap is not None and bool(fsmap.filesystems or fsmap.table)
+
+    def what(self, record: RequestRecord) -> str:
+        """The structure a request touched, from the disk's map ("" where the map knows nothing)."""
+        if not record.seq:  # a held request: not recorded yet, so looked up now
+            fsmap = self.session.labeller.map
+            label = fsmap.label(record.offset, record.length, record.preview) if fsmap is not None else None
+        else:
+            label = self.session.labeller.label_of(record)
+        if label is None or label.kind == "unknown":
+            return ""
+        return str(label)
+
     def failure_reason(self, record: RequestRecord) -> str:
         """Why a failed request failed, as the backend said it ("" if it succeeded, or nobody said)."""
         if not record.error or not record.seq:

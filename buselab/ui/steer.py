@@ -104,6 +104,7 @@ class SteeringActions:
         self.export_dir: str | None = None  # None: the current directory
         self.record_dir: str | None = None
         self.stream.lost_source = lambda: self.model.lost_requests  # rows a power cut lost say so
+        self.stream.what_source = self.model.what  # and every row what it touched
 
     # -- running steering calls --------------------------------------------------------------
     def steer(

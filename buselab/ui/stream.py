@@ -77,15 +77,27 @@ ALL_COLUMNS = (
 )
 # Dropped first when the stream is narrow.
 DROP_ORDER = ("time", "flags", "seq", "result")
+MIN_WHAT = 12  # the "what" column (the structure a request touches) only with room for this much
+WANT_WHAT = 32  # ... and when the disk holds something known, room for "ext4 group 3 inode bitmap"
 
 
-def columns_for_width(width: int, offset_width: int = 13) -> tuple[Column, ...]:
-    """The columns that fit `width`; offsets get as many digits as the device needs."""
+def columns_for_width(width: int, offset_width: int = 13, want_what: bool = False) -> tuple[Column, ...]:
+    """The columns that fit `width`; offsets get as many digits as the device needs.
+
+    What is left over goes to "what": the structure each request touches, from the disk's map.
+    With `want_what` (the map knows the disk) the time column gives way to it.
+    """
     columns = [col._replace(width=max(6, offset_width)) if col.name == "offset" else col for col in ALL_COLUMNS]
     for name in DROP_ORDER:
         if sum(col.width + 1 for col in columns) <= width:
             break
         columns = [col for col in columns if col.name != name]
+    left = width - sum(col.width + 1 for col in columns) - 1
+    if want_what and left < WANT_WHAT and any(col.name == "time" for col in columns):
+        columns = [col for col in columns if col.name != "time"]
+        left = width - sum(col.width + 1 for col in columns) - 1
+    if left >= MIN_WHAT:
+        columns.append(Column("what", "what", left, False))
     return tuple(columns)
 
 
@@ -116,6 +128,7 @@ EVENT_STYLE = style(f"bold {fmt.EVENT_COLOUR}")
 EVENT_TIME_STYLE = style(fmt.EVENT_COLOUR)
 LOST_COLOUR = "#ff005f"  # a write a power cut threw away (the client was told ok); the heatmap's lost cells too
 LOST_STYLE = style(f"bold #101418 on {LOST_COLOUR}")
+WHAT_STYLE = style("#88c0d0")
 
 
 def _cell(text: str, col: Column) -> str:
@@ -152,8 +165,11 @@ def join_cells(parts: list[tuple[str, Style]], width: int) -> Strip:
     return Strip(segments, used).crop(0, width)
 
 
-def record_cells(record: RequestRecord, columns: Iterable[Column], lost: bool = False) -> list[tuple[str, Style]]:
-    """The (text, style) cells of one request row; `lost`: a power cut threw its write away."""
+def record_cells(
+    record: RequestRecord, columns: Iterable[Column], lost: bool = False, what: str = ""
+) -> list[tuple[str, Style]]:
+    """The (text, style) cells of one request row; `lost`: a power cut threw its write away;
+    `what`: the structure it touched ("ext4 group 3 inode bitmap")."""
     ranged = record.cmd in fmt.RANGED_OPS
     parts: list[tuple[str, Style]] = []
     for col in columns:
@@ -175,6 +191,8 @@ def record_cells(record: RequestRecord, columns: Iterable[Column], lost: bool = 
             latency = record.latency
             lat_style = VERY_SLOW_STYLE if latency >= 0.1 else SLOW_STYLE if latency >= 0.01 else PLAIN
             part = (_cell(fmt.latency_text(latency), col), lat_style)
+        elif name == "what":
+            part = (_cell(what, col), WHAT_STYLE)
         elif record.error:  # result
             part = (_cell(fmt.errno_name(record.error), col), ERR_STYLE)
         elif lost:
@@ -208,6 +226,8 @@ def held_cells(held: HeldRequest, columns: Iterable[Column], now: float) -> list
             part = (_cell(fmt.flags_short(req.flags), col), HELD_STYLE)
         elif name == "latency":
             part = (_cell(fmt.latency_text(wait), col), HELD_STYLE)
+        elif name == "what":
+            part = (" " * col.width, PLAIN)  # known once it is answered (the inspector says it now)
         else:
             part = (_cell("break" if getattr(held, "breakpoint", None) else "waiting", col), HELD_STYLE)
         parts.append(part)
@@ -264,6 +284,9 @@ class RequestStream(Pane, can_focus=True):
         # The numbers of requests a power cut threw away, asked once per tick (the lab's model).
         self.lost_source: Callable[[], frozenset[int]] = frozenset
         self.lost: frozenset[int] = frozenset()
+        # What a request touched, from the disk's map (the lab's model); "" when nothing known.
+        self.what_source: Callable[[RequestRecord], str] = lambda record: ""
+        self.want_what = False  # the disk holds something the map knows: make room for "what"
 
     # -- data ------------------------------------------------------------------
     def add(
@@ -411,9 +434,18 @@ class RequestStream(Pane, can_focus=True):
         width = max(1, self.inner_width - 1)  # the last column is the scrollbar
         if width != self._width:
             self._width = width
-            self._columns = columns_for_width(width, self.offset_width)
+            self._columns = columns_for_width(width, self.offset_width, self.want_what)
             self._cache.clear()
         self._after_change()
+
+    def set_want_what(self, want: bool) -> None:
+        """Give the "what" column room (the map knows the disk) or not; rows are drawn again."""
+        if want != self.want_what:
+            self.want_what = want
+            if self._width:
+                self._columns = columns_for_width(self._width, self.offset_width, want)
+            self._cache.clear()
+            self.refresh()
 
     def header_strip(self) -> Strip:
         return join_cells([(_cell(col.title, col), HEADER_STYLE) for col in self._columns], self._width or 1)
@@ -475,7 +507,8 @@ class RequestStream(Pane, can_focus=True):
                 0, width, None
             )
         else:
-            strip = join_cells(record_cells(row, self._columns, row.seq in self.lost), width)
+            what = self.what_source(row) if self._columns[-1].name == "what" else ""
+            strip = join_cells(record_cells(row, self._columns, row.seq in self.lost, what), width)
         if selected:
             strip = strip.apply_style(CURSOR_BG if self.has_focus else CURSOR_BG_BLUR)
         return strip
