@@ -2,7 +2,7 @@
 # BUSE's ioctl path (--ioctl): no module, buselab loading it, ext4 on /dev/nbd0, FLUSH and TRIM,
 # clear errors, kill -9 recovery, the file backend across a restart.
 . "$(dirname "$0")/guest_lib.sh"
-watchdog "${WATCHDOG:-300}" &
+watchdog "${WATCHDOG:-300}" "${WATCHDOG_QUIET:-}" &
 WATCHDOG_PID=$!
 T0=$(now)
 

@@ -12,16 +12,17 @@
 #   each read from CPU 0, 1, 0, 1, as the reproducer does.
 #
 # A read that does not complete in 20 s, or a device with requests in flight of which none
-# completes for 60 s (stall_watch), is a lost request: the dd that waits on it ignores SIGKILL,
-# so no `timeout` can end it. FAIL, what the guest can see of it (hang_report), and the guest
-# powers off at once. Nothing is retried.
+# completes for STALL (90) s (stall_watch), is a lost request: the dd that waits on it ignores
+# SIGKILL, so no `timeout` can end it. FAIL, what the guest can see of it (hang_report), and the
+# guest powers off at once. Nothing is retried.
 . "$(dirname "$0")/guest_lib.sh"
 echo "kernel $(uname -r)"
-watchdog "${WATCHDOG:-300}" &
+watchdog "${WATCHDOG:-300}" "${WATCHDOG_QUIET:-}" &
 WATCHDOG_PID=$!
 HERE=$(cd "$(dirname "$0")" && pwd)
 T0=$(now)
 ROUNDS=${ROUNDS:-2}
+STALL=${STALL:-90}
 
 # lost DESC: a request the kernel never sent. Whatever comes next would wait on it too: say
 # what the guest sees and power off now rather than at the watchdog's deadline.
@@ -77,7 +78,8 @@ load() {
 }
 
 # stall_watch, in the background: every 5 s, an nbd device with requests in flight of which
-# none completed for 60 s (longer than any pause here) lost one.
+# none completed for STALL seconds lost one. The longest pause here holds reads for 40 s, plus
+# the time guest_pause.py needs to start its readers and check them (seconds, under emulation).
 stall_watch() {
     while :; do
         for stat in /sys/block/nbd*/stat; do
@@ -88,8 +90,8 @@ stall_watch() {
             eval "last=\${completed_$dev:-} since=\${since_$dev:-0}"
             if [ "$9" = 0 ] || [ "$completed" != "$last" ]; then
                 eval "completed_$dev=$completed since_$dev=$(now)"
-            elif awk "BEGIN { exit !($(now) - $since > 60) }"; then
-                lost "$dev: $9 request(s) in flight, none completed for 60 s"
+            elif awk "BEGIN { exit !($(now) - $since > $STALL) }"; then
+                lost "$dev: $9 request(s) in flight, none completed for $STALL s"
             fi
         done
         sleep 5

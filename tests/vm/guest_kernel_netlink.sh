@@ -8,7 +8,7 @@
 # backports kernel (6.1 loses requests there: README, "Known problems").
 . "$(dirname "$0")/guest_lib.sh"
 echo "kernel $(uname -r)"
-watchdog "${WATCHDOG:-300}" &
+watchdog "${WATCHDOG:-300}" "${WATCHDOG_QUIET:-}" &
 WATCHDOG_PID=$!
 HERE=$(cd "$(dirname "$0")" && pwd)
 T0=$(now)

@@ -29,7 +29,8 @@ size_of() { cat "/sys/block/nbd$1/size" 2>/dev/null || echo "?"; }
 pid_of() { cat "/sys/block/nbd$1/pid" 2>/dev/null || echo "-"; }
 
 # start NAME ARGS...: `buselab ARGS --headless` in the background, output in NAME.log.
-# Waits (up to 120 s) until it prints "buselab: serving"; sets PID_NAME.
+# Waits (up to 300 s: 5-20 s in a quiet VM, over 100 on a busy host) until it prints
+# "buselab: serving"; sets PID_NAME.
 start() {
     name=$1
     shift
@@ -45,8 +46,8 @@ start() {
             return 1
         fi
         i=$((i + 1))
-        if [ $i -gt 1200 ]; then
-            fail "$name: buselab $* not serving after 120 s: $(tr '\n' '|' <"$name.log")"
+        if [ $i -gt 3000 ]; then
+            fail "$name: buselab $* not serving after 300 s: $(tr '\n' '|' <"$name.log")"
             return 1
         fi
         sleep 0.1
@@ -186,20 +187,39 @@ expect_dd() {
     run "$desc" timeout -s KILL 60 dd "$@" status=none
 }
 
-# watchdog SECONDS, in the background: if the script is still running then, something is stuck
-# in a way no deadline can end (a process in uninterruptible sleep ignores SIGKILL). Print what
-# waits on what -- the nbd devices' in-flight counts, every task in D state with its kernel
-# stack, buselab's own threads (SIGUSR1 makes it dump them to its log), the kernel's last
-# lines -- and power off, so the host learns of it in minutes, not at its own timeout.
+# watchdog SECONDS [QUIET], in the background: if the script is still running after SECONDS, or
+# has printed nothing for QUIET seconds, something is stuck in a way no deadline can end (a
+# process in uninterruptible sleep ignores SIGKILL). Print what waits on what -- the nbd
+# devices' in-flight counts, every task in D state with its kernel stack, buselab's own threads
+# (SIGUSR1 makes it dump them to its log), the kernel's last lines -- and power off, so the host
+# learns of it in minutes, not at its own timeout. QUIET keeps a slow run (a busy host) apart
+# from a stuck one: the script's output is the file the VM's run.sh sends it to.
 watchdog() {
-    sleep "$1"
-    echo "hang: still running after $1 s"
+    started=$(now)
+    size=-1
+    changed=$started
+    while :; do
+        sleep 5
+        t=$(now)
+        s=$(wc -c <"$WATCHDOG_OUTPUT" 2>/dev/null || echo 0)
+        [ "$s" != "$size" ] && size=$s changed=$t
+        if awk "BEGIN { exit !($t - $started > $1) }"; then
+            echo "hang: still running after $1 s"
+            break
+        fi
+        if [ -n "${2:-}" ] && awk "BEGIN { exit !($t - $changed > $2) }"; then
+            echo "hang: still running after $(echo "$t $started" | awk '{printf "%.0f", $1 - $2}') s," \
+                "and silent for $2 s"
+            break
+        fi
+    done
     hang_report
     echo "hang: powering off"
     # No sync: it would wait for the stuck device's dirty pages for ever. The output file is
     # on 9p, written through.
     echo o >/proc/sysrq-trigger
 }
+WATCHDOG_OUTPUT=${WATCHDOG_OUTPUT:-/run/buselab-vm/ctl/output}
 
 # hang_report: what the guest can see of stuck I/O, as "hang: ..." lines (the watchdog's, and
 # tests/vm/repro_multiconn_hang.sh's).
