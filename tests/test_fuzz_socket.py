@@ -126,6 +126,12 @@ def logs_as_text() -> Iterator[None]:
         logger.removeFilter(text)
 
 
+# What may differ by chance: a descriptor or two, and one Thread object whose thread has ended
+# while its last frame still holds it (seen under load). A leak grows with the sessions: the
+# runs here have thousands, so it would be far above these.
+SLACK = {"fds": 2, "Thread objects": 1}
+
+
 def resources() -> dict[str, int]:
     """What a leak would grow: threads, descriptors, live Thread and Connection objects."""
     gc.collect()
@@ -170,12 +176,13 @@ def check_after_the_run(srv: Served, before: dict[str, int]) -> None:
     # A thread that has just ended is gone from active_count() a moment before its frame lets go
     # of its Thread object: wait (boundedly) for both, a real leak never comes back down.
     try:
-        wait_for(lambda: all(v <= before[k] + (2 if k == "fds" else 0) for k, v in resources().items()), timeout=5)
+        wait_for(lambda: all(v <= before[k] + SLACK.get(k, 0) for k, v in resources().items()), timeout=5)
     except AssertionError:
         pass  # reported below, with the numbers
     after = resources()
-    grown = {k: (before[k], after[k]) for k in before if after[k] > before[k] + (2 if k == "fds" else 0)}
-    assert not grown, f"grew over the run (before, after): {grown}"
+    grown = {k: (before[k], after[k]) for k in before if after[k] > before[k] + SLACK.get(k, 0)}
+    threads = sorted(repr(x) for x in gc.get_objects() if isinstance(x, threading.Thread))
+    assert not grown, f"grew over the run (before, after): {grown}; Thread objects now: {threads}"
 
 
 def test_fuzzed_sessions_over_unix_socket_read_write(tmp_path):
