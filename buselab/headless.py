@@ -19,10 +19,10 @@ import sys
 import time
 from typing import TextIO
 
-from .engine.telemetry import Snapshot, histogram_between, latency_text, percentile
+from .engine.telemetry import Snapshot, histogram_between, percentile
 from .protocol import constants as c
 from .session import Session
-from .sizes import human_bytes, human_rate
+from .sizes import human_bytes, human_rate, latency_text
 
 
 def _latency(window: list[int], q: float) -> str:

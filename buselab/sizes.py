@@ -1,4 +1,4 @@
-"""Parsing sizes such as 512K, 128M, 1G, 1T and printing them for humans."""
+"""Parsing sizes such as 512K, 128M, 1G, 1T and printing sizes, rates and latencies for humans."""
 
 from __future__ import annotations
 
@@ -41,3 +41,17 @@ def human_rate(bytes_per_second: float) -> str:
     if mb >= 10:
         return f"{mb:.1f} MB/s"
     return f"{mb:.2f} MB/s"
+
+
+def latency_text(seconds: float) -> str:
+    """A latency in a unit that suits it, three significant figures: 8.10 µs, 250 µs, 25.1 ms, 1.20 s.
+
+    The one spelling of a latency: the lab, `ctl status`, the headless line and `stats` use it.
+    """
+    us = seconds * 1e6
+    if us < 999.5:
+        return f"{us:.0f} µs" if us >= 99.95 else f"{us:.1f} µs" if us >= 9.995 else f"{us:.2f} µs"
+    ms = us / 1000
+    if ms < 999.5:
+        return f"{ms:.0f} ms" if ms >= 99.95 else f"{ms:.1f} ms" if ms >= 9.995 else f"{ms:.2f} ms"
+    return f"{ms / 1000:.2f} s"

@@ -25,6 +25,7 @@ from helpers import RawClient, connect, require_tool, serve, socket_path, wait_f
 from buselab.engine import telemetry as tm
 from buselab.headless import stats_line
 from buselab.protocol import constants as c
+from buselab.sizes import latency_text
 from buselab.steering.results import to_json
 from buselab.storage.registry import open_backend
 from buselab.trace.stats import format_text, summarize
@@ -208,8 +209,8 @@ def test_microsecond_latencies_print_as_microseconds(tmp_path):
     records = [_Rec(c.CMD_READ, 0, BLOCK, 5e-6, 0, float(i)) for i in range(3)]
     text = format_text(summarize(records, size=64 * MiB))
     assert "5.00 µs" in text and "0.005 ms" not in text
-    assert tm.latency_text(8.1e-6) == "8.10 µs" and tm.latency_text(250e-6) == "250 µs"
-    assert tm.latency_text(25.1e-3) == "25.1 ms" and tm.latency_text(1.2) == "1.20 s"
+    assert latency_text(8.1e-6) == "8.10 µs" and latency_text(250e-6) == "250 µs"
+    assert latency_text(25.1e-3) == "25.1 ms" and latency_text(1.2) == "1.20 s"
 
 
 class _Rec:

@@ -124,17 +124,6 @@ def histogram_between(after: list[list[int]], before: list[list[int]], cmds: Ite
     return window
 
 
-def latency_text(seconds: float) -> str:
-    """A latency in a unit that suits it, three significant figures: 8.10 µs, 250 µs, 25.1 ms, 1.20 s."""
-    us = seconds * 1e6
-    if us < 999.5:
-        return f"{us:.0f} µs" if us >= 99.95 else f"{us:.1f} µs" if us >= 9.995 else f"{us:.2f} µs"
-    ms = us / 1000
-    if ms < 999.5:
-        return f"{ms:.0f} ms" if ms >= 99.95 else f"{ms:.1f} ms" if ms >= 9.995 else f"{ms:.2f} ms"
-    return f"{ms / 1000:.2f} s"
-
-
 def max_overlap(starts: list[float], ends: list[float], at: Iterable[float] | None = None) -> int:
     """The most intervals [start, end) that overlap at one instant (requests in flight at once),
     looking at the instants `at` (every start by default).

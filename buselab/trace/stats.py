@@ -28,9 +28,8 @@ from array import array
 from collections.abc import Iterable
 from typing import Any
 
-from ..engine.telemetry import latency_text
 from ..protocol import constants as c
-from ..sizes import human_bytes
+from ..sizes import human_bytes, latency_text
 
 DATA_CMDS = frozenset((c.CMD_READ, c.CMD_WRITE, c.CMD_TRIM, c.CMD_WRITE_ZEROES, c.CMD_CACHE))
 PERCENTILES = (50, 90, 99, 99.9)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from ..protocol import constants as c
-from ..sizes import human_bytes, human_rate
+from ..sizes import human_bytes, human_rate, latency_text  # noqa: F401  (fmt.latency_text)
 
 # One colour per op, used by the stream, the heatmap legend and the graphs.
 OP_COLOURS: dict[int, str] = {
@@ -109,17 +109,6 @@ def exact_bytes(n: int) -> str:
     if "." not in compact:
         return f"{compact[:-1]} {compact[-1]}iB"
     return f"{n:,} B ({human_bytes(n)})"
-
-
-def latency_text(seconds: float) -> str:
-    """Three significant figures in a unit that suits the value."""
-    us = seconds * 1e6
-    if us < 1000:
-        return f"{us:.0f} µs" if us >= 100 else f"{us:.1f} µs"
-    ms = us / 1000
-    if ms < 1000:
-        return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
-    return f"{ms / 1000:.2f} s"
 
 
 _SECOND_CACHE: dict[int, str] = {}
