@@ -106,6 +106,21 @@ def test_after_a_powercut_every_request_fails_with_eio_until_poweron(session, cl
     assert any(m.startswith("POWER ON after") and "6 requests failed" in m for m in events)
 
 
+def test_stopping_with_the_power_off_is_not_a_failed_flush(tmp_path, caplog):
+    """The cut lost what was not flushed: a stop then has nothing to flush and must not warn that it failed."""
+    sock = str(tmp_path / "nbd.sock")
+    s = Session(RamBackend(4 * MiB), ServeOptions(unix=[sock], filters=["cache"]))
+    s.start()
+    with NBDClient.connect_unix(sock) as nbd:
+        nbd.write(0, b"x" * 4096)
+    s.steering.powercut()
+    with caplog.at_level("INFO", logger="buselab"):
+        s.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "failed" in m], messages
+    assert any("stopped with the power off" in m for m in messages), messages
+
+
 def test_qemu_io_gets_eio_after_the_cut_and_the_flushed_data_after_poweron(session, client):
     require_tool("qemu-io")
     uri = f"nbd+unix:///?socket={socket_path(session)}"

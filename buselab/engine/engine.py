@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from ..protocol import constants as c
 from ..protocol.handshake import ExportInfo
 from ..protocol.transmission import Request, clip_extents
-from ..storage.base import Backend, BackendError, BackendFault, DataLost, where, wire_errno
+from ..storage.base import Backend, BackendError, BackendFault, DataLost, PoweredOff, where, wire_errno
 from ..storage.stack import Stack
 from .gate import Gate
 from .inflight import InFlight
@@ -257,7 +257,10 @@ class Engine:
             return
         except Exception as exc:  # noqa: BLE001 - shutting down: report, do not crash
             log.warning("closing the backend at shutdown failed: %s", self._describe(exc))
-        if flush_error is not None:
+        if isinstance(flush_error, PoweredOff):
+            # Not a failure: the cut already threw away what was not flushed, as a crash does.
+            log.info("stopped with the power off: nothing flushed (the power cut lost what was not)")
+        elif flush_error is not None:
             log.warning("flush at shutdown failed: %s", self._describe(flush_error))
 
     def _describe(self, exc: BaseException) -> str:

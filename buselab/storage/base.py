@@ -39,6 +39,13 @@ class BackendFault(BackendError):
         self.kind = kind
 
 
+class PoweredOff(BackendError):
+    """The disk's power is off (a power cut): every request fails with EIO until poweron."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(c.EIO, message)
+
+
 class DataLost(Exception):
     """Closing a layer threw away `lost` bytes a client had written (e.g. a cache that could not write back).
 

@@ -39,10 +39,9 @@ import time
 from typing import Any, NamedTuple
 
 from ...errors import UserError
-from ...protocol import constants as c
 from ...sizes import human_bytes, parse_size
 from ..backends.cow import BLOCK, Overlay
-from ..base import BackendError, Capabilities, DataLost
+from ..base import Capabilities, DataLost, PoweredOff
 from .base import Filter
 
 POWERED_OFF = "the power is off (power cut): poweron brings the disk back"
@@ -183,7 +182,7 @@ class CacheFilter(Filter):
     def _refuse(self) -> None:
         with self._lock:
             self.refused += 1
-        raise BackendError(c.EIO, POWERED_OFF)
+        raise PoweredOff(POWERED_OFF)
 
     def _took(self, offset: int, length: int) -> None:
         """Remember a write that lives only in the cache (lock held), for a power cut to name."""
