@@ -23,7 +23,7 @@ BREAKPOINT = {"id", "spec", "enabled", "hits"}
 FILTER = {"id", "name", "spec", "enabled", "stats"}
 STATUS = {
     "backend", "kind", "size", "paused", "held", "oldest_wait", "filters", "breakpoints", "last_break",
-    "last_step", "switching", "requests", "connections", "in_flight", "max_in_flight", "in_flight_by_connection",
+    "last_step", "switching", "requests", "connections", "powered_off", "in_flight", "max_in_flight", "in_flight_by_connection",
     "latency", "sizes", "sequential", "window", "where", "control", "control_error", "structures", "queue_limits",
 }  # fmt: skip
 STRUCTURE = {"requests", "bytes"}

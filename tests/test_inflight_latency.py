@@ -22,6 +22,7 @@ import time
 import pytest
 from helpers import RawClient, connect, require_tool, serve, socket_path, wait_for
 
+from buselab.commands.ctl import render
 from buselab.engine import telemetry as tm
 from buselab.headless import stats_line
 from buselab.protocol import constants as c
@@ -193,6 +194,23 @@ def test_a_25ms_read_delay_shows_as_25ms(tmp_path):
         shown = re.search(r"p50 ([\d.]+) ms", line)
         assert shown is not None, line
         assert float(shown[1]) / 1e3 == pytest.approx(truth, rel=0.05), line
+        # ... and `buselab ctl status` in plain text, for people.
+        text = render("status", status(session))
+        shown = re.search(r"READ +p50 ([\d.]+) ms, p99 [\d.]+ ms \(15 requests, (\d+)% sequential\)", text)
+        assert shown is not None, text
+        assert float(shown[1]) / 1e3 == pytest.approx(truth, rel=0.05), text
+        assert int(shown[2]) >= 90, text  # 15 reads, each after the last
+        assert re.search(r"in flight: 0 now, at most 1 \(last \d+ s\)", text), text
+
+
+def test_ctl_status_says_the_power_is_off(tmp_path):
+    with serve(ram(), tmp_path, filters=["cache"]) as session:
+        assert "POWER OFF" not in render("status", status(session))
+        session.steering.powercut()
+        assert status(session)["powered_off"] is True
+        assert "state: POWER OFF (every request fails with EIO until poweron)" in render("status", status(session))
+        session.steering.poweron()
+        assert status(session)["powered_off"] is False
 
 
 def test_microsecond_latencies_print_as_microseconds(tmp_path):

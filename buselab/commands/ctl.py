@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from ..errors import UserError
-from ..sizes import human_bytes
+from ..sizes import human_bytes, latency_text
 from . import ArgumentParser, UsageError
 
 COMMAND_WORDS = {
@@ -246,17 +246,43 @@ def _removed(what: str, ids: list[int]) -> str:
     return f"removed {what}{'s' if len(ids) != 1 else ''} " + ", ".join(str(i) for i in ids)
 
 
+def _activity(r: dict[str, Any]) -> list[str]:
+    """In flight, latency and sequential share over the status window, for people."""
+    window = f"last {r.get('window', 0):.0f} s"
+    lines = [f"in flight: {r.get('in_flight', 0)} now, at most {r.get('max_in_flight', 0)} ({window})"]
+    busy = [conn for conn in r.get("in_flight_by_connection") or [] if conn.get("max_in_flight")]
+    if len(busy) > 1:
+        lines[0] += "; by connection: " + ", ".join(
+            f"{conn.get('peer') or conn.get('conn')} {conn['in_flight']} (max {conn['max_in_flight']})" for conn in busy
+        )
+    latency = r.get("latency") or {}
+    if latency:
+        lines.append(f"latency in buselab ({window}):")
+        for op, lat in latency.items():
+            seq = (r.get("sequential") or {}).get(op) or {}
+            share = seq.get("share")
+            pattern = f", {share:.0%} sequential" if share is not None else ""
+            lines.append(
+                f"  {op:<12} p50 {latency_text(lat['p50_ms'] / 1e3)}, p99 {latency_text(lat['p99_ms'] / 1e3)}"
+                f" ({lat['requests']:,} requests{pattern})"
+            )
+    return lines
+
+
 def render(cmd: str, result: Any) -> str:
     """One line (or a short block for lists and status) for people."""
     if cmd == "status":
         r = result
         state = "PAUSED" if r["paused"] else "running"
+        if r.get("powered_off"):
+            state = "POWER OFF (every request fails with EIO until poweron)"
         if r["held"]:
             state += f", {len(r['held'])} held, oldest {r['oldest_wait']:.1f} s"
         lines = [
             f"backend: {r['backend']}, {human_bytes(r['size'])}" + (f" on {r['where']}" if r.get("where") else ""),
             f"state: {state}; {r['connections']} client(s), {r['requests']} requests",
         ]
+        lines += _activity(r)
         if r.get("cow_changed_bytes") is not None:
             lines.append(f"cow: {human_bytes(r['cow_changed_bytes'])} changed")
         if r["held"]:

@@ -299,6 +299,7 @@ class SteeringStatus(Result):
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # by op name: size bucket (bytes, up to) -> requests
     sequential: dict[str, SequentialShare] = field(default_factory=dict)  # by op name
     window: float = 0.0  # seconds that latency, max_in_flight, sizes and sequential cover
+    powered_off: bool = False  # a power cut and no poweron since: every request fails with EIO
     cow_changed_bytes: int | None = field(default=None, metadata=_OPTIONAL)
 
 

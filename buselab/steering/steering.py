@@ -222,6 +222,7 @@ class Steering:
             requests=snap.total_requests,
             connections=len(engine.telemetry.connections),
             **activity_fields(activity),
+            powered_off=self.restacker.powered_off,
             cow_changed_bytes=self.restacker.cow_changed_bytes(),
         )
 
