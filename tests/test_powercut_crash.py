@@ -246,6 +246,7 @@ async def test_the_lab_cuts_the_power_marks_the_lost_writes_and_powers_on(sessio
         assert "POWER OFF" in str(screen.query_one("#actions").render())
         await pilot.press("escape")
         await settle(app, pilot)
+        assert "POWER OFF" in app.header_widget.plain and "SERVING" not in app.header_widget.plain
         records = {(r.op, r.offset): r for r in app.stream.rows if isinstance(r, RequestRecord)}
         kept, lost_b, lost_c = records["WRITE", 1 * MiB], records["WRITE", 5 * MiB], records["WRITE", 9 * MiB]
         assert app.model.lost_requests == {lost_b.seq, lost_c.seq}
@@ -272,6 +273,7 @@ async def test_the_lab_cuts_the_power_marks_the_lost_writes_and_powers_on(sessio
         client.write(5 * MiB, b"b" * 65536)
         await pilot.press("escape")
         await settle(app, pilot)
+        assert "POWER OFF" not in app.header_widget.plain and "SERVING" in app.header_widget.plain
         assert app.heatmap.colour_at(5 * MiB) != LOST and app.heatmap.colour_at(9 * MiB) == LOST
         assert result_of(app, lost_b) == "lost"
         assert any(row.message.startswith("POWER ON") for row in app.stream.events)

@@ -40,6 +40,10 @@ def header_text(model: LabModel, width: int = 160) -> Text:
             )
         if model.held:
             text.append(f" {len(model.held)} held", style=fmt.HELD_COLOUR)
+    elif model.powered_off:
+        # Before PAUSED: a dark disk fails everything, held or not, until poweron.
+        text.append(" ⚡ POWER OFF ", style=f"bold #101418 on {fmt.ERROR_COLOUR}")
+        text.append(" every request fails with EIO until power on (f, o)", style=f"bold {fmt.ERROR_COLOUR}")
     elif model.paused:
         text.append(" ‖ PAUSED ", style="bold #101418 on #ffd75f")
         held = model.held
