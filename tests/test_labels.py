@@ -40,9 +40,14 @@ def test_a_file_system_written_over_nbd_is_mapped_and_its_requests_labelled(tmp_
         superblock_read = records[-2]
         assert str(labeller.label(superblock_read.seq)) == "ext4 superblock (primary)"
         assert labeller.label_of(records[-1]).kind == "superblock"
-        assert labeller.structures["superblock"] == [2, 1024 + 4096]
-        # The whole-image writes were labelled with the map they found (none): "unknown".
-        assert labeller.structures["unknown"][0] == len(data) // MiB
+        # the two reads, and the first 1 MiB write (relabelled below)
+        assert labeller.structures["superblock"] == [3, MiB + 1024 + 4096]
+        # The whole-image writes found no map when they were labelled; once the map is read
+        # they say what they wrote (the first MiB holds the superblock: the most telling).
+        first_write = records[0]
+        assert first_write.offset == 0 and labeller.label(first_write.seq).kind == "superblock"
+        assert "unknown" not in labeller.structures, labeller.structures
+        assert sum(n for n, _ in labeller.structures.values()) == len(data) // MiB + 2
         client.close()
 
 

@@ -91,6 +91,35 @@ class Labeller:
         self.map = fsmap
         self.builds += 1
         self._timer.done(started)
+        if fsmap.filesystems or fsmap.table:
+            self._relabel_unknown(fsmap)
+
+    def _relabel_unknown(self, fsmap: FsMap) -> None:
+        """Label again, with a map that knows the disk, the recent requests no map knew.
+
+        mkfs writes a file system before any map can know it: its writes found nothing known
+        when they were labelled. Once the map is read they say what they wrote ("ext4 group 3
+        inode bitmap"). Only "unknown" labels change: a known one keeps what it was then.
+        """
+        labels = self._labels
+        counts = self.structures
+        for record in self.engine.telemetry.recent():
+            label = labels.get(record.seq)
+            if label is None or label.kind != "unknown":
+                continue
+            new = fsmap.label(record.offset, record.length, record.preview)
+            if new.kind == "unknown":
+                continue
+            labels[record.seq] = new
+            old = counts.get("unknown")
+            if old is not None:
+                old[0] -= 1
+                old[1] -= record.length
+                if old[0] <= 0:
+                    del counts["unknown"]
+            entry = counts.setdefault(new.kind, [0, 0])
+            entry[0] += 1
+            entry[1] += record.length
 
     # -- reading -----------------------------------------------------------------
     def label(self, seq: int) -> Label | None:
