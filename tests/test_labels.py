@@ -70,3 +70,32 @@ def test_labels_come_from_a_thread_that_keeps_up(tmp_path):
             client.close()
         finally:
             labeller.stop()
+
+
+def test_a_new_files_data_written_into_free_blocks_says_whose_it_is_once_the_map_is_read_again(tmp_path):
+    """The data lands first, in blocks the map calls free; the bitmap and inode come after it."""
+    require_tool("debugfs")
+    before = ext4_image(tmp_path)
+    image = tmp_path / "ext4.img"
+    source = tmp_path / "hello.txt"
+    source.write_bytes(b"hello, block layer\n" * 1000)
+    subprocess.run(["debugfs", "-w", "-R", f"write {source} hello.txt", str(image)], check=True, capture_output=True)
+    after = image.read_bytes()
+    changed = [b for b in range(0, len(after), 4096) if after[b : b + 4096] != before[b : b + 4096]]
+    backend = RamBackend(len(before))
+    backend.write(0, before)
+    with serve(backend, tmp_path) as session:
+        labeller = Labeller(session.engine)
+        labeller.rebuild()
+        data_blocks = [b for b in changed if labeller.map.label(b, 4096).kind == "free"]
+        assert data_blocks, "debugfs wrote the file's data into blocks the old map calls free"
+        client = connect(session)
+        for offset in data_blocks + [b for b in changed if b not in data_blocks]:  # data first, as ext4 does
+            client.write(offset, after[offset : offset + 4096])
+        labeller.run_pass(now=200.0)
+        data_write = session.engine.telemetry.recent()[0]
+        assert labeller.label(data_write.seq).kind == "free"  # what the map knew then
+        labeller.run_pass(now=205.0)  # the metadata writes settled: the map is read again
+        label = labeller.label(data_write.seq)
+        assert label.kind == "data" and "hello.txt" in label.text, label
+        client.close()

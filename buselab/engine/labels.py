@@ -26,6 +26,8 @@ log = logging.getLogger("buselab")
 PASS_INTERVAL = 0.25  # seconds between passes over the new records
 LABELS_KEPT = 20000  # labels of the most recent requests (the telemetry ring's size)
 _WRITES = (c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM)
+_DATA_WRITES = (c.CMD_WRITE, c.CMD_WRITE_ZEROES)  # what fills free blocks (a TRIM empties them)
+_VAGUE = ("unknown", "free")  # labels a later map may know better (see _relabel_unknown)
 _LABELLED = (c.CMD_READ, c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM, c.CMD_CACHE)
 
 
@@ -95,28 +97,29 @@ class Labeller:
             self._relabel_unknown(fsmap)
 
     def _relabel_unknown(self, fsmap: FsMap) -> None:
-        """Label again, with a map that knows the disk, the recent requests no map knew.
+        """Label again, with a map that knows more, the recent requests that created what it knows.
 
-        mkfs writes a file system before any map can know it: its writes found nothing known
-        when they were labelled. Once the map is read they say what they wrote ("ext4 group 3
-        inode bitmap"). Only "unknown" labels change: a known one keeps what it was then.
+        mkfs writes a file system before any map can know it, and a new file's data lands in
+        blocks the map still calls free: those writes were labelled "unknown" or "free". Once
+        the map is read again they say what they wrote ("ext4 group 3 inode bitmap", "data of
+        /hello.txt"). Nothing else changes: a known label keeps what it was then.
         """
         labels = self._labels
         counts = self.structures
         for record in self.engine.telemetry.recent():
             label = labels.get(record.seq)
-            if label is None or label.kind != "unknown":
+            if label is None or label.kind not in _VAGUE or (label.kind == "free" and record.cmd not in _DATA_WRITES):
                 continue
             new = fsmap.label(record.offset, record.length, record.preview)
-            if new.kind == "unknown":
+            if new.kind == "unknown" or new.kind == label.kind:
                 continue
             labels[record.seq] = new
-            old = counts.get("unknown")
+            old = counts.get(label.kind)
             if old is not None:
                 old[0] -= 1
                 old[1] -= record.length
                 if old[0] <= 0:
-                    del counts["unknown"]
+                    del counts[label.kind]
             entry = counts.setdefault(new.kind, [0, 0])
             entry[0] += 1
             entry[1] += record.length
