@@ -116,6 +116,30 @@ def _size_label(n: int) -> str:
     return str(n)
 
 
+def queue_text(limits: dict[str, int | str], width: int) -> str:
+    """One line of a kernel device's queue limits, as the size and readahead charts need them.
+
+    "queue: requests up to 128K (bigger I/O is split) · readahead 128K · 128 queued · mq-deadline · 512 B sectors"
+    """
+    if not limits:
+        return ""
+    parts = []
+    if isinstance(limits.get("max_sectors_kb"), int):
+        parts.append(f"requests up to {_size_label(int(limits['max_sectors_kb']) * 1024)} (bigger I/O is split)")
+    if isinstance(limits.get("read_ahead_kb"), int):
+        parts.append(f"readahead {_size_label(int(limits['read_ahead_kb']) * 1024)}")
+    if isinstance(limits.get("nr_requests"), int):
+        parts.append(f"{limits['nr_requests']} queued")
+    if limits.get("scheduler"):
+        parts.append(f"scheduler {limits['scheduler']}")
+    if isinstance(limits.get("logical_block_size"), int):
+        parts.append(f"{limits['logical_block_size']} B blocks")
+    text = "queue: " + " · ".join(parts)
+    if len(text) > width and parts:
+        text = "queue: " + " · ".join(parts[:2]).replace(" (bigger I/O is split)", "")
+    return text
+
+
 def _share(part: int, total: int) -> str:
     """A share in whole percent; "<1%" rather than "0%" for something that happened."""
     pct = 100 * part / total if total else 0.0
@@ -287,6 +311,15 @@ class Graphs(Pane):
         title = f"request sizes (up to) and sequential share, last {ACTIVITY_SECONDS:.0f} s"
         if len(title) > width:
             title = f"sizes · sequential, last {ACTIVITY_SECONDS:.0f} s"
+        queue = queue_text(self.model.queue_limits or {}, width)
+        if queue and room >= 2:
+            # The kernel's side of the sizes: the largest request it sends, its readahead window.
+            room -= 1
+            head = [Strip([Segment(queue, _AXIS)]).crop_extend(0, width, None)]
+            return head + self._pattern_lines_of(ops, title, room, width)
+        return self._pattern_lines_of(ops, title, room, width)
+
+    def _pattern_lines_of(self, ops: list, title: str, room: int, width: int) -> list[Strip]:
         if not ops:
             return [Strip([Segment(title + ": no requests", _AXIS)]).crop_extend(0, width, None)]
         if room == 1:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from ..trace.recorder import TraceRecorder
 
 TIME_ROWS = 128  # offset buckets kept per time column (the widget shows fewer)
+QUEUE_REREAD = 2.0  # seconds between reads of a kernel device's queue limits (read_ahead_kb can change)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ class LabModel:
         self.telemetry = session.engine.telemetry
         self.gate = session.engine.gate
         self.clock = clock
+        self._queue_limits: dict[str, int | str] | None = None
+        self._queue_read_at = 0.0
         self.wall = wall
         self.rows_per_tick = rows_per_tick
         self.sample_every = sample_every
@@ -367,6 +370,17 @@ class LabModel:
         totals = [max(self.heat_prev[k][first_cell : last_cell + 1], default=0) for k in range(3)]
         recent = [sum(self.activity[k][first_cell : last_cell + 1]) for k in range(3)]
         return totals, recent
+
+    @property
+    def queue_limits(self) -> dict[str, int | str] | None:
+        """A kernel device's queue limits (sysfs), read again every few seconds; None when not attached."""
+        kernel = getattr(self.session, "kernel", None)
+        if kernel is None:
+            return None
+        now = self.clock()
+        if self._queue_limits is None or now - self._queue_read_at >= QUEUE_REREAD:
+            self._queue_limits, self._queue_read_at = kernel.queue_limits(), now
+        return self._queue_limits
 
     @property
     def disk_known(self) -> bool:
