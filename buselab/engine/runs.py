@@ -53,6 +53,16 @@ class Run:
             return f"part {where} of {self.describe()}"
         return f"READ {where} of a readahead run, window {self.windows()}"
 
+    def brief(self) -> str:
+        """The same, short, for a narrow column: "1M WRITE split 8×128K", "readahead 6 READs 4K→128K"."""
+        if self.kind == "split":
+            piece, last = self.sizes[0], self.sizes[-1]
+            n = len(self.sizes)
+            pieces = f"{n}×{_short(piece)}" if last == piece else f"{n - 1}×{_short(piece)}+{_short(last)}"
+            return f"{_short(self.length)} {self.op} split {pieces}"
+        sizes = _distinct_in_order(self.sizes)
+        return f"readahead {len(self.sizes)} READs {_short(sizes[0])}→{_short(sizes[-1])}"
+
     def windows(self) -> str:
         """The readahead window's sizes as it grew: "4 KiB → 16 KiB → 32 KiB"."""
         return " → ".join(_size(n) for n in _distinct_in_order(self.sizes))
@@ -108,6 +118,7 @@ class RunTracker:
         self.max_request: int | None = None  # the queue's max_sectors_kb in bytes, when known
         self._recent: deque[RequestRecord] = deque(maxlen=keep)
         self._by_seq: dict[int, Run] = {}
+        self.seen = False  # some run was found (the stream then makes room to say what runs were)
 
     def run_of(self, seq: int) -> Run | None:
         return self._by_seq.get(seq)
@@ -129,6 +140,7 @@ class RunTracker:
         by_seq = self._by_seq
         before = {r.seq: by_seq.pop(r.seq, None) for r in looked}
         for run in find_runs(looked, self.max_request):
+            self.seen = True
             for seq in run.seqs:
                 by_seq[seq] = run
         changed = {seq for seq, run in before.items() if by_seq.get(seq) != run}
@@ -155,14 +167,26 @@ def _continues(prev: RequestRecord, record: RequestRecord) -> bool:
 
 
 def _classify(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
+    """A contiguous chain's runs: for READs readahead first (a window that grew, then stays at
+    its largest, is readahead, not a split), then splits among the rest."""
     if len(chain) < 2:
         return []
-    split = _split(chain, max_request)
-    if split:
-        return split
-    if chain[0].cmd == c.CMD_READ:
-        return _readahead(chain)
-    return []
+    if chain[0].cmd != c.CMD_READ:
+        return _split(chain, max_request)
+    runs = _readahead(chain)
+    if not runs:
+        return _split(chain, max_request)
+    taken = {seq for run in runs for seq in run.seqs}
+    rest: list[RequestRecord] = []
+    for record in chain + [None]:  # type: ignore[list-item]
+        if record is None or record.seq in taken:
+            if len(rest) >= 2:
+                runs.extend(_split(rest, max_request))
+            rest = []
+        else:
+            rest.append(record)
+    runs.sort(key=lambda run: run.seqs[0])
+    return runs
 
 
 def _readahead(chain: list[RequestRecord]) -> list[Run]:
@@ -182,17 +206,22 @@ def _readahead(chain: list[RequestRecord]) -> list[Run]:
 
 
 def _split(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
-    """The back-to-back groups of a contiguous chain whose pieces are all full size (but the last)."""
-    runs = []
+    """The back-to-back groups of a contiguous chain whose pieces are all full size but the last,
+    which is no bigger (what the block layer makes of one I/O bigger than the queue allows)."""
+    runs: list[Run] = []
     group: list[RequestRecord] = []
+
+    def close() -> None:
+        if len(group) >= 2 and _full(group[0], group[0], max_request) and group[-1].length <= group[0].length:
+            runs.append(_run("split", group))
+
     for record in chain:
+        # Every piece in `group` but its last is full: a piece after one that is not starts anew.
         if group and (record.time - group[-1].time > BACK_TO_BACK or not _full(group[-1], group[0], max_request)):
-            if len(group) >= 2:
-                runs.append(_run("split", group))
+            close()
             group = []
         group.append(record)
-    if len(group) >= 2 and _full(group[0], group[0], max_request):
-        runs.append(_run("split", group))
+    close()
     return runs
 
 
@@ -220,3 +249,11 @@ def _size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift} {unit}"
     return f"{n} B"
+
+
+def _short(n: int) -> str:
+    """1M, 128K, 512 (the stream's length column's way)."""
+    for unit, shift in (("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)

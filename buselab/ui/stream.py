@@ -195,6 +195,9 @@ def record_cells(
     run_style = RUN_STYLES[run.kind] if run is not None else PLAIN
     if run is not None and record.seq == run.seqs[-1]:
         what = run.describe()
+        for col in columns:
+            if col.name == "what" and len(what) > col.width:
+                what = run.brief()  # the stream's half of a 160-column lab: the short form
     parts: list[tuple[str, Style]] = []
     for col in columns:
         name = col.name
