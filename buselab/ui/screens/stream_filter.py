@@ -35,7 +35,7 @@ class StreamFilterScreen(PanelScreen):
     def __init__(self, current: str, size: int) -> None:
         super().__init__()
         self.current = current
-        self.size = size
+        self.disk_size = size
 
     def compose(self) -> ComposeResult:
         with Vertical(id="panel") as panel:
@@ -62,7 +62,7 @@ class StreamFilterScreen(PanelScreen):
             self.dismiss("")
             return
         try:
-            match = parse_match(spec, self.size, what="filter")
+            match = parse_match(spec, self.disk_size, what="filter")
         except UserError as exc:  # a bad value (range=, pattern=) or a bad key: one line
             self.say(str(exc), error=True)
             return
