@@ -309,7 +309,7 @@ class LabApp(SteeringActions, App[int]):
             changed = self.runs.add(tick.records)
             if changed:
                 self.stream.runs_changed(changed)
-        self.stream.set_want_what(self.model.disk_known or self.runs.seen)
+        self.stream.set_want_what(self.model.disk_known or self.runs.seen, self.runs.seen)
         self.stream.add(tick.records, tick.gap, tick.held, tick.events)
         if tick.heat_changed:
             self.heatmap.refresh_heat()

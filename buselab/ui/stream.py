@@ -87,19 +87,26 @@ ALL_COLUMNS = (
     Column("result", "result", 8, False),
     Column("run", "", 1, False),  # ┌ │ └: the rows of one split I/O or readahead run
 )
-# Dropped first when the stream is narrow.
-DROP_ORDER = ("time", "flags", "seq", "result")
+# Dropped first when the stream is narrow (runs' brackets before the flags: FUA matters more).
+DROP_ORDER = ("time", "run", "flags", "seq", "result")
 MIN_WHAT = 12  # the "what" column (the structure a request touches) only with room for this much
 WANT_WHAT = 32  # ... and when the disk holds something known, room for "ext4 group 3 inode bitmap"
 
 
-def columns_for_width(width: int, offset_width: int = 13, want_what: bool = False) -> tuple[Column, ...]:
+def columns_for_width(
+    width: int, offset_width: int = 13, want_what: bool = False, want_runs: bool = False
+) -> tuple[Column, ...]:
     """The columns that fit `width`; offsets get as many digits as the device needs.
 
     What is left over goes to "what": the structure each request touches, from the disk's map.
-    With `want_what` (the map knows the disk) the time column gives way to it.
+    With `want_what` (the map knows the disk, or runs were seen) the time column gives way to it.
+    The runs' bracket column is there only `want_runs` (some run was seen).
     """
-    columns = [col._replace(width=max(6, offset_width)) if col.name == "offset" else col for col in ALL_COLUMNS]
+    columns = [
+        col._replace(width=max(6, offset_width)) if col.name == "offset" else col
+        for col in ALL_COLUMNS
+        if want_runs or col.name != "run"
+    ]
     for name in DROP_ORDER:
         if sum(col.width + 1 for col in columns) <= width:
             break
@@ -316,6 +323,7 @@ class RequestStream(Pane, can_focus=True):
         # What a request touched, from the disk's map (the lab's model); "" when nothing known.
         self.what_source: Callable[[RequestRecord], str] = lambda record: ""
         self.want_what = False  # the disk holds something the map knows: make room for "what"
+        self.want_runs = False  # a run was seen: the bracket column is drawn
         # The split I/O or readahead run a request belongs to (the lab's RunTracker), by seq.
         self.run_source: Callable[[int], Run | None] = lambda seq: None
         # A typed filter (`/`): only requests it passes are rows; None shows every request.
@@ -492,16 +500,19 @@ class RequestStream(Pane, can_focus=True):
         width = max(1, self.inner_width - 1)  # the last column is the scrollbar
         if width != self._width:
             self._width = width
-            self._columns = columns_for_width(width, self.offset_width, self.want_what)
+            self._columns = columns_for_width(width, self.offset_width, self.want_what, self.want_runs)
             self._cache.clear()
         self._after_change()
 
-    def set_want_what(self, want: bool) -> None:
-        """Give the "what" column room (the map knows the disk) or not; rows are drawn again."""
-        if want != self.want_what:
+    def set_want_what(self, want: bool, runs: bool | None = None) -> None:
+        """Give the "what" column room (the map knows the disk) or not, and the runs' brackets
+        a column (`runs`: one was seen; None leaves it); rows are drawn again."""
+        runs = self.want_runs if runs is None else runs
+        if want != self.want_what or runs != self.want_runs:
             self.want_what = want
+            self.want_runs = runs
             if self._width:
-                self._columns = columns_for_width(self._width, self.offset_width, want)
+                self._columns = columns_for_width(self._width, self.offset_width, want, runs)
             self._cache.clear()
             self.refresh()
 
@@ -523,7 +534,7 @@ class RequestStream(Pane, can_focus=True):
         width = max(1, inner_width - 1)
         if width != self._width:
             self._width = width
-            self._columns = columns_for_width(width, self.offset_width, self.want_what)
+            self._columns = columns_for_width(width, self.offset_width, self.want_what, self.want_runs)
             self._cache.clear()
         bar = self._scrollbar(y)
         if y == 0:
