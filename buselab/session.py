@@ -75,6 +75,7 @@ class Session:
         self.engine = Engine(self.stack, export_name=options.export_name, readonly=options.readonly)
         self.steering = Steering(self.engine)
         self.labeller = Labeller(self.engine)  # what each request touches; started with the session
+        self.steering.breakpoints.current_map = lambda: self.labeller.map  # struct= breakpoints look requests up
         self.network = NetworkServer(self.engine, unix_mode=options.unix_mode, handshake_limit=options.handshake_limit)
         self.kernel = None  # a kernel attachment, when serving /dev/nbdN
         self.control: ControlServer | None = None  # the control socket server, when there is one

@@ -10,10 +10,13 @@ A server sees requests, not the application's I/O. Two patterns explain most of 
 
 `find_runs` finds both in a list of finished requests (the telemetry ring's records, in seq
 order). It is pure and runs off the serve path, when the lab or `ctl status` asks.
+`RunTracker` keeps the runs of the requests the lab has shown current, tick by tick, over the
+records the lab already has (the lab's tick, never a serving thread).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +46,27 @@ class Run:
     def op(self) -> str:
         return c.CMD_NAMES.get(self.cmd, f"CMD{self.cmd}")
 
+    def part(self, seq: int) -> str:
+        """Where request `seq` sits in the run, for the inspector: "part 3 of 8 of one 1 MiB WRITE, ..."."""
+        where = f"{self.seqs.index(seq) + 1} of {len(self.seqs)}"
+        if self.kind == "split":
+            return f"part {where} of {self.describe()}"
+        return f"READ {where} of a readahead run, window {self.windows()}"
+
+    def brief(self) -> str:
+        """The same, short, for a narrow column: "1M WRITE split 8×128K", "readahead 6 READs 4K→128K"."""
+        if self.kind == "split":
+            piece, last = self.sizes[0], self.sizes[-1]
+            n = len(self.sizes)
+            pieces = f"{n}×{_short(piece)}" if last == piece else f"{n - 1}×{_short(piece)}+{_short(last)}"
+            return f"{_short(self.length)} {self.op} split {pieces}"
+        sizes = _distinct_in_order(self.sizes)
+        return f"readahead {len(self.sizes)} READs {_short(sizes[0])}→{_short(sizes[-1])}"
+
+    def windows(self) -> str:
+        """The readahead window's sizes as it grew: "4 KiB → 16 KiB → 32 KiB"."""
+        return " → ".join(_size(n) for n in _distinct_in_order(self.sizes))
+
     def describe(self) -> str:
         """One line for the stream and the inspector."""
         if self.kind == "split":
@@ -51,8 +75,7 @@ class Run:
             if self.sizes[-1] != piece:
                 pieces = f"{len(self.sizes) - 1} × {_size(piece)} + {_size(self.sizes[-1])}"
             return f"one {_size(self.length)} {self.op}, split by the kernel into {pieces}"
-        windows = " → ".join(_size(n) for n in _distinct_in_order(self.sizes))
-        return f"readahead: {len(self.sizes)} sequential READs, window {windows}"
+        return f"readahead: {len(self.sizes)} sequential READs, window {self.windows()}"
 
 
 def find_runs(records: Sequence[RequestRecord], max_request: int | None = None) -> list[Run]:
@@ -81,6 +104,59 @@ def find_runs(records: Sequence[RequestRecord], max_request: int | None = None) 
     return runs
 
 
+class RunTracker:
+    """Which run each recent request belongs to, as the lab's ticks hand over new records.
+
+    Every `add` looks again at the last `window` requests (and back to the start of a run they
+    cut into) together with the new ones, so a run that straddles ticks is found whole and a run
+    that grows (readahead going on) is replaced by the longer one. Cost: one `find_runs` over a
+    few hundred records per tick that brought requests; nothing per request on a serving thread.
+    """
+
+    def __init__(self, *, window: int = 256, keep: int = 4096) -> None:
+        self.window = window
+        self.max_request: int | None = None  # the queue's max_sectors_kb in bytes, when known
+        self._recent: deque[RequestRecord] = deque(maxlen=keep)
+        self._by_seq: dict[int, Run] = {}
+        self.seen = False  # some run was found (the stream then makes room to say what runs were)
+
+    def run_of(self, seq: int) -> Run | None:
+        return self._by_seq.get(seq)
+
+    def add(self, records: Iterable[RequestRecord]) -> set[int]:
+        """Take one tick's records; the seqs whose run changed (their rows are drawn again)."""
+        new = [r for r in records if r.__class__ is RequestRecord and r.cmd in _RUN_CMDS and not r.error]
+        if not new:
+            return set()
+        recent = self._recent
+        start = max(0, len(recent) - self.window)
+        if start < len(recent):
+            cut = self._by_seq.get(recent[start].seq)
+            while cut is not None and start > 0 and recent[start - 1].seq >= cut.seqs[0]:
+                start -= 1  # back to the first request of the run the window would cut
+        looked = [recent[i] for i in range(start, len(recent))]
+        recent.extend(new)
+        looked.extend(new)
+        by_seq = self._by_seq
+        before = {r.seq: by_seq.pop(r.seq, None) for r in looked}
+        for run in find_runs(looked, self.max_request):
+            self.seen = True
+            for seq in run.seqs:
+                by_seq[seq] = run
+        changed = {seq for seq, run in before.items() if by_seq.get(seq) != run}
+        if len(by_seq) > 2 * (recent.maxlen or 0):
+            oldest = recent[0].seq
+            self._by_seq = {seq: run for seq, run in by_seq.items() if seq >= oldest}
+        return changed
+
+    def clear(self) -> None:
+        self._recent.clear()
+        self._by_seq.clear()
+
+
+_RUN_CMDS = (c.CMD_READ, c.CMD_WRITE)
+
+
 def runs_by_seq(runs: Iterable[Run]) -> dict[int, Run]:
     """Each request's run, to annotate the stream's rows."""
     return {seq: run for run in runs for seq in run.seqs}
@@ -91,30 +167,61 @@ def _continues(prev: RequestRecord, record: RequestRecord) -> bool:
 
 
 def _classify(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
+    """A contiguous chain's runs: for READs readahead first (a window that grew, then stays at
+    its largest, is readahead, not a split), then splits among the rest."""
     if len(chain) < 2:
         return []
-    split = _split(chain, max_request)
-    if split:
-        return split
-    if chain[0].cmd == c.CMD_READ and len(chain) >= MIN_READAHEAD_RUN:
-        sizes = [r.length for r in chain]
-        if all(b >= a for a, b in zip(sizes, sizes[1:])) and sizes[-1] > sizes[0]:
-            return [_run("readahead", chain)]
-    return []
+    if chain[0].cmd != c.CMD_READ:
+        return _split(chain, max_request)
+    runs = _readahead(chain)
+    if not runs:
+        return _split(chain, max_request)
+    taken = {seq for run in runs for seq in run.seqs}
+    rest: list[RequestRecord] = []
+    for record in chain + [None]:  # type: ignore[list-item]
+        if record is None or record.seq in taken:
+            if len(rest) >= 2:
+                runs.extend(_split(rest, max_request))
+            rest = []
+        else:
+            rest.append(record)
+    runs.sort(key=lambda run: run.seqs[0])
+    return runs
+
+
+def _readahead(chain: list[RequestRecord]) -> list[Run]:
+    """The stretches of a sequential READ chain whose size never shrinks and grows at least once.
+
+    A smaller read ends a window sequence (the file's end, another reader) and may start the next.
+    """
+    runs = []
+    start = 0
+    for i in range(1, len(chain) + 1):
+        if i == len(chain) or chain[i].length < chain[i - 1].length:
+            stretch = chain[start:i]
+            if len(stretch) >= MIN_READAHEAD_RUN and stretch[-1].length > stretch[0].length:
+                runs.append(_run("readahead", stretch))
+            start = i
+    return runs
 
 
 def _split(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
-    """The back-to-back groups of a contiguous chain whose pieces are all full size (but the last)."""
-    runs = []
+    """The back-to-back groups of a contiguous chain whose pieces are all full size but the last,
+    which is no bigger (what the block layer makes of one I/O bigger than the queue allows)."""
+    runs: list[Run] = []
     group: list[RequestRecord] = []
+
+    def close() -> None:
+        if len(group) >= 2 and _full(group[0], group[0], max_request) and group[-1].length <= group[0].length:
+            runs.append(_run("split", group))
+
     for record in chain:
+        # Every piece in `group` but its last is full: a piece after one that is not starts anew.
         if group and (record.time - group[-1].time > BACK_TO_BACK or not _full(group[-1], group[0], max_request)):
-            if len(group) >= 2:
-                runs.append(_run("split", group))
+            close()
             group = []
         group.append(record)
-    if len(group) >= 2 and _full(group[0], group[0], max_request):
-        runs.append(_run("split", group))
+    close()
     return runs
 
 
@@ -142,3 +249,11 @@ def _size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift} {unit}"
     return f"{n} B"
+
+
+def _short(n: int) -> str:
+    """1M, 128K, 512 (the stream's length column's way)."""
+    for unit, shift in (("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)

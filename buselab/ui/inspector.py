@@ -89,6 +89,7 @@ def describe_record(
     mark: tuple[int, int] | None = None,
     where: dict[str, int] | None = None,
     what: str = "",
+    run: str = "",
 ) -> Text:
     """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it.
 
@@ -100,6 +101,8 @@ def describe_record(
     [mark) highlighted. Without it the record's first KiB is.
     `where`: filled with the line numbers of the "payload" row and of the marked row.
     `what`: the structure the request touched, from the disk's map ("ext4 group 3 inode bitmap").
+    `run`: the split I/O or readahead run it is part of ("part 3 of 8 of one 1 MiB WRITE, ..."),
+    then lines about the queue's limits.
     """
     text = Text()
     colour = fmt.OP_COLOURS.get(record.cmd, "white")
@@ -133,6 +136,10 @@ def describe_record(
 
     if what:
         row("what", what, "bold #88c0d0")
+    if run:
+        run_style = "bold #a3be8c" if "readahead" in run else "bold #b48ead"
+        for i, line in enumerate(run.split("\n")):
+            row("" if i else "run", line, run_style if not i else fmt.DIM_COLOUR)
     if record.cmd in fmt.RANGED_OPS:
         end = record.offset + record.length
         last = end - 1 if record.length else record.offset
@@ -337,6 +344,7 @@ class Inspector(Pane, can_focus=True):
         self.note = ""
         self.reason = ""  # why the shown request failed, when the backend said
         self.what = ""  # the structure it touched, from the disk's map
+        self.run = ""  # the split I/O or readahead run it is part of
         self.lost = False  # a power cut threw the shown request's write away
         self.cell_bytes: int | None = None
         self.payload: bytes | None = None  # the whole payload, when the lab has it (held requests)
@@ -371,9 +379,11 @@ class Inspector(Pane, can_focus=True):
         """Show `record`; with its whole `payload` (a held request's) it pages through all of it,
         opening at the page that holds `mark` (offsets in the payload), highlighted."""
         lost = self._lost(record)
+        run = self._run(record)
         whole = bytes(payload) if payload is not None and record is not None and len(payload) == record.length else None
         if (
             record is self.record
+            and run == self.run
             and cell_bytes == self.cell_bytes
             and note == self.note
             and lost == self.lost
@@ -385,6 +395,7 @@ class Inspector(Pane, can_focus=True):
         self.note = note
         self.reason = self._reason(record)
         self.what = self._what(record)
+        self.run = run
         self.lost = lost
         self.cell_bytes = cell_bytes
         self.payload = whole
@@ -462,6 +473,13 @@ class Inspector(Pane, can_focus=True):
         what = getattr(getattr(self.app, "model", None), "what", None)
         return what(record) if what is not None else ""
 
+    def _run(self, record: RequestRecord | None) -> str:
+        """The run the request is part of, from the lab ("" when none, or not in a lab)."""
+        if record is None or not record.seq or not self.is_attached:
+            return ""
+        run_text = getattr(self.app, "run_text", None)
+        return run_text(record) if run_text is not None else ""
+
     def _lost(self, record: RequestRecord | None) -> bool:
         """Whether a power cut threw the request's write away (the lab's model knows)."""
         if record is None or not record.seq or record.error or not self.is_attached:
@@ -480,6 +498,7 @@ class Inspector(Pane, can_focus=True):
                 note=self.note,
                 reason=self.reason,
                 what=self.what,
+                run=self.run,
                 width=width,
                 lost=self.lost,
                 payload=self.payload,
@@ -501,7 +520,7 @@ class Inspector(Pane, can_focus=True):
 
     def _ensure(self) -> int:
         width = max(1, self.inner_width - 1)
-        key = (width, self.record, self.cell_bytes, self.note, self.lost, self.page_start, self.mark)
+        key = (width, self.record, self.run, self.cell_bytes, self.note, self.lost, self.page_start, self.mark)
         if key != self._lines_for:
             self._lines_for = key
             self._lines = self._build(width)
@@ -555,6 +574,7 @@ class Inspector(Pane, can_focus=True):
             note=self.note,
             reason=self.reason,
             what=self.what,
+            run=self.run,
             lost=self.lost,
             payload=self.payload,
             page_start=self.page_start,

@@ -16,6 +16,11 @@ export) lives in steer.py, mixed in here; its panels are in buselab/screens.
 The header shows serving/paused, the oldest held request's wait, the control
 socket, breakpoints, filters, recording and replay; the stream lists held
 requests and the engine's events, all refreshed by the tick.
+
+Runs (one I/O the kernel split at the queue's max_sectors_kb, readahead) are found by
+the tick over the records it already has (`RunTracker`): the stream brackets them and the
+inspector says "part 3 of 8 of ...". `/` filters the stream in the breakpoints' language
+(`struct=journal,op=write`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from textual.screen import Screen
 from textual.widgets import Footer
 from textual.widgets._footer import FooterKey
 
+from ..engine.runs import Run, RunTracker
+from ..engine.telemetry import RequestRecord
 from ..protocol import constants as c
 from ..session import Session
 from ..signals import stop_on_signals
@@ -50,6 +57,7 @@ from .heatmap import Heatmap
 from .inspector import Inspector
 from .model import LabModel, Tick
 from .screens.help import HelpScreen
+from .screens.stream_filter import StreamFilterScreen, filter_passes
 from .steer import STEERING_BINDINGS, SteeringActions
 from .stream import OP_GROUPS, RequestStream
 
@@ -60,6 +68,7 @@ MIN_TICK_GAP = 0.03  # seconds: catching up after a late tick, still leave time 
 LAB_GC_THRESHOLD = 50_000  # net allocations between young collections while the lab runs
 INSPECTOR_FOLLOW_EVERY = 0.25  # seconds between inspector updates while following
 INSPECTOR_FOLLOW_BUSY = 1.0  # ... and while requests pour in (it is unreadable faster anyway)
+QUEUE_LIMITS_EVERY = 2.0  # seconds between readings of the kernel device's queue limits (sysfs)
 
 
 NARROW_FOOTER = 100  # columns: below this the footer drops and shortens keys to fit 80
@@ -133,6 +142,7 @@ class LabApp(SteeringActions, App[int]):
         Binding("5", "toggle_ops(4)", "other ops", show=False),
         Binding("0", "all_ops", "All ops", show=False),
         Binding("m", "heat_mode", "Heat/time"),
+        Binding("slash", "stream_filter", "Filter stream", key_display="/", show=False),
         *STEERING_BINDINGS,
     ]
 
@@ -163,6 +173,11 @@ class LabApp(SteeringActions, App[int]):
         self.heatmap = Heatmap(self.model, id="heatmap")
         self.graphs = Graphs(self.model, id="graphs")
         self.hidden_groups: set[int] = set()
+        self.stream_filter = ""  # the typed filter's spec ("" shows every request)
+        self.runs = RunTracker()  # split I/Os and readahead among the rows, found by the tick
+        self.queue_limits: dict[str, int | str] = {}  # the kernel device's, when attached
+        self._limits_read_at = -QUEUE_LIMITS_EVERY
+        self.stream.run_source = self.runs.run_of
         self._grid_rows = ""
         self._inspector_shown_at = 0.0
         self._tick_task: asyncio.Task[None] | None = None
@@ -289,7 +304,12 @@ class LabApp(SteeringActions, App[int]):
         """Read telemetry once and hand each widget what changed."""
         started = time.perf_counter()
         tick = self.model.poll()
-        self.stream.set_want_what(self.model.disk_known)
+        if tick.records:
+            self._read_queue_limits()
+            changed = self.runs.add(tick.records)
+            if changed:
+                self.stream.runs_changed(changed)
+        self.stream.set_want_what(self.model.disk_known or self.runs.seen, self.runs.seen)
         self.stream.add(tick.records, tick.gap, tick.held, tick.events)
         if tick.heat_changed:
             self.heatmap.refresh_heat()
@@ -320,6 +340,36 @@ class LabApp(SteeringActions, App[int]):
             if self.collect_stats:
                 self.frame_times.append(time.time())
         super()._display(screen, renderable)
+
+    def _read_queue_limits(self) -> None:
+        """The kernel device's queue limits, every few seconds (they can change: read_ahead_kb)."""
+        kernel = self.session.kernel
+        now = time.monotonic()
+        if kernel is None or now - self._limits_read_at < QUEUE_LIMITS_EVERY:
+            return
+        self._limits_read_at = now
+        try:
+            self.queue_limits = kernel.queue_limits()
+        except Exception:  # noqa: BLE001 - sysfs gone (detaching): runs fall back to guessing
+            self.queue_limits = {}
+        max_kb = self.queue_limits.get("max_sectors_kb")
+        self.runs.max_request = max_kb * 1024 if isinstance(max_kb, int) and max_kb > 0 else None
+
+    def run_text(self, record: RequestRecord) -> str:
+        """The inspector's "run" rows: which run the request belongs to, then what the queue says."""
+        run: Run | None = self.runs.run_of(record.seq) if record.seq else None
+        if run is None:
+            return ""
+        text = run.part(record.seq)
+        limits = self.queue_limits
+        if run.kind == "split":
+            if "max_sectors_kb" in limits:
+                text += f"\npieces of the queue's max_sectors_kb: {limits['max_sectors_kb']} KiB ({self.session.where})"
+            else:
+                text += "\nguessed: back-to-back pieces of one size (the queue limit shows on /dev/nbdN)"
+        elif "read_ahead_kb" in limits:
+            text += f"\nthe queue's read_ahead_kb: {limits['read_ahead_kb']} KiB"
+        return text
 
     # -- messages ----------------------------------------------------------------------
     def on_heatmap_resized(self, message: Heatmap.Resized) -> None:
@@ -358,8 +408,32 @@ class LabApp(SteeringActions, App[int]):
         for i in self.hidden_groups:
             hidden |= OP_GROUPS[i][1]
         self.stream.set_hidden_ops(hidden)
+        self._stream_title()
+
+    def action_stream_filter(self) -> None:
+        if isinstance(self.screen, StreamFilterScreen):
+            return
+
+        def chosen(match: object) -> None:
+            if match is None:
+                return  # esc: the filter in use stays
+            if match == "":
+                self.stream_filter = ""
+                self.stream.set_row_filter(None)
+            else:
+                self.stream_filter = match.spec  # type: ignore[attr-defined]
+                labeller = self.session.labeller
+                self.stream.set_row_filter(filter_passes(match, lambda: labeller.map))  # type: ignore[arg-type]
+            self._stream_title()
+
+        self.push_screen(StreamFilterScreen(self.stream_filter, self.session.engine.size), chosen)
+
+    def _stream_title(self) -> None:
         shown = [name for i, (name, _ops) in enumerate(OP_GROUPS) if i not in self.hidden_groups]
-        self.stream.pane_title = "requests" if not self.hidden_groups else "requests · only " + " ".join(shown)
+        title = "requests" if not self.hidden_groups else "requests · only " + " ".join(shown)
+        if self.stream_filter:
+            title += f" · / {self.stream_filter}"
+        self.stream.pane_title = title
 
     def action_heat_mode(self) -> None:
         self.heatmap.action_toggle_mode()

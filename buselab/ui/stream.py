@@ -11,6 +11,16 @@ a backend switch, a power cut, recording started) are rows too, in their
 place in time, whatever op filter is on. A write that a power cut threw away
 says "lost" instead of "ok" (the lab hands the stream the lost requests'
 numbers: `lost_source`).
+
+Requests that belong together (one application I/O the kernel split at the queue's
+max_sectors_kb, a readahead run of growing sequential READs) are bracketed in a narrow
+"run" column (┌ │ └), and the run's last row says what the run was in its "what" cell:
+"└ one 1 MiB WRITE, split by the kernel into 8 × 128 KiB". The lab finds the runs once per
+tick (`RunTracker`) and hands them over through `run_source`.
+
+Besides the op groups (keys 1-5), a typed filter (`/`: `struct=journal`, `op=write`,
+`struct=inode-table,op=read`, the breakpoints' vocabulary) narrows the rows: `row_filter`.
+Event rows and "+N more" rows always stay.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.strip import Strip
 
+from ..engine.runs import Run
 from ..engine.telemetry import RequestRecord
 from ..protocol import constants as c
 from . import format as fmt
@@ -74,20 +85,28 @@ ALL_COLUMNS = (
     Column("flags", "flags", 7, False),
     Column("latency", "latency", 8, True),
     Column("result", "result", 8, False),
+    Column("run", "", 1, False),  # ┌ │ └: the rows of one split I/O or readahead run
 )
-# Dropped first when the stream is narrow.
-DROP_ORDER = ("time", "flags", "seq", "result")
+# Dropped first when the stream is narrow (runs' brackets before the flags: FUA matters more).
+DROP_ORDER = ("time", "run", "flags", "seq", "result")
 MIN_WHAT = 12  # the "what" column (the structure a request touches) only with room for this much
 WANT_WHAT = 32  # ... and when the disk holds something known, room for "ext4 group 3 inode bitmap"
 
 
-def columns_for_width(width: int, offset_width: int = 13, want_what: bool = False) -> tuple[Column, ...]:
+def columns_for_width(
+    width: int, offset_width: int = 13, want_what: bool = False, want_runs: bool = False
+) -> tuple[Column, ...]:
     """The columns that fit `width`; offsets get as many digits as the device needs.
 
     What is left over goes to "what": the structure each request touches, from the disk's map.
-    With `want_what` (the map knows the disk) the time column gives way to it.
+    With `want_what` (the map knows the disk, or runs were seen) the time column gives way to it.
+    The runs' bracket column is there only `want_runs` (some run was seen).
     """
-    columns = [col._replace(width=max(6, offset_width)) if col.name == "offset" else col for col in ALL_COLUMNS]
+    columns = [
+        col._replace(width=max(6, offset_width)) if col.name == "offset" else col
+        for col in ALL_COLUMNS
+        if want_runs or col.name != "run"
+    ]
     for name in DROP_ORDER:
         if sum(col.width + 1 for col in columns) <= width:
             break
@@ -129,6 +148,14 @@ EVENT_TIME_STYLE = style(fmt.EVENT_COLOUR)
 LOST_COLOUR = "#ff005f"  # a write a power cut threw away (the client was told ok); the heatmap's lost cells too
 LOST_STYLE = style(f"bold #101418 on {LOST_COLOUR}")
 WHAT_STYLE = style("#88c0d0")
+RUN_STYLES = {"split": style("bold #b48ead"), "readahead": style("bold #a3be8c")}
+
+
+def run_marker(run: Run, seq: int) -> str:
+    """The bracket of a run's row: ┌ first, │ between, └ last."""
+    if seq == run.seqs[-1]:
+        return "└"
+    return "┌" if seq == run.seqs[0] else "│"
 
 
 def _cell(text: str, col: Column) -> str:
@@ -166,11 +193,18 @@ def join_cells(parts: list[tuple[str, Style]], width: int) -> Strip:
 
 
 def record_cells(
-    record: RequestRecord, columns: Iterable[Column], lost: bool = False, what: str = ""
+    record: RequestRecord, columns: Iterable[Column], lost: bool = False, what: str = "", run: Run | None = None
 ) -> list[tuple[str, Style]]:
     """The (text, style) cells of one request row; `lost`: a power cut threw its write away;
-    `what`: the structure it touched ("ext4 group 3 inode bitmap")."""
+    `what`: the structure it touched ("ext4 group 3 inode bitmap"); `run`: the split I/O or
+    readahead run it belongs to (bracketed; its last row says what the run was instead of `what`)."""
     ranged = record.cmd in fmt.RANGED_OPS
+    run_style = RUN_STYLES[run.kind] if run is not None else PLAIN
+    if run is not None and record.seq == run.seqs[-1]:
+        what = run.describe()
+        for col in columns:
+            if col.name == "what" and len(what) > col.width:
+                what = run.brief()  # the stream's half of a 160-column lab: the short form
     parts: list[tuple[str, Style]] = []
     for col in columns:
         name = col.name
@@ -192,7 +226,9 @@ def record_cells(
             lat_style = VERY_SLOW_STYLE if latency >= 0.1 else SLOW_STYLE if latency >= 0.01 else PLAIN
             part = (_cell(fmt.latency_text(latency), col), lat_style)
         elif name == "what":
-            part = (_cell(what, col), WHAT_STYLE)
+            part = (_cell(what, col), run_style if run is not None and record.seq == run.seqs[-1] else WHAT_STYLE)
+        elif name == "run":
+            part = (run_marker(run, record.seq), run_style) if run is not None else (" ", PLAIN)
         elif record.error:  # result
             part = (_cell(fmt.errno_name(record.error), col), ERR_STYLE)
         elif lost:
@@ -226,7 +262,7 @@ def held_cells(held: HeldRequest, columns: Iterable[Column], now: float) -> list
             part = (_cell(fmt.flags_short(req.flags), col), HELD_STYLE)
         elif name == "latency":
             part = (_cell(fmt.latency_text(wait), col), HELD_STYLE)
-        elif name == "what":
+        elif name in ("what", "run"):
             part = (" " * col.width, PLAIN)  # known once it is answered (the inspector says it now)
         else:
             part = (_cell("break" if getattr(held, "breakpoint", None) else "waiting", col), HELD_STYLE)
@@ -287,6 +323,11 @@ class RequestStream(Pane, can_focus=True):
         # What a request touched, from the disk's map (the lab's model); "" when nothing known.
         self.what_source: Callable[[RequestRecord], str] = lambda record: ""
         self.want_what = False  # the disk holds something the map knows: make room for "what"
+        self.want_runs = False  # a run was seen: the bracket column is drawn
+        # The split I/O or readahead run a request belongs to (the lab's RunTracker), by seq.
+        self.run_source: Callable[[int], Run | None] = lambda seq: None
+        # A typed filter (`/`): only requests it passes are rows; None shows every request.
+        self.row_filter: Callable[[RequestRecord], bool] | None = None
 
     # -- data ------------------------------------------------------------------
     def add(
@@ -315,8 +356,7 @@ class RequestStream(Pane, can_focus=True):
             self.gaps_added += 1
         if records:
             self._all.extend(records)
-            hidden = self.hidden_ops
-            shown = [r for r in records if r.__class__ is EventRow or r.cmd not in hidden] if hidden else records
+            shown = [r for r in records if self._shows(r)] if self.hidden_ops or self.row_filter else records
             view.extend(shown)
             appended += len(shown)
             self.rows_added += requests
@@ -343,6 +383,27 @@ class RequestStream(Pane, can_focus=True):
             merged.append(EventRow(t, message, self.events_added))
         merged.extend(records[i:])
         return merged
+
+    def _shows(self, row: Row) -> bool:
+        """Is `row` in the view: not a request, or one of an op shown that the typed filter passes."""
+        if row.__class__ is not RequestRecord:
+            return True
+        if row.cmd in self.hidden_ops:  # type: ignore[union-attr]
+            return False
+        passes = self.row_filter
+        if passes is None:
+            return True
+        try:
+            return passes(row)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - a filter must not break the stream: show the row
+            return True
+
+    def runs_changed(self, seqs: Iterable[int]) -> None:
+        """These requests joined a run (or theirs grew): draw their rows again."""
+        cache = self._cache
+        for seq in seqs:
+            cache.pop(seq, None)
+        self.refresh()
 
     def mark_lost(self, seqs: frozenset[int]) -> None:
         """Rows of these requests say "lost" (a power cut threw their writes away)."""
@@ -378,12 +439,17 @@ class RequestStream(Pane, can_focus=True):
         """Show only the ops not in `hidden`; rebuilds the view from the kept rows."""
         if hidden == self.hidden_ops:
             return
-        selected = self.selected_record
         self.hidden_ops = hidden
-        self._view = deque(
-            (row for row in self._all if not isinstance(row, RequestRecord) or row.cmd not in hidden),
-            maxlen=self.capacity,
-        )
+        self._rebuild_view()
+
+    def set_row_filter(self, passes: Callable[[RequestRecord], bool] | None) -> None:
+        """Show only the requests `passes` accepts (None: all); rebuilds the view from the kept rows."""
+        self.row_filter = passes
+        self._rebuild_view()
+
+    def _rebuild_view(self) -> None:
+        selected = self.selected_record
+        self._view = deque((row for row in self._all if self._shows(row)), maxlen=self.capacity)
         self._dropped = 0
         self._total_appended = len(self._view)
         self._cache.clear()
@@ -434,16 +500,19 @@ class RequestStream(Pane, can_focus=True):
         width = max(1, self.inner_width - 1)  # the last column is the scrollbar
         if width != self._width:
             self._width = width
-            self._columns = columns_for_width(width, self.offset_width, self.want_what)
+            self._columns = columns_for_width(width, self.offset_width, self.want_what, self.want_runs)
             self._cache.clear()
         self._after_change()
 
-    def set_want_what(self, want: bool) -> None:
-        """Give the "what" column room (the map knows the disk) or not; rows are drawn again."""
-        if want != self.want_what:
+    def set_want_what(self, want: bool, runs: bool | None = None) -> None:
+        """Give the "what" column room (the map knows the disk) or not, and the runs' brackets
+        a column (`runs`: one was seen; None leaves it); rows are drawn again."""
+        runs = self.want_runs if runs is None else runs
+        if want != self.want_what or runs != self.want_runs:
             self.want_what = want
+            self.want_runs = runs
             if self._width:
-                self._columns = columns_for_width(self._width, self.offset_width, want)
+                self._columns = columns_for_width(self._width, self.offset_width, want, runs)
             self._cache.clear()
             self.refresh()
 
@@ -465,7 +534,7 @@ class RequestStream(Pane, can_focus=True):
         width = max(1, inner_width - 1)
         if width != self._width:
             self._width = width
-            self._columns = columns_for_width(width, self.offset_width)
+            self._columns = columns_for_width(width, self.offset_width, self.want_what, self.want_runs)
             self._cache.clear()
         bar = self._scrollbar(y)
         if y == 0:
@@ -508,7 +577,8 @@ class RequestStream(Pane, can_focus=True):
             )
         else:
             what = self.what_source(row) if self._columns[-1].name == "what" else ""
-            strip = join_cells(record_cells(row, self._columns, row.seq in self.lost, what), width)
+            run = self.run_source(row.seq)
+            strip = join_cells(record_cells(row, self._columns, row.seq in self.lost, what, run), width)
         if selected:
             strip = strip.apply_style(CURSOR_BG if self.has_focus else CURSOR_BG_BLUR)
         return strip

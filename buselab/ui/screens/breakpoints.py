@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ...steering import Steering
     from ...steering.results import BreakpointInfo
 
-EXAMPLES = "op=flush · op=write+fua · range=0-1M · blocks=4-7 · pattern=53ef,at=1080 · ext4-sb"
+EXAMPLES = "op=flush · op=write+fua · range=0-1M · pattern=53ef,at=1080 · ext4-sb · struct=journal · struct=inode-table,op=write"
 REFRESH_EVERY = 0.5  # seconds: hit counts move while the panel is open
 
 

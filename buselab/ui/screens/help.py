@@ -24,6 +24,11 @@ KEYS: list[tuple[str, str]] = [
     ("click, wheel", "stream: select, scroll back;  heatmap: hover a cell for its range"),
     ("1 2 3 4 5", "show/hide READ, WRITE, FLUSH, TRIM, other ops in the stream"),
     ("0", "show every op again"),
+    (
+        "/",
+        "stream: show only the requests that match, in the breakpoints' words: struct=journal, op=write, "
+        "struct=inode-table,op=read (empty: all); the frame's title says the filter",
+    ),
     ("m", "heatmap: address-space grid ⇄ offset by time (as iowatcher plots it)"),
     ("← → ↑ ↓", "heatmap (focused): move the cell cursor"),
     (
@@ -34,7 +39,7 @@ KEYS: list[tuple[str, str]] = [
     ("p", "pause / resume: requests that arrive are held (the client waits); resume answers them in order"),
     ("n", "step: release the oldest held request; the inspector shows it"),
     ("N (shift+n)", "step with a choice: release, fail it with EIO/ENOSPC/EPERM/..., or delay it N ms"),
-    ("k", "breakpoints: add (op=flush, op=write+fua, range=0-1M, ext4-sb ...), on/off, remove"),
+    ("k", "breakpoints: add (op=flush, op=write+fua, range=0-1M, ext4-sb, struct=journal ...), on/off, remove"),
     (
         "f",
         "filters: delay, error, throttle, readonly, cache; on/off, remove; cow c/d; ! power cut: a crash, the "
@@ -75,6 +80,10 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "While the I/O is paused, held requests wait at the bottom with their wait so far.",
             "After a power cut, the writes it threw away say 'lost' (answered ok, never flushed); "
             "until power on every request fails with EIO, as on a crashed disk.",
+            "A bracket (┌ │ └) ties rows that are one I/O: violet, one application I/O the kernel "
+            "split at the queue's max_sectors_kb (back-to-back pieces, each continuing the last); "
+            "green, readahead (sequential READs whose window grows). The bracket's last row says "
+            "what the run was; the inspector says which part of it a row is.",
         ],
     ),
     (
