@@ -414,3 +414,54 @@ class ConnectionHarness:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(check=exc_type is None)  # a failing test's own error is the one to see
+
+
+# --- a real block device on buselab without the nbd driver (root): nbdfuse + a loop device ----
+
+
+def _sh(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@contextmanager
+def nbdfuse(socket_path: str, where: Path) -> Iterator[Path]:
+    """Expose the export as the file where/nbd; unmounted afterwards whatever happens."""
+    where.mkdir(parents=True, exist_ok=True)
+    pidfile = where.parent / f"{where.name}.pid"
+    log = where.parent / f"{where.name}.nbdfuse.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["nbdfuse", "-P", str(pidfile), str(where / "nbd"), "--unix", socket_path], stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            if proc.poll() is not None:
+                raise AssertionError(f"nbdfuse exited {proc.returncode}: {log.read_text()}")
+            assert time.monotonic() < deadline, "nbdfuse did not start"
+            time.sleep(0.05)
+        yield where / "nbd"
+    finally:
+        if _sh("fusermount3", "-u", str(where), check=False).returncode != 0:
+            _sh("umount", "-l", str(where), check=False)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    device = _sh("losetup", "-f", "--show", str(path)).stdout.strip()
+    assert device.startswith("/dev/loop"), device
+    try:
+        yield device
+    finally:
+        for _ in range(20):
+            if _sh("losetup", "-d", device, check=False).returncode == 0:
+                break
+            time.sleep(0.1)

@@ -1,0 +1,350 @@
+"""A lesson running against a live session: steps, checkpoints, the pause at the moment that matters.
+
+The runner never touches the serve path. It reads finished requests from the telemetry ring
+when it is polled (the lab's tick, or `run_auto`'s loop), matches them against the current
+step's checkpoint with the breakpoints' own matcher (struct= included), and sets the one
+breakpoint a checkpoint asks for, so the device pauses on the very request the class should
+look at. `run_auto` runs each step's commands itself (a projector demo, and the VM test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from ..control.protocol import ControlTarget, dispatch, parse_text_line
+from ..engine.runs import find_runs
+from ..engine.telemetry import RequestRecord, max_overlap
+from ..errors import UserError
+from ..session import Session
+from ..steering.breakpoints import Breakpoint, parse_match
+from .facts import describe, facts
+from .model import Checkpoint, Lesson, LessonError, Step
+
+RECORDS_KEPT = 100_000  # requests since the lesson began that a checkpoint of scope "lesson" can see
+COMMAND_TIMEOUT = 600.0  # seconds one command of --auto may run
+
+
+@dataclasses.dataclass
+class CommandResult:
+    command: str
+    status: int
+    output: str  # stdout and stderr, the last lines
+
+
+class LessonRunner:
+    def __init__(self, session: Session, lesson: Lesson, *, device: str, mount_dir: str = "/mnt") -> None:
+        self.session = session
+        self.lesson = lesson
+        self.fields = {
+            "dev": device,
+            "mnt": mount_dir,
+            "name": os.path.basename(device),
+            "size": str(session.engine.size),
+        }
+        self.index = -1
+        self.state = "idle"  # reading (no checkpoint) | waiting | paused | reached | finished
+        self.explanation = ""
+        self.held = ""  # the request the checkpoint's breakpoint holds, described
+        self.reached: list[int] = []  # steps whose checkpoint fired, in order
+        self.results: list[CommandResult] = []  # what --auto ran in this step
+        self._records: deque[RequestRecord] = deque(maxlen=RECORDS_KEPT)
+        self._last_seq = self._newest_seq()
+        self._step_first_seq = self._last_seq + 1
+        self._wait: Breakpoint | None = None
+        self._breakpoint: int | None = None
+        self._lock = threading.RLock()  # the lab's tick and --auto's thread both poll
+
+    # -- moving through the lesson ---------------------------------------------------------------
+    @property
+    def step(self) -> Step | None:
+        return self.lesson.steps[self.index] if 0 <= self.index < len(self.lesson.steps) else None
+
+    def command_lines(self, step: Step | None = None) -> list[str]:
+        """The step's commands with {dev}, {mnt}, {name}, {size} filled in, as the class types them."""
+        step = step or self.step
+        return [command.format_map(self.fields) for command in step.commands] if step else []
+
+    def goto(self, index: int) -> None:
+        """Leave the current step (its pause released) and begin step `index`."""
+        with self._lock:
+            self._leave()
+            if index >= len(self.lesson.steps):
+                self.index, self.state = len(self.lesson.steps), "finished"
+                return
+            self.index = max(0, index)
+            step = self.lesson.steps[self.index]
+            self.poll()  # what came before belongs to the step before
+            self._step_first_seq = self._last_seq + 1
+            self.explanation = self.held = ""
+            self.results = []
+            for line in step.steer:
+                self._steer(line, step)
+            checkpoint = step.checkpoint
+            if checkpoint is None:
+                self.state = "reading"
+                return
+            self._wait = parse_match(checkpoint.wait, what="checkpoint") if checkpoint.wait else None
+            if checkpoint.pause:
+                self._breakpoint = self._steer_result(f"break add {checkpoint.pause}", step)["id"]
+            self.state = "waiting"
+
+    def next(self) -> None:
+        self.goto(self.index + 1)
+
+    def previous(self) -> None:
+        self.goto(max(0, self.index - 1))
+
+    def close(self) -> None:
+        """End the lesson: nothing of it stays armed or held."""
+        with self._lock:
+            self._leave()
+            self.state = "finished"
+
+    def _leave(self) -> None:
+        if self._breakpoint is not None:
+            steering = self.session.steering
+            try:
+                steering.remove_breakpoint(self._breakpoint)
+            except UserError:
+                pass  # the user removed it already
+            self._breakpoint = None
+            if steering.paused:
+                steering.resume()  # the class has looked: let the held request go
+        self._wait = None
+
+    # -- watching ----------------------------------------------------------------------------------
+    def poll(self) -> bool:
+        """Take in the requests finished since the last poll; True when the checkpoint fires now."""
+        with self._lock:
+            fresh = self.session.engine.telemetry.recent(self._last_seq)
+            if fresh:
+                self._records.extend(fresh)
+                self._last_seq = max(self._last_seq, fresh[-1].seq)
+            if self.state not in ("waiting", "paused"):
+                return False
+            checkpoint = self.step.checkpoint  # type: ignore[union-attr]
+            assert checkpoint is not None
+            if checkpoint.pause and self.state == "waiting" and self._breakpoint_hit():
+                self.state = "paused"
+            scope = self._scope(checkpoint)
+            matched = self._matched(scope)
+            if not self._fired(checkpoint, scope, matched):
+                return False
+            self.state = "reached"
+            self.reached.append(self.index)
+            self.explanation = self._explain(checkpoint, scope, matched)
+            return True
+
+    def _scope(self, checkpoint: Checkpoint) -> list[RequestRecord]:
+        if checkpoint.scope == "lesson":
+            return list(self._records)
+        first = self._step_first_seq
+        return [r for r in self._records if r.seq >= first]
+
+    def _matched(self, scope: list[RequestRecord]) -> list[RequestRecord]:
+        if self._wait is None:
+            return []
+        fsmap = self.session.labeller.map
+        return [r for r in scope if self._wait.matches_record(r, fsmap)]
+
+    def _fired(self, checkpoint: Checkpoint, scope: list[RequestRecord], matched: list[RequestRecord]) -> bool:
+        if checkpoint.pause and self.state != "paused":
+            return False
+        if checkpoint.wait and len(matched) < checkpoint.count:
+            return False
+        if checkpoint.run and not any(run.kind == checkpoint.run for run in find_runs(scope, self._max_request())):
+            return False
+        if checkpoint.in_flight:
+            starts = [r.time for r in scope]
+            if max_overlap(starts, [r.time + r.latency for r in scope]) < checkpoint.in_flight:
+                return False
+        return True
+
+    def _breakpoint_hit(self) -> bool:
+        hit = self.session.steering.last_break
+        if hit is None or hit.breakpoint != self._breakpoint:
+            return False
+        fsmap = self.session.labeller.map
+        label = fsmap.label(hit.offset, max(1, hit.length)) if fsmap is not None and hit.length else None
+        self.held = describe(hit.op, hit.length, hit.offset, str(label) if label and label.kind != "unknown" else "")
+        return True
+
+    def _explain(self, checkpoint: Checkpoint, scope: list[RequestRecord], matched: list[RequestRecord]) -> str:
+        labeller = self.session.labeller
+        found = facts(
+            scope,
+            matched,
+            label=labeller.label_of,
+            focus=self._focus,
+            held=self.held,
+            max_request=self._max_request(),
+        )
+        return checkpoint.explain.format_map(found)
+
+    def _focus(self, record: RequestRecord) -> list[tuple[str, int | None]]:
+        """(label, file-system block) of the structures the checkpoint waits for that `record` touched."""
+        fsmap = self.session.labeller.map
+        if fsmap is None:
+            return []
+        kinds = self._wait.kinds if self._wait is not None else None
+        out = []
+        for region in fsmap.regions_in(record.offset, record.length):
+            if region.kind in ("unknown", "free") or (kinds and region.kind not in kinds):
+                continue
+            block = region.block
+            size = _block_size(fsmap, region)
+            if block is not None and size:
+                block += max(0, record.offset - region.offset) // size
+            out.append((region.label, block))
+        return out
+
+    def _max_request(self) -> int | None:
+        kernel = self.session.kernel
+        if kernel is None:
+            return None
+        limit = kernel.queue_limits().get("max_sectors_kb")
+        return int(limit) * 1024 if isinstance(limit, int) else None
+
+    def _newest_seq(self) -> int:
+        recent = self.session.engine.telemetry.recent()
+        return recent[-1].seq if recent else 0
+
+    # -- steering ------------------------------------------------------------------------------------
+    def _steer(self, line: str, step: Step) -> None:
+        self._steer_result(line, step)
+
+    def _steer_result(self, line: str, step: Step) -> dict:
+        target = ControlTarget(self.session.steering, self.session.status)
+        try:
+            return dispatch(target, parse_text_line(line))
+        except UserError as exc:
+            raise LessonError(f"step {self.index + 1} ({step.title}): {line!r}: {exc}") from None
+
+    # -- running the commands (--auto) ---------------------------------------------------------------
+    def run_commands(self, env: dict[str, str] | None = None) -> list[CommandResult]:
+        """Run the step's commands one after another, as the class would type them; stop at a failure."""
+        results = []
+        for line in self.command_lines():
+            results.append(run_command(line, env))
+            self.results = list(results)
+            if results[-1].status != 0:
+                break
+        return results
+
+
+def run_command(line: str, env: dict[str, str] | None = None) -> CommandResult:
+    try:
+        done = subprocess.run(
+            ["sh", "-c", line],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=COMMAND_TIMEOUT,
+            env={**os.environ, **(env or {})},
+        )
+    except subprocess.TimeoutExpired:
+        return CommandResult(line, 124, f"still running after {COMMAND_TIMEOUT:.0f} s: stopped")
+    output = (done.stdout + done.stderr).strip().splitlines()
+    return CommandResult(line, done.returncode, "\n".join(output[-8:]))
+
+
+def run_auto(
+    runner: LessonRunner,
+    *,
+    hold: float = 3.0,
+    stop: threading.Event | None = None,
+    on_change: Callable[[], None] = lambda: None,
+) -> None:
+    """Every step in order: run its commands, wait for its checkpoint, hold it `hold` seconds.
+
+    A checkpoint that does not fire within its timeout, or a command that fails, ends the
+    lesson with LessonError naming the step. `stop` ends it early (quitting the lab).
+    """
+    stop = stop or threading.Event()
+    lesson = runner.lesson
+    try:
+        for index, step in enumerate(lesson.steps):
+            runner.goto(index)
+            on_change()
+            worker = _Commands(runner)
+            worker.start()
+            checkpoint = step.checkpoint
+            if checkpoint is not None:
+                deadline = time.monotonic() + checkpoint.timeout
+                while not runner.poll() and runner.state != "reached":
+                    if stop.wait(0.1):
+                        return
+                    if time.monotonic() > deadline:
+                        raise LessonError(
+                            f"step {index + 1} ({step.title}): the checkpoint never fired in {checkpoint.timeout:g} s"
+                            f" ({_waiting_for(checkpoint)})" + worker.failure()
+                        )
+                    if worker.done.is_set() and worker.failed():
+                        raise LessonError(f"step {index + 1} ({step.title}): " + worker.failure().strip("; "))
+                on_change()
+                if stop.wait(hold):
+                    return
+            runner._leave()  # release the pause: the commands can finish
+            while not worker.done.wait(0.1):
+                if stop.is_set():
+                    return
+            runner.poll()
+            if worker.failed():
+                raise LessonError(f"step {index + 1} ({step.title}): " + worker.failure().strip("; "))
+            on_change()
+        runner.goto(len(lesson.steps))
+        on_change()
+    finally:
+        runner.close()
+
+
+class _Commands(threading.Thread):
+    def __init__(self, runner: LessonRunner) -> None:
+        super().__init__(name="buselab-lesson-commands", daemon=True)
+        self.runner = runner
+        self.done = threading.Event()
+        self.results: list[CommandResult] = []
+
+    def run(self) -> None:
+        try:
+            self.results = self.runner.run_commands()
+        finally:
+            self.done.set()
+
+    def failed(self) -> bool:
+        return any(r.status != 0 for r in self.results)
+
+    def failure(self) -> str:
+        bad = next((r for r in self.results if r.status != 0), None)
+        if bad is None:
+            return ""
+        last = bad.output.splitlines()[-1] if bad.output else ""
+        return f"; {bad.command!r} failed (exit {bad.status})" + (f": {last}" if last else "")
+
+
+def _waiting_for(checkpoint: Checkpoint) -> str:
+    parts = []
+    if checkpoint.wait:
+        parts.append(f"{checkpoint.count} x {checkpoint.wait}")
+    if checkpoint.run:
+        parts.append(f"a {checkpoint.run} run")
+    if checkpoint.in_flight:
+        parts.append(f"{checkpoint.in_flight} in flight")
+    if checkpoint.pause:
+        parts.append(f"a pause on {checkpoint.pause}")
+    return "waited for " + " and ".join(parts)
+
+
+def _block_size(fsmap, region) -> int | None:
+    """The file-system block size of the file system a region belongs to."""
+    for fs in getattr(fsmap, "filesystems", ()):
+        if fs.offset <= region.offset < fs.offset + fs.size:
+            return getattr(fs, "block_size", None)
+    return None

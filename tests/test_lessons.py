@@ -1,0 +1,191 @@
+"""Lessons: the files load and are checked; a lesson runs against a real block device.
+
+The kernel's nbd driver is not on this machine, so the device here is a loop device over
+nbdfuse over buselab (root): real mkfs, real mount, real page cache, the lesson's pause on
+the real superblock write. The VM tests run the lessons on /dev/nbd0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import loop_device, nbdfuse, require_root, require_tool
+
+from buselab.lessons import LessonError, LessonRunner, builtin_paths, find_lesson, load_lesson, run_auto
+from buselab.lessons.facts import FACTS
+from buselab.session import ServeOptions, Session
+from buselab.storage.registry import open_backend
+
+MiB = 1 << 20
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    return path
+
+
+# -- the files ---------------------------------------------------------------------------------------
+
+
+def test_every_builtin_lesson_loads_in_teaching_order():
+    names = list(builtin_paths())
+    assert names[:2] == ["mkfs", "journal"] and len(names) >= 8, names
+    for name in names:
+        lesson = find_lesson(name)
+        assert lesson.name == name and lesson.title and lesson.steps
+        assert any(step.checkpoint for step in lesson.steps), f"{name} has no checkpoint"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("title = 'x'\n", "needs at least one [[step]]"),
+        ("title = 'x'\n[[step]]\ntitle = 'a'\nbogus = 1\n", "step 1 ('a'): unknown key 'bogus'"),
+        (
+            "title = 'x'\n[[step]]\ntitle = 'a'\n[step.checkpoint]\nwait = 'struct=jounral'\n",
+            "step 1 ('a'): checkpoint wait = 'struct=jounral'",
+        ),
+        (
+            "title = 'x'\n[[step]]\ntitle = 'a'\n[step.checkpoint]\nwait = 'op=read'\nexplain = '{nonsense}'\n",
+            "explain names {nonsense}, which buselab does not measure",
+        ),
+        ("title = 'x'\n[[step]]\ntitle = 'a'\ncommands = ['ls {disk}']\n", "names {disk}: commands know {dev}"),
+        ("title = 'x'\n[[step]]\ntitle = 'a'\n[step.checkpoint]\nexplain = 'hi'\n", "a checkpoint waits for something"),
+        ("title = 'x'\n[[step]]\ntitle = 'a'\n[step.checkpoint]\nrun = 'zigzag'\n", "run = 'zigzag': use one of"),
+        ("title = = 'x'\n", "is not valid TOML"),
+    ],
+)
+def test_a_bad_lesson_file_is_one_line_naming_the_step(tmp_path, text, says):
+    with pytest.raises(LessonError) as error:
+        load_lesson(write(tmp_path, text))
+    message = str(error.value)
+    assert says in message and "\n" not in message and "mine.toml" in message, message
+
+
+def test_unknown_lesson_names_the_lessons():
+    with pytest.raises(LessonError, match=r"no lesson called 'mkfz': the lessons are mkfs, journal, "):
+        find_lesson("mkfz")
+
+
+def test_the_facts_a_lesson_may_use_are_documented():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "lessons.md").read_text()
+    missing = [name for name in FACTS if f"`{{{name}}}`" not in doc]
+    assert not missing, f"docs/lessons.md does not explain {missing}"
+
+
+# -- running one, on a real block device -------------------------------------------------------------
+
+
+@pytest.fixture
+def device(tmp_path):
+    """A loop device over nbdfuse over a 64 MiB buselab RAM disk; (session, /dev/loopN)."""
+    require_root()
+    require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "dumpe2fs", "blkid")
+    if not os.path.exists("/dev/fuse"):
+        pytest.fail("/dev/fuse is missing")
+    sock = str(tmp_path / "nbd.sock")
+    session = Session(open_backend("ram", size=64 * MiB), ServeOptions(unix=[sock]))
+    session.labeller.interval = 0.05  # the lesson waits on labels: keep the test short
+    session.start()
+    try:
+        with nbdfuse(sock, tmp_path / "fuse") as image, loop_device(image) as loop:
+            yield session, loop
+    finally:
+        session.stop()
+
+
+def test_the_mkfs_lesson_pauses_on_the_superblock_and_explains_with_this_runs_numbers(device, tmp_path):
+    session, loop = device
+    runner = LessonRunner(session, find_lesson("mkfs"), device=loop, mount_dir=str(tmp_path / "mnt"))
+    seen: list[tuple[int, str]] = []
+
+    def on_change() -> None:
+        if runner.state in ("paused", "reached") and (runner.index, runner.state) not in seen:
+            seen.append((runner.index, runner.state))
+            if runner.state == "reached" and runner.index == 1:
+                # At the pause, mkfs is really held: the gate holds its superblock write.
+                assert session.steering.paused and session.steering.held(), "the device was not paused"
+
+    run_auto(runner, hold=0.2, on_change=on_change)
+    assert runner.reached == [1, 2, 3, 4], runner.reached
+    assert runner.state == "finished" and not session.steering.paused
+    assert not session.steering.list_breakpoints(), "the lesson left its breakpoint behind"
+    assert (1, "reached") in seen
+
+
+def test_each_explanation_carries_numbers_from_the_run(device, tmp_path):
+    session, loop = device
+    lesson = find_lesson("mkfs")
+    runner = LessonRunner(session, lesson, device=loop, mount_dir=str(tmp_path / "mnt"))
+    explained: dict[int, str] = {}
+    run_auto(
+        runner,
+        hold=0.0,
+        on_change=lambda: explained.setdefault(runner.index, runner.explanation) if runner.state == "reached" else None,
+    )
+    held = explained[1]
+    assert re.match(r"Held: WRITE [\d.]+ KiB at byte [\d,]+\. Before it, mkfs sent \d+ WRITEs \(", held), held
+    assert "\n" not in held and "{" not in held, held
+    backups = explained[2]
+    assert (
+        "mkfs wrote the superblock" in backups and "backup" in backups and "–" not in backups.split("blocks")[1][:20]
+    ), backups
+    assert "ext4 journal superblock" in explained[4] or "jbd2" in explained[4], explained[4]
+
+
+def test_a_checkpoint_that_never_fires_fails_with_the_steps_name(device, tmp_path):
+    session, loop = device
+    path = write(
+        tmp_path,
+        """
+title = "never"
+[[step]]
+title = "reads nothing"
+commands = ["true"]
+[step.checkpoint]
+wait = "op=trim"
+timeout = 1.5
+""",
+    )
+    runner = LessonRunner(session, load_lesson(path), device=loop)
+    with pytest.raises(
+        LessonError, match=r"step 1 \(reads nothing\): the checkpoint never fired in 1.5 s \(waited for 1 x op=trim\)"
+    ):
+        run_auto(runner, hold=0.0)
+
+
+def test_a_failing_command_fails_the_step_with_its_output(device, tmp_path):
+    session, loop = device
+    path = write(
+        tmp_path,
+        """
+title = "broken"
+[[step]]
+title = "a typo"
+commands = ["mkfs.ext9 {dev}"]
+[step.checkpoint]
+wait = "op=write"
+""",
+    )
+    runner = LessonRunner(session, load_lesson(path), device=loop)
+    with pytest.raises(LessonError, match=r"step 1 \(a typo\): 'mkfs.ext9 /dev/loop\d+' failed \(exit 127\)"):
+        run_auto(runner, hold=0.0)
+    assert not session.steering.paused
+
+
+def test_stopping_auto_releases_a_held_device(device, tmp_path):
+    session, loop = device
+    runner = LessonRunner(session, find_lesson("mkfs"), device=loop)
+    stop = threading.Event()
+
+    def stop_at_pause() -> None:
+        if runner.state == "reached" and runner.index == 1:
+            stop.set()
+
+    run_auto(runner, hold=30.0, stop=stop, on_change=stop_at_pause)
+    assert not session.steering.paused and not session.steering.list_breakpoints()
