@@ -28,6 +28,7 @@ from .model import Checkpoint, Lesson, LessonError, Step
 
 RECORDS_KEPT = 100_000  # requests since the lesson began that a checkpoint of scope "lesson" can see
 COMMAND_TIMEOUT = 600.0  # seconds one command of --auto may run
+TAIL = 256  # requests before the new ones that a run or an overlap may begin in
 
 
 @dataclasses.dataclass
@@ -90,6 +91,7 @@ class LessonRunner:
                 self.state = "reading"
                 return
             self._wait = parse_match(checkpoint.wait, what="checkpoint") if checkpoint.wait else None
+            self._begin_scope(checkpoint)
             if checkpoint.pause:
                 self._breakpoint = self._steer_result(f"break add {checkpoint.pause}", step)["id"]
             self.state = "waiting"
@@ -119,6 +121,9 @@ class LessonRunner:
         self._wait = None
 
     # -- watching ----------------------------------------------------------------------------------
+    # The lab polls ten times a second while fio may send thousands of requests a second: each
+    # poll looks only at the new requests (and a short tail before them, for runs and overlap).
+    # Matching a struct= wait again over the whole scope happens only when the map is replaced.
     def poll(self) -> bool:
         """Take in the requests finished since the last poll; True when the checkpoint fires now."""
         with self._lock:
@@ -130,40 +135,55 @@ class LessonRunner:
                 return False
             checkpoint = self.step.checkpoint  # type: ignore[union-attr]
             assert checkpoint is not None
+            self._take(checkpoint, [r for r in fresh if r.seq >= self._step_first_seq or checkpoint.scope == "lesson"])
             if checkpoint.pause and self.state == "waiting" and self._breakpoint_hit():
                 self.state = "paused"
-            scope = self._scope(checkpoint)
-            matched = self._matched(scope)
-            if not self._fired(checkpoint, scope, matched):
+            if not self._fired(checkpoint):
                 return False
             self.state = "reached"
             self.reached.append(self.index)
-            self.explanation = self._explain(checkpoint, scope, matched)
+            self.explanation = self._explain(checkpoint, self._in_scope, self._matched)
             return True
 
-    def _scope(self, checkpoint: Checkpoint) -> list[RequestRecord]:
-        if checkpoint.scope == "lesson":
-            return list(self._records)
-        first = self._step_first_seq
-        return [r for r in self._records if r.seq >= first]
+    def _begin_scope(self, checkpoint: Checkpoint) -> None:
+        self._in_scope: list[RequestRecord] = list(self._records) if checkpoint.scope == "lesson" else []
+        self._matched: list[RequestRecord] = []
+        self._matched_with = None  # the map the matches were made with
+        self._run_seen = False
+        self._most_in_flight = 0
+        self._take(checkpoint, [])
 
-    def _matched(self, scope: list[RequestRecord]) -> list[RequestRecord]:
-        if self._wait is None:
-            return []
-        fsmap = self.session.labeller.map
-        return [r for r in scope if self._wait.matches_record(r, fsmap)]
+    def _take(self, checkpoint: Checkpoint, fresh: list[RequestRecord]) -> None:
+        tail = self._in_scope[-TAIL:]
+        self._in_scope.extend(fresh)
+        if len(self._in_scope) > RECORDS_KEPT:  # a long step under fio: keep the newest
+            del self._in_scope[: len(self._in_scope) - RECORDS_KEPT]
+        if self._wait is not None:
+            fsmap = self.session.labeller.map
+            if fsmap is not self._matched_with:  # a new map may know what the old one did not
+                self._matched_with = fsmap
+                self._matched = [r for r in self._in_scope if self._wait.matches_record(r, fsmap)]
+            else:
+                self._matched.extend(r for r in fresh if self._wait.matches_record(r, fsmap))
+                if len(self._matched) > RECORDS_KEPT:
+                    del self._matched[: len(self._matched) - RECORDS_KEPT]
+        window = tail + fresh if fresh else self._in_scope
+        if checkpoint.run and not self._run_seen and window:
+            self._run_seen = any(run.kind == checkpoint.run for run in find_runs(window, self._max_request()))
+        if checkpoint.in_flight and window:
+            starts = [r.time for r in window]
+            most = max_overlap(starts, [r.time + r.latency for r in window])
+            self._most_in_flight = max(self._most_in_flight, most)
 
-    def _fired(self, checkpoint: Checkpoint, scope: list[RequestRecord], matched: list[RequestRecord]) -> bool:
+    def _fired(self, checkpoint: Checkpoint) -> bool:
         if checkpoint.pause and self.state != "paused":
             return False
-        if checkpoint.wait and len(matched) < checkpoint.count:
+        if checkpoint.wait and len(self._matched) < checkpoint.count:
             return False
-        if checkpoint.run and not any(run.kind == checkpoint.run for run in find_runs(scope, self._max_request())):
+        if checkpoint.run and not self._run_seen:
             return False
-        if checkpoint.in_flight:
-            starts = [r.time for r in scope]
-            if max_overlap(starts, [r.time + r.latency for r in scope]) < checkpoint.in_flight:
-                return False
+        if checkpoint.in_flight and self._most_in_flight < checkpoint.in_flight:
+            return False
         return True
 
     def _breakpoint_hit(self) -> bool:
