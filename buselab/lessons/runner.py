@@ -66,6 +66,11 @@ class LessonRunner:
     def step(self) -> Step | None:
         return self.lesson.steps[self.index] if 0 <= self.index < len(self.lesson.steps) else None
 
+    @property
+    def holding(self) -> bool:
+        """Is the device paused by this step's breakpoint (the class is looking)?"""
+        return self._breakpoint is not None and self.session.steering.paused
+
     def command_lines(self, step: Step | None = None) -> list[str]:
         """The step's commands with {dev}, {mnt}, {name}, {size} filled in, as the class types them."""
         step = step or self.step
@@ -280,6 +285,7 @@ def run_auto(
     *,
     hold: float = 3.0,
     stop: threading.Event | None = None,
+    skip: threading.Event | None = None,
     on_change: Callable[[], None] = lambda: None,
 ) -> None:
     """Every step in order: run its commands, wait for its checkpoint, hold it `hold` seconds.
@@ -309,8 +315,11 @@ def run_auto(
                     if worker.done.is_set() and worker.failed():
                         raise LessonError(f"step {index + 1} ({step.title}): " + worker.failure().strip("; "))
                 on_change()
-                if stop.wait(hold):
-                    return
+                skip.clear()
+                held_until = time.monotonic() + hold
+                while time.monotonic() < held_until and not skip.is_set():
+                    if stop.wait(0.05):
+                        return
             runner._leave()  # release the pause: the commands can finish
             while not worker.done.wait(0.1):
                 if stop.is_set():

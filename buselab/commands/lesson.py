@@ -1,0 +1,118 @@
+"""`buselab lesson [NAME [DEVICE]]`: guided classroom lessons on a real block device.
+
+Without NAME: the lessons, in teaching order. With NAME and DEVICE (/dev/nbdN, as root): a
+RAM disk attached there and the lab with the lesson's pane. `--auto` runs each step's
+commands itself; with `--headless` too it prints the steps and what each checkpoint found,
+and exits 1 with the step's name if a checkpoint never fires (the VM tests run it so).
+docs/lessons.md is the teacher's guide and the lesson format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import threading
+
+from ..control import default_control_path
+from ..errors import UserError
+from ..lessons import LessonError, LessonRunner, builtin_paths, find_lesson, run_auto
+from ..session import ServeOptions, Session
+from ..signals import stop_on_signals
+from ..sizes import parse_size
+from ..storage.registry import open_backend
+
+DEFAULT_MOUNT = "/mnt/buselab-lesson"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "lesson",
+        help="guided classroom lessons on a real disk: mkfs, the journal, FLUSH/FUA, TRIM, readahead, ...",
+        description="Without NAME, list the lessons. With NAME and DEVICE, attach a RAM disk at DEVICE"
+        " (/dev/nbdN, root) and open the lab with the lesson: steps, the commands to run in another"
+        " terminal, and checkpoints that wait for the I/O, pause on it and explain it with this run's"
+        " numbers. NAME may also be a lesson file (.toml, see docs/lessons.md).",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="a lesson (see `buselab lesson`) or a .toml file")
+    p.add_argument("device", nargs="?", metavar="DEVICE", help="/dev/nbdN to attach the lesson's disk at (root)")
+    p.add_argument("--auto", action="store_true", help="run each step's commands, pause at each checkpoint")
+    p.add_argument(
+        "--hold", type=float, default=5.0, metavar="SECONDS", help="--auto: how long a checkpoint stays (default 5)"
+    )
+    p.add_argument("--headless", action="store_true", help="with --auto: print the steps instead of the lab")
+    p.add_argument("--size", default="128M", help="the lesson disk's size (default 128M)")
+    p.add_argument(
+        "--mnt", default=DEFAULT_MOUNT, metavar="DIR", help=f"mount point for {{mnt}} (default {DEFAULT_MOUNT})"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.name:
+        return list_lessons()
+    lesson = find_lesson(args.name)
+    if not args.device:
+        raise UserError(
+            f"lesson {lesson.name} needs a block device: give /dev/nbdN (as root), e.g. `sudo buselab lesson {lesson.name} /dev/nbd0`"
+        )
+    if args.headless and not args.auto:
+        raise UserError("--headless needs --auto: without the lab nobody would see the steps")
+    if args.hold < 0:
+        raise UserError(f"--hold must be 0 seconds or more, got {args.hold:g}")
+    if args.auto:
+        missing = [tool for tool in lesson.needs if shutil.which(tool) is None]
+        if missing:
+            raise UserError(f"lesson {lesson.name} runs {', '.join(missing)}, which this machine does not have")
+    backend = open_backend("ram", size=parse_size(args.size))
+    session = Session(backend, ServeOptions(device=args.device, control=default_control_path()))
+    with stop_on_signals(session.stop_requested):
+        session.start()
+        try:
+            runner = LessonRunner(session, lesson, device=args.device, mount_dir=args.mnt)
+            if args.headless:
+                return _headless(session, runner, args.hold)
+            from ..ui.lesson import run_lesson_lab
+
+            return run_lesson_lab(session, runner, auto=args.auto, hold=args.hold)
+        finally:
+            session.stop()
+
+
+def list_lessons() -> int:
+    for name in builtin_paths():
+        lesson = find_lesson(name)
+        print(f"{name:<18} {lesson.minutes:>3} min  {lesson.title}")
+        print(f"{'':<28}{lesson.summary}")
+    print("\nsudo buselab lesson NAME /dev/nbd0 [--auto]    (docs/lessons.md: the teacher's guide)")
+    return 0
+
+
+def _headless(session: Session, runner: LessonRunner, hold: float) -> int:
+    """Print each step, its commands' results and each checkpoint's explanation; 1 on failure."""
+    shown: set[tuple[int, str]] = set()
+    stop = threading.Event()
+
+    def on_change() -> None:
+        key = (runner.index, runner.state)
+        if key in shown:
+            return
+        shown.add(key)
+        step = runner.step
+        if runner.state == "finished" or step is None:
+            print(f"lesson {runner.lesson.name}: finished, {len(runner.reached)} checkpoints reached", flush=True)
+        elif runner.state in ("waiting", "reading"):
+            print(f"step {runner.index + 1}/{len(runner.lesson.steps)}: {step.title}", flush=True)
+            for line in runner.command_lines():
+                print(f"  $ {line}", flush=True)
+        elif runner.state == "reached":
+            print(f"  checkpoint: {runner.explanation}", flush=True)
+
+    watcher = threading.Thread(target=lambda: session.stop_requested.wait() and stop.set(), daemon=True)
+    watcher.start()
+    try:
+        run_auto(runner, hold=hold, stop=stop, on_change=on_change)
+    except LessonError as exc:
+        print(f"buselab: lesson {runner.lesson.name} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0 if runner.state == "finished" else 130

@@ -1,0 +1,121 @@
+"""The lab with a lesson: the pane, the keys, the pause, on a loop device over nbdfuse (root).
+
+The "other terminal" is a thread running the step's own commands, as a student would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+from helpers import loop_device, nbdfuse, require_root, require_tool
+
+from buselab.lessons import LessonRunner, find_lesson
+from buselab.session import ServeOptions, Session
+from buselab.storage.registry import open_backend
+from buselab.ui.lesson import LessonApp
+
+MiB = 1 << 20
+
+
+def aio(test):
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 90))
+
+    return run
+
+
+@pytest.fixture
+def device(tmp_path):
+    require_root()
+    require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "blkid")
+    if not os.path.exists("/dev/fuse"):
+        pytest.fail("/dev/fuse is missing")
+    sock = str(tmp_path / "nbd.sock")
+    session = Session(open_backend("ram", size=64 * MiB), ServeOptions(unix=[sock]))
+    session.labeller.interval = 0.05
+    session.start()
+    try:
+        with nbdfuse(sock, tmp_path / "fuse") as image, loop_device(image) as loop:
+            yield session, loop
+    finally:
+        session.stop()
+
+
+async def until(app: LessonApp, pilot, predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"waited {timeout} s; the pane says:\n{app.lesson_pane.text}"
+        app.poll()
+        await pilot.pause(0.05)
+    app.poll()  # the pane shows what the predicate saw
+    await pilot.pause()
+
+
+@aio
+async def test_a_student_walks_through_the_mkfs_lesson(device):
+    session, loop = device
+    runner = LessonRunner(session, find_lesson("mkfs"), device=loop)
+    app = LessonApp(session, runner, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        app.poll()
+        await pilot.pause()
+        pane = app.lesson_pane
+        assert pane.pane_title == "lesson mkfs · step 1 of 5" and "1. An empty disk" in pane.text
+        assert f"$ blkid -p {loop}" in pane.text and "read, then > for the next step" in pane.text
+        await pilot.press("greater_than_sign")
+        assert "2. mkfs.ext4 writes the superblock" in pane.text and "waiting for the requests" in pane.text
+        # The student runs mkfs in the other terminal: it blocks on the lesson's pause.
+        mkfs = threading.Thread(target=subprocess.run, args=(["mkfs.ext4", "-F", "-q", loop],), daemon=True)
+        mkfs.start()
+        await until(app, pilot, lambda: runner.state == "reached")
+        assert session.steering.paused and mkfs.is_alive(), "the lesson did not hold mkfs"
+        assert "Held: WRITE" in pane.text and "the device is paused on it: > goes on" in pane.text, pane.text
+        assert "PAUSED" in app.header_widget.plain and "breakpoint" in app.header_widget.plain
+        # > releases the pause: mkfs finishes, the next step finds the superblock copies.
+        await pilot.press("greater_than_sign")
+        assert not session.steering.paused
+        await asyncio.to_thread(mkfs.join, 30)
+        assert not mkfs.is_alive()
+        await until(app, pilot, lambda: runner.state == "reached" and runner.index == 2)
+        assert "mkfs wrote the superblock" in pane.text and "backup, group 1" in pane.text, pane.text
+        await pilot.press("less_than_sign")
+        assert runner.index == 1 and "2. mkfs.ext4" in pane.text
+        await pilot.press("q")
+    assert not session.steering.list_breakpoints() and not session.steering.paused
+
+
+@aio
+async def test_auto_runs_the_commands_and_the_pane_shows_their_output(device, tmp_path):
+    session, loop = device
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        """
+title = "tiny"
+[[step]]
+title = "write something"
+commands = ["dd if=/dev/zero of={dev} bs=4k count=8 oflag=direct status=none", "echo wrote {name}"]
+[step.checkpoint]
+wait = "op=write"
+count = 8
+explain = "{writes} reached the disk."
+"""
+    )
+    from buselab.lessons import load_lesson
+
+    runner = LessonRunner(session, load_lesson(path), device=loop)
+    app = LessonApp(session, runner, auto=True, hold=30.0, auto_poll=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await until(app, pilot, lambda: runner.state == "reached")
+        assert "8 WRITEs (32.0 KiB) reached the disk." in app.lesson_pane.text, app.lesson_pane.text
+        await pilot.press("greater_than_sign")  # no need to wait the 30 s hold
+        await until(app, pilot, lambda: runner.state == "finished", timeout=15)
+        text = app.lesson_pane.text
+        assert "lesson finished: q to quit" in text, text
+        await pilot.press("q")
