@@ -294,6 +294,7 @@ def run_auto(
     lesson with LessonError naming the step. `stop` ends it early (quitting the lab).
     """
     stop = stop or threading.Event()
+    skip = skip or threading.Event()  # `>` in the lab: go on without waiting the hold
     lesson = runner.lesson
     try:
         for index, step in enumerate(lesson.steps):
