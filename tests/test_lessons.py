@@ -189,3 +189,22 @@ def test_stopping_auto_releases_a_held_device(device, tmp_path):
 
     run_auto(runner, hold=30.0, stop=stop, on_change=stop_at_pause)
     assert not session.steering.paused and not session.steering.list_breakpoints()
+
+
+def test_the_ordering_fact_names_the_flush_before_the_fua_write_held_or_answered():
+    from buselab.engine.telemetry import RequestRecord
+    from buselab.lessons.facts import facts
+    from buselab.protocol import constants as c
+
+    def rec(seq, cmd, flags=0, offset=0):
+        return RequestRecord(
+            seq, float(seq), cmd, flags, offset, 4096 if cmd != c.CMD_FLUSH else 0, 1e-4, 0, 1, seq, None
+        )
+
+    scope = [rec(1, c.CMD_WRITE), rec(2, c.CMD_FLUSH), rec(3, c.CMD_WRITE, c.CMD_FLAG_FUA, 8192)]
+    found = facts(scope, [], label=lambda r: None)
+    assert found["ordering"] == "FLUSH #2 came before the FUA WRITE #3" and found["fua"] == "1 FUA write"
+    assert found["flushes"] == "1 FLUSH" and found["writes"] == "2 WRITEs (8.0 KiB)" and found["trims"] == "no TRIM"
+    held = facts(scope[:2], [], label=lambda r: None, held="WRITE 4.0 KiB at byte 8,192", held_fua=True)
+    assert held["ordering"] == "FLUSH #2 came before the held FUA WRITE 4.0 KiB at byte 8,192"
+    assert facts(scope[:1], [], label=lambda r: None)["ordering"] == "no FUA write"

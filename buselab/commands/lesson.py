@@ -41,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--hold", type=float, default=5.0, metavar="SECONDS", help="--auto: how long a checkpoint stays (default 5)"
     )
     p.add_argument("--headless", action="store_true", help="with --auto: print the steps instead of the lab")
-    p.add_argument("--size", default="128M", help="the lesson disk's size (default 128M)")
+    # 1G: ext4 with 4 KiB blocks then has 8 block groups, so mkfs writes superblock backups
+    # (sparse: only what is written takes memory).
+    p.add_argument("--size", default="1G", help="the lesson disk's size (default 1G, sparse)")
     p.add_argument(
         "--mnt", default=DEFAULT_MOUNT, metavar="DIR", help=f"mount point for {{mnt}} (default {DEFAULT_MOUNT})"
     )

@@ -60,6 +60,7 @@ def facts(
     label: Callable[[RequestRecord], Any],
     focus: Callable[[RequestRecord], list[tuple[str, int | None]]] = lambda record: [],
     held: str = "",
+    held_fua: bool = False,
     max_request: int | None = None,
 ) -> dict[str, str]:
     """The facts of one checkpoint. `label(record)` gives a record's Label (or None);
@@ -102,7 +103,7 @@ def facts(
             if found is not None:
                 kinds[found.kind] += 1
     out["structures"] = ", ".join(f"{k} {n:,}" for k, n in kinds.most_common()) or "–"
-    out["ordering"] = _ordering(scope, text_of)
+    out["ordering"] = _ordering(scope, text_of, held if held_fua else "")
     runs = find_runs(list(scope), max_request)
     out["runs"] = "; ".join(run.describe() for run in runs[:4]) if runs else "none"
     if scope:
@@ -129,8 +130,12 @@ def facts(
     return out
 
 
-def _ordering(scope: Sequence[RequestRecord], text_of: Callable[[RequestRecord], str]) -> str:
-    """'FLUSH #812 came before the FUA WRITE #813 (jbd2 commit, transaction 57)'."""
+def _ordering(scope: Sequence[RequestRecord], text_of: Callable[[RequestRecord], str], held_fua: str = "") -> str:
+    """'FLUSH #812 came before the FUA WRITE #813 (jbd2 commit, transaction 57)'.
+
+    `held_fua`: a FUA write the lesson holds (not answered, so not among the records): it
+    comes after every record in scope.
+    """
     last_flush = None
     for r in scope:
         if r.cmd == c.CMD_FLUSH:
@@ -141,6 +146,9 @@ def _ordering(scope: Sequence[RequestRecord], text_of: Callable[[RequestRecord],
             if last_flush is None:
                 return f"no FLUSH came before {fua}"
             return f"FLUSH #{last_flush.seq} came before {fua}"
+    if held_fua:
+        fua = f"the held FUA {held_fua}"
+        return f"FLUSH #{last_flush.seq} came before {fua}" if last_flush is not None else f"no FLUSH came before {fua}"
     return "no FUA write" + (f"; the last FLUSH was #{last_flush.seq}" if last_flush is not None else "")
 
 

@@ -59,6 +59,7 @@ class LessonRunner:
         self._step_first_seq = self._last_seq + 1
         self._wait: Breakpoint | None = None
         self._breakpoint: int | None = None
+        self._held_flags: set[str] = set()
         self._lock = threading.RLock()  # the lab's tick and --auto's thread both poll
 
     # -- moving through the lesson ---------------------------------------------------------------
@@ -88,6 +89,7 @@ class LessonRunner:
             self.poll()  # what came before belongs to the step before
             self._step_first_seq = self._last_seq + 1
             self.explanation = self.held = ""
+            self._held_flags = set()
             self.results = []
             for line in step.steer:
                 self._steer(line, step)
@@ -192,12 +194,22 @@ class LessonRunner:
         return True
 
     def _breakpoint_hit(self) -> bool:
+        """Has the step's breakpoint caught a request? Describe it, from its own bytes where it has some."""
         hit = self.session.steering.last_break
         if hit is None or hit.breakpoint != self._breakpoint:
             return False
+        held = next(
+            (h.req for h in self.session.engine.gate.held() if getattr(h.breakpoint, "id", None) == self._breakpoint),
+            None,
+        )
         fsmap = self.session.labeller.map
-        label = fsmap.label(hit.offset, max(1, hit.length)) if fsmap is not None and hit.length else None
-        self.held = describe(hit.op, hit.length, hit.offset, str(label) if label and label.kind != "unknown" else "")
+        label = None
+        if fsmap is not None and hit.length:
+            payload = bytes(held.payload[:4096]) if held is not None and held.payload is not None else None
+            label = fsmap.label(hit.offset, hit.length, payload)
+        text = str(label) if label is not None and label.kind != "unknown" else ""
+        self.held = describe(hit.op, hit.length, hit.offset, text)
+        self._held_flags = set(hit.flags)
         return True
 
     def _explain(self, checkpoint: Checkpoint, scope: list[RequestRecord], matched: list[RequestRecord]) -> str:
@@ -208,26 +220,32 @@ class LessonRunner:
             label=labeller.label_of,
             focus=self._focus,
             held=self.held,
+            held_fua="FUA" in self._held_flags and self.held.startswith("WRITE"),
             max_request=self._max_request(),
         )
         return checkpoint.explain.format_map(found)
 
     def _focus(self, record: RequestRecord) -> list[tuple[str, int | None]]:
-        """(label, file-system block) of the structures the checkpoint waits for that `record` touched."""
-        fsmap = self.session.labeller.map
+        """(what, file-system block) of the structures the checkpoint waits for that `record` touched.
+
+        The record's own label where it names such a structure (it was decoded from the
+        request's bytes: "jbd2 commit, transaction 57"), else the map's regions of those kinds.
+        """
+        labeller = self.session.labeller
+        fsmap = labeller.map
         if fsmap is None:
             return []
         kinds = self._wait.kinds if self._wait is not None else None
-        out = []
-        for region in fsmap.regions_in(record.offset, record.length):
-            if region.kind in ("unknown", "free") or (kinds and region.kind not in kinds):
-                continue
-            block = region.block
-            size = _block_size(fsmap, region)
-            if block is not None and size:
-                block += max(0, record.offset - region.offset) // size
-            out.append((region.label, block))
-        return out
+        regions = [
+            region
+            for region in fsmap.regions_in(record.offset, record.length)
+            if region.kind not in ("unknown", "free") and (not kinds or region.kind in kinds)
+        ]
+        blocks = [_block_of(fsmap, region, record.offset) for region in regions]
+        own = labeller.label_of(record)
+        if own is not None and own.kind not in ("unknown", "free") and (not kinds or own.kind in kinds):
+            return [(own.text, blocks[0] if blocks else None)]
+        return [(region.label, block) for region, block in zip(regions, blocks)]
 
     def _max_request(self) -> int | None:
         kernel = self.session.kernel
@@ -372,9 +390,9 @@ def _waiting_for(checkpoint: Checkpoint) -> str:
     return "waited for " + " and ".join(parts)
 
 
-def _block_size(fsmap, region) -> int | None:
-    """The file-system block size of the file system a region belongs to."""
+def _block_of(fsmap, region, offset: int) -> int | None:
+    """The file-system block at `offset` (within `region`), where the map knows the file system."""
     for fs in getattr(fsmap, "filesystems", ()):
-        if fs.offset <= region.offset < fs.offset + fs.size:
-            return getattr(fs, "block_size", None)
-    return None
+        if fs.offset <= region.offset < fs.offset + fs.size and fs.block_size:
+            return (max(offset, region.offset) - fs.offset) // fs.block_size
+    return region.block
