@@ -355,6 +355,11 @@ class LabApp(SteeringActions, App[int]):
         max_kb = self.queue_limits.get("max_sectors_kb")
         self.runs.max_request = max_kb * 1024 if isinstance(max_kb, int) and max_kb > 0 else None
 
+    def disk_now(self, offset: int, length: int) -> bytes:
+        """The disk's bytes [offset, offset+length) now, through the stack the clients see (the
+        inspector pages an answered request past the first KiB telemetry kept). Raises as a read would."""
+        return bytes(self.session.engine.stack.top.read(offset, length))
+
     def run_text(self, record: RequestRecord) -> str:
         """The inspector's "run" rows: which run the request belongs to, then what the queue says."""
         run: Run | None = self.runs.run_of(record.seq) if record.seq else None
