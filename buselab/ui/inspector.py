@@ -179,7 +179,8 @@ def describe_record(
     shown = len(payload)
     what = "read" if record.cmd == c.CMD_READ else "written"
     if shown < record.length:
-        row("payload", f"first {shown:,} of {record.length:,} bytes {what}", fmt.DIM_COLOUR)
+        more = " · ] the rest from the disk now" if not held else ""
+        row("payload", f"first {shown:,} of {record.length:,} bytes {what}{more}", fmt.DIM_COLOUR)
     else:
         row("payload", f"{record.length:,} bytes {what}", fmt.DIM_COLOUR)
     if not any(payload):

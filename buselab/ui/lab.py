@@ -371,7 +371,7 @@ class LabApp(SteeringActions, App[int]):
             if "max_sectors_kb" in limits:
                 text += f"\npieces of the queue's max_sectors_kb: {limits['max_sectors_kb']} KiB ({self.session.where})"
             else:
-                text += "\nguessed: back-to-back pieces of one size (the queue limit shows on /dev/nbdN)"
+                text += "\nguessed: back-to-back pieces of one size (queue limits known on /dev/nbdN)"
         elif "read_ahead_kb" in limits:
             text += f"\nthe queue's read_ahead_kb: {limits['read_ahead_kb']} KiB"
         return text
