@@ -207,6 +207,11 @@ def test_slash_filters_the_stream_by_structure(tmp_path):
                 assert len(shown()) == 2
 
                 # The op keys still work with it; an empty filter shows everything again.
+                await pilot.press("1")  # hide READs
+                assert app.stream.pane_title == "requests · only WRITE FLUSH TRIM OTHER · / struct=inode,op=read"
+                assert shown() == []
+                await pilot.press("0")
+                assert len(shown()) == 2
                 await pilot.press("slash", "ctrl+u", "enter")
                 await pilot.pause()
                 assert app.stream.pane_title == "requests" and len(shown()) == 6
