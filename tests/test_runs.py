@@ -138,3 +138,11 @@ def test_readahead_at_its_largest_window_is_not_taken_for_a_split():
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     recs = records(*[(c.CMD_READ, o, n) for o, n in zip(offsets, sizes)])
     assert [run.kind for run in find_runs(recs)] == ["readahead"]
+
+
+def test_no_run_reaches_across_requests_the_lab_left_out():
+    pieces = records(*[(c.CMD_WRITE, i * 128 * KiB, 128 * KiB) for i in range(6)])
+    tracker = RunTracker()
+    tracker.add(pieces[:3])
+    tracker.add(pieces[3:], after_gap=True)  # a "+N more" row came between
+    assert tracker.run_of(1).seqs == (1, 2, 3) and tracker.run_of(4).seqs == (4, 5, 6)

@@ -126,13 +126,17 @@ class RunTracker:
     def run_of(self, seq: int) -> Run | None:
         return self._by_seq.get(seq)
 
-    def add(self, records: Iterable[RequestRecord]) -> set[int]:
-        """Take one tick's records; the seqs whose run changed (their rows are drawn again)."""
+    def add(self, records: Iterable[RequestRecord], *, after_gap: bool = False) -> set[int]:
+        """Take one tick's records; the seqs whose run changed (their rows are drawn again).
+
+        `after_gap`: requests were left out before these (the lab's "+N more" row): no run
+        reaches across what was not seen.
+        """
         new = [r for r in records if r.__class__ is RequestRecord and r.cmd in _RUN_CMDS and not r.error]
         if not new:
             return set()
         recent = self._recent
-        start = max(0, len(recent) - self.window)
+        start = len(recent) if after_gap else max(0, len(recent) - self.window)
         if start < len(recent):
             cut = self._by_seq.get(recent[start].seq)
             furthest = max(0, len(recent) - self.reach)

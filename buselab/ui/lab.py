@@ -306,7 +306,7 @@ class LabApp(SteeringActions, App[int]):
         tick = self.model.poll()
         if tick.records:
             self._read_queue_limits()
-            changed = self.runs.add(tick.records)
+            changed = self.runs.add(tick.records, after_gap=tick.gap is not None)
             if changed:
                 self.stream.runs_changed(changed)
         self.stream.set_want_what(self.model.disk_known or self.runs.seen, self.runs.seen)
