@@ -79,6 +79,15 @@ async def lab(session: Session) -> None:
         kinds = {run.kind for r in reads if (run := app.runs.run_of(r.seq)) is not None}
         sizes = [r.length // 1024 for r in reads]
         check("readahead" in kinds, f"the cold buffered read is readahead: READ sizes {sizes} KiB, runs {kinds}")
+        if len(reads) > 1:
+            app.stream._select(app.stream.rows.index(reads[1]))
+            await pilot.pause()
+            inspector = app.inspector.text
+            check(
+                f"READ 2 of {len(reads)} of a readahead run, window 4 KiB → 16 KiB" in inspector
+                and "the queue's read_ahead_kb: 128 KiB" in inspector,
+                "the inspector names the readahead run and the queue's read_ahead_kb",
+            )
         check("readahead" in text, "the stream says readahead")
 
 
