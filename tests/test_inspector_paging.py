@@ -182,16 +182,34 @@ async def test_an_ext4_superblock_breakpoint_opens_at_the_magic_highlighted(sess
 
 
 @aio
-async def test_an_answered_request_says_it_keeps_only_its_first_kib(session, client):
-    client.write(0, b"x" * 8192)
+async def test_an_answered_request_pages_on_into_what_the_disk_holds_now_and_says_so(session, client):
+    data = sixty_four_kib()[: 8 * KiB]
+    client.write(0, data)
     app = LabApp(session, auto_poll=False)
     async with app.run_test(size=(160, 50)) as pilot:
         await settle(app, pilot)
-        app.inspector.focus()
+        inspector = app.inspector
+        assert "first 1,024 of 8,192 bytes written" in inspector.text  # what telemetry kept
+        inspector.focus()
         await pilot.press("right_square_bracket")
         await pilot.pause()
-        assert app.inspector.page_start == 0 and "first 1,024 of 8,192 bytes written" in app.inspector.text
-        assert any("keeps the first 1,024 bytes" in str(n.message) for n in app._notifications)
+        assert inspector.page_start == KiB and "<KiB 01>" in inspector.text and "<KiB 00>" not in inspector.text
+        assert "8,192 bytes written · bytes 1,024–2,047 (page 2 of 8" in payload_row(app)
+        assert "bytes 0–1,023 as the request wrote them; the rest is what the disk holds now" in inspector.text
+        await pilot.press("g", *"end", "enter")
+        await pilot.pause()
+        assert "(page 8 of 8" in payload_row(app) and "00001ff0  48 48" in inspector.text  # the last byte: H
+
+        # Written over since: the lab says that what it shows is the disk now, not the request.
+        client.write(0, b"\xee" * KiB)
+        await settle(app, pilot)
+        first = next(r for r in app.stream.rows if isinstance(r, RequestRecord) and r.length == 8 * KiB)
+        app.stream._select(app.stream.rows.index(first))
+        await pilot.pause()
+        inspector.focus()
+        await pilot.press("right_square_bracket")
+        await pilot.pause()
+        assert "the disk no longer holds what this request wrote in its first 1,024 bytes" in inspector.text
 
 
 def test_go_to_reads_what_people_type():

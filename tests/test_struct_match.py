@@ -207,9 +207,36 @@ def test_slash_filters_the_stream_by_structure(tmp_path):
                 assert len(shown()) == 2
 
                 # The op keys still work with it; an empty filter shows everything again.
+                await pilot.press("1")  # hide READs
+                assert app.stream.pane_title == "requests · only WRITE FLUSH TRIM OTHER · / struct=inode,op=read"
+                assert shown() == []
+                await pilot.press("0")
+                assert len(shown()) == 2
                 await pilot.press("slash", "ctrl+u", "enter")
                 await pilot.pause()
                 assert app.stream.pane_title == "requests" and len(shown()) == 6
 
         asyncio.run(asyncio.wait_for(run(), 60))
         client.close()
+
+
+def test_the_breakpoints_panel_takes_struct_and_refuses_a_bad_kind_in_one_line(tmp_path):
+    from buselab.ui.screens.breakpoints import BreakpointsScreen
+
+    with serve(RamBackend(16 * MiB), tmp_path) as session:
+
+        async def run() -> None:
+            app = LabApp(session, auto_poll=False)
+            async with app.run_test(size=(160, 50)) as pilot:
+                await pilot.press("k")
+                assert isinstance(app.screen, BreakpointsScreen)
+                await pilot.press(*"struct=jornal", "enter")
+                await pilot.pause()
+                assert "unknown structure 'jornal': struct= takes superblock" in app.screen.status_text
+                assert not session.steering.list_breakpoints()
+                await pilot.press("ctrl+u", *"struct=jbd2,op=write", "enter")
+                await pilot.pause()
+                assert app.screen.status_text == "breakpoint 1 set: struct=jbd2,op=write"
+                assert [b.spec for b in session.steering.list_breakpoints()] == ["struct=jbd2,op=write"]
+
+        asyncio.run(asyncio.wait_for(run(), 60))

@@ -157,6 +157,9 @@ class Breakpoint:
 
     def matches(self, req: Request, fsmap: FsMap | None = None) -> bool:
         """Does an arriving request hit this? `fsmap`: the disk's map, for struct= (None: no map yet)."""
+        cmds = self.cmds
+        if cmds is not None and req.cmd not in cmds:
+            return False  # the usual miss, answered before the call (this runs on serving threads)
         return self.test(req.cmd, req.flags, req.offset, req.length, req.payload, fsmap)
 
     def matches_record(self, record: RequestRecord, fsmap: FsMap | None = None) -> bool:

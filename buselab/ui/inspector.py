@@ -6,7 +6,11 @@ carries its whole payload (a step keeps it for the answered request too):
 the hexdump shows it a KiB at a time, `]` and `[` page, `g` goes to a byte.
 A breakpoint's hit opens at the bytes it matched, highlighted (the ext4-sb
 preset: the superblock's magic at byte 1080). Answered requests keep only
-their first KiB in telemetry, so that is all the lab can show of them.
+their first KiB in telemetry; paging past it (`]`, `g`) reads the rest of the
+range from the disk as it is now, through the stack the clients see, and says
+so: "first 1,024 bytes as the request carried them; the rest is what the disk
+holds now". If the disk no longer holds the first KiB the request carried, it
+says that the bytes may have changed since.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def describe_record(
     where: dict[str, int] | None = None,
     what: str = "",
     run: str = "",
+    payload_note: str = "",
 ) -> Text:
     """Everything the stream row abbreviates, and the payload as `hexdump -C` shows it.
 
@@ -103,6 +108,8 @@ def describe_record(
     `what`: the structure the request touched, from the disk's map ("ext4 group 3 inode bitmap").
     `run`: the split I/O or readahead run it is part of ("part 3 of 8 of one 1 MiB WRITE, ..."),
     then lines about the queue's limits.
+    `payload_note`: where a whole `payload` came from when the request did not carry it all
+    (an answered request paged past its first KiB: the disk now).
     """
     text = Text()
     colour = fmt.OP_COLOURS.get(record.cmd, "white")
@@ -160,7 +167,7 @@ def describe_record(
         where["payload"] = text.plain.count("\n")
     if whole:
         assert payload is not None
-        _append_page(text, record, payload, page_start, mark, hex_width, colour, where)
+        _append_page(text, record, payload, page_start, mark, hex_width, colour, where, payload_note)
         return text
     payload = record.preview
     meaning = _MEANING.get(record.cmd, "")
@@ -172,7 +179,8 @@ def describe_record(
     shown = len(payload)
     what = "read" if record.cmd == c.CMD_READ else "written"
     if shown < record.length:
-        row("payload", f"first {shown:,} of {record.length:,} bytes {what}", fmt.DIM_COLOUR)
+        more = " · ] the rest from the disk now" if not held else ""
+        row("payload", f"first {shown:,} of {record.length:,} bytes {what}{more}", fmt.DIM_COLOUR)
     else:
         row("payload", f"{record.length:,} bytes {what}", fmt.DIM_COLOUR)
     if not any(payload):
@@ -197,6 +205,7 @@ def _append_page(
     width: int,
     colour: str,
     where: dict[str, int] | None,
+    note: str = "",
 ) -> None:
     """The payload row, and one page of a whole payload as `hexdump -C` lines, [mark) highlighted."""
     length = len(payload)
@@ -209,6 +218,9 @@ def _append_page(
         label += f" · bytes {start:,}–{end - 1:,} (page {start // PAGE_BYTES + 1} of {pages}: ] [ page, g goes to)"
     text.append(f"{'payload':<9}", style=fmt.DIM_COLOUR)
     text.append(label + "\n", style=fmt.DIM_COLOUR)
+    if note:
+        text.append(f"{'':<9}", style=fmt.DIM_COLOUR)
+        text.append(note + "\n", style=f"italic {fmt.HELD_COLOUR}")
     if mark is not None:
         text.append(f"{'':<9}", style=fmt.DIM_COLOUR)
         text.append(f"bytes {mark[0]:,}–{mark[1] - 1:,} highlighted", style=MARK_STYLE)
@@ -348,6 +360,8 @@ class Inspector(Pane, can_focus=True):
         self.lost = False  # a power cut threw the shown request's write away
         self.cell_bytes: int | None = None
         self.payload: bytes | None = None  # the whole payload, when the lab has it (held requests)
+        self.payload_note = ""  # where `payload` came from when the request did not carry it (the disk now)
+        self._disk_failed = False
         self.page_start = 0  # where in it the page shown starts
         self.mark: tuple[int, int] | None = None  # bytes of it highlighted: a breakpoint's match
         self._scroll_to: str | None = None  # after the next build: "mark" or "payload" into view
@@ -362,8 +376,8 @@ class Inspector(Pane, can_focus=True):
         return Text(
             "No request yet. Select one in the stream (↑/↓ or click) to decode it here;\n"
             "while the stream follows, this shows the newest request.\n"
-            f"Answered requests show their first {PREVIEW_BYTES:,} bytes of payload; held ones (p, k)\n"
-            "all of it, a KiB at a time: ] and [ page, g goes to a byte.",
+            f"Answered requests carry their first {PREVIEW_BYTES:,} bytes of payload (] reads the rest from\n"
+            "the disk as it is now); held ones (p, k) all of it: ] and [ page, g goes to a byte.",
             style=fmt.DIM_COLOUR,
         )
 
@@ -381,6 +395,8 @@ class Inspector(Pane, can_focus=True):
         lost = self._lost(record)
         run = self._run(record)
         whole = bytes(payload) if payload is not None and record is not None and len(payload) == record.length else None
+        if whole is None and record is self.record and self.payload_note:
+            whole = self.payload  # paged into the disk's bytes: showing the same request keeps them
         if (
             record is self.record
             and run == self.run
@@ -398,6 +414,8 @@ class Inspector(Pane, can_focus=True):
         self.run = run
         self.lost = lost
         self.cell_bytes = cell_bytes
+        if whole is not self.payload:
+            self.payload_note = ""
         self.payload = whole
         self.mark = mark if whole is not None else None
         self.page_start = mark[0] // 16 * 16 if self.mark is not None else 0
@@ -421,7 +439,7 @@ class Inspector(Pane, can_focus=True):
 
     def action_page(self, delta: int) -> None:
         """A page (PAGE_BYTES) further into the payload, or back."""
-        payload = self.payload
+        payload = self.payload if self.payload is not None else self._from_disk()
         if payload is None or self.record is None:
             self._say_whole_payload()
             return
@@ -432,7 +450,8 @@ class Inspector(Pane, can_focus=True):
             self._page_to(start)
 
     def action_goto(self) -> None:
-        payload, record = self.payload, self.record
+        payload = self.payload if self.payload is not None else self._from_disk()
+        record = self.record
         if payload is None or record is None:
             self._say_whole_payload()
             return
@@ -451,7 +470,53 @@ class Inspector(Pane, can_focus=True):
         self._subtitle()
         self.refresh()
 
+    def _from_disk(self) -> bytes | None:
+        """An answered READ or WRITE's whole range as the disk holds it now, to page past the first
+        KiB telemetry kept (None: nothing more to show, or the disk cannot be read now)."""
+        record = self.record
+        preview = record.preview if record is not None else None
+        if (
+            record is None
+            or not record.seq
+            or record.error
+            or preview is None
+            or record.length <= len(preview)
+            or record.cmd not in (c.CMD_READ, c.CMD_WRITE)
+        ):
+            return None
+        disk_now = getattr(self.app, "disk_now", None)
+        if disk_now is None:
+            return None
+        try:
+            data = bytes(disk_now(record.offset, record.length))
+        except Exception as exc:  # noqa: BLE001 - a power cut, an error filter: say why, keep the preview
+            self.app.notify(f"cannot read the disk now to show the rest: {exc}", severity="warning", markup=False)
+            self._disk_failed = True
+            return None
+        if len(data) != record.length:
+            return None
+        kept = len(preview)
+        verb = "read" if record.cmd == c.CMD_READ else "wrote"
+        if data[:kept] == preview:
+            note = (
+                f"bytes 0–{kept - 1:,} as the request {verb} them; the rest is what the disk holds now "
+                "(the lab keeps only the first KiB of an answered request)"
+            )
+            data = preview + data[kept:]
+        else:
+            note = (
+                f"the disk no longer holds what this request {verb} in its first {kept:,} bytes: "
+                "all of this is what the disk holds now"
+            )
+        self.payload = data
+        self.payload_note = note
+        self._lines_for = None
+        return data
+
     def _say_whole_payload(self) -> None:
+        if self._disk_failed:
+            self._disk_failed = False  # said already, why
+            return
         if self.record is not None and self.record.length > PREVIEW_BYTES and self.record.preview is not None:
             self.app.notify(
                 f"the lab keeps the first {PREVIEW_BYTES:,} bytes of an answered request; a held one "
@@ -499,6 +564,7 @@ class Inspector(Pane, can_focus=True):
                 reason=self.reason,
                 what=self.what,
                 run=self.run,
+                payload_note=self.payload_note,
                 width=width,
                 lost=self.lost,
                 payload=self.payload,
@@ -520,7 +586,17 @@ class Inspector(Pane, can_focus=True):
 
     def _ensure(self) -> int:
         width = max(1, self.inner_width - 1)
-        key = (width, self.record, self.run, self.cell_bytes, self.note, self.lost, self.page_start, self.mark)
+        key = (
+            width,
+            self.record,
+            self.run,
+            self.cell_bytes,
+            self.note,
+            self.lost,
+            self.page_start,
+            self.mark,
+            self.payload_note,
+        )
         if key != self._lines_for:
             self._lines_for = key
             self._lines = self._build(width)
@@ -575,6 +651,7 @@ class Inspector(Pane, can_focus=True):
             reason=self.reason,
             what=self.what,
             run=self.run,
+            payload_note=self.payload_note,
             lost=self.lost,
             payload=self.payload,
             page_start=self.page_start,

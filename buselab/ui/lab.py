@@ -306,7 +306,7 @@ class LabApp(SteeringActions, App[int]):
         tick = self.model.poll()
         if tick.records:
             self._read_queue_limits()
-            changed = self.runs.add(tick.records)
+            changed = self.runs.add(tick.records, after_gap=tick.gap is not None)
             if changed:
                 self.stream.runs_changed(changed)
         self.stream.set_want_what(self.model.disk_known or self.runs.seen, self.runs.seen)
@@ -355,6 +355,11 @@ class LabApp(SteeringActions, App[int]):
         max_kb = self.queue_limits.get("max_sectors_kb")
         self.runs.max_request = max_kb * 1024 if isinstance(max_kb, int) and max_kb > 0 else None
 
+    def disk_now(self, offset: int, length: int) -> bytes:
+        """The disk's bytes [offset, offset+length) now, through the stack the clients see (the
+        inspector pages an answered request past the first KiB telemetry kept). Raises as a read would."""
+        return bytes(self.session.engine.stack.top.read(offset, length))
+
     def run_text(self, record: RequestRecord) -> str:
         """The inspector's "run" rows: which run the request belongs to, then what the queue says."""
         run: Run | None = self.runs.run_of(record.seq) if record.seq else None
@@ -366,7 +371,7 @@ class LabApp(SteeringActions, App[int]):
             if "max_sectors_kb" in limits:
                 text += f"\npieces of the queue's max_sectors_kb: {limits['max_sectors_kb']} KiB ({self.session.where})"
             else:
-                text += "\nguessed: back-to-back pieces of one size (the queue limit shows on /dev/nbdN)"
+                text += "\nguessed: back-to-back pieces of one size (queue limits known on /dev/nbdN)"
         elif "read_ahead_kb" in limits:
             text += f"\nthe queue's read_ahead_kb: {limits['read_ahead_kb']} KiB"
         return text

@@ -34,7 +34,8 @@ KEYS: list[tuple[str, str]] = [
     (
         "] [ g",
         "inspector (focused): next / previous KiB of a held request's whole payload, go to a byte (1080, 0x438, "
-        "4K, end, @0x100438 on the disk); a breakpoint's hit opens at the bytes it matched, highlighted",
+        "4K, end, @0x100438 on the disk); a breakpoint's hit opens at the bytes it matched, highlighted; "
+        "an answered request keeps its first KiB: past it the pages are the disk's bytes now, and say so",
     ),
     ("p", "pause / resume: requests that arrive are held (the client waits); resume answers them in order"),
     ("n", "step: release the oldest held request; the inspector shows it"),
