@@ -72,7 +72,9 @@ def test_a_recording_labels_each_request_with_the_map_of_its_moment(tmp_path: Pa
     assert flush.op == "FLUSH" and flush.struct is None  # FLUSH touches no structure
     assert table_read.struct == "inode-table" and "inode table" in table_read.label
     for record in (superblock, journal_write, table_read):  # the lab said the same
-        assert lab[record.seq] is not None and lab[record.seq].kind == record.struct
+        said = lab[record.seq]
+        assert said is not None and (said.kind, said.text) == (record.struct, record.label)
+    assert journal_write.label.startswith("jbd2 ")  # decoded from the block's own bytes
     assert {r.struct for r in records if r.struct} <= set(KINDS)
     # The raw lines: the label's keys, in JSON (escaped as JSON escapes).
     lines = [json.loads(line) for line in _plain_lines(trace)]
