@@ -106,7 +106,7 @@ def test_the_structure_view_of_a_file_system_written_over_nbd(tmp_path):
             app = LabApp(session, auto_poll=False)
             async with app.run_test(size=(160, 50)) as pilot:
                 heat = app.heatmap
-                for mode, title in (("time", "offset by time"), ("structure", "by structure")):
+                for mode, title in (("time", "offset by time"), ("structure", "structure")):
                     await pilot.press("m")
                     assert heat.mode == mode and heat.pane_title == f"address space · {title}"
                 app.poll()

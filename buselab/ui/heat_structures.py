@@ -33,8 +33,8 @@ STRUCTURE_COLOURS: dict[str, tuple[RGB, RGB]] = {
     "partition-table": ((95, 0, 0), (215, 95, 95)),  # 52 167
     "fat": ((135, 135, 0), (215, 215, 135)),  # 100 186
     "boot": ((135, 95, 135), (215, 175, 215)),  # 96 182
-    "free": ((48, 48, 48), (108, 108, 108)),  # 236 242
-    "unknown": ((68, 68, 68), (148, 148, 148)),  # 238 246
+    "free": ((78, 78, 78), (138, 138, 138)),  # 239 245: lighter than untouched, the panel and "unknown"
+    "unknown": ((58, 58, 58), (118, 118, 118)),  # 237 243
 }
 assert tuple(STRUCTURE_COLOURS) == KINDS, "a colour for every kind of the map, in its order"
 

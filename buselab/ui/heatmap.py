@@ -105,7 +105,7 @@ MODES = ("grid", "time", "structure")  # the order `m` cycles through
 TITLES = {
     "grid": "address space · heat",
     "time": "address space · offset by time",
-    "structure": "address space · by structure",
+    "structure": "address space · structure",
 }
 
 
