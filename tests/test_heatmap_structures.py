@@ -163,3 +163,21 @@ def test_the_structure_view_of_a_file_system_written_over_nbd(tmp_path):
 
         asyncio.run(run())
         client.close()
+
+
+def test_a_vfat_disk_shows_its_boot_sector_fats_and_root_directory(tmp_path):
+    require_tool("mkfs.vfat")
+    from buselab.fsmap import build_map
+
+    image = tmp_path / "fat.img"
+    image.write_bytes(bytes(16 * MiB))
+    subprocess.run(["mkfs.vfat", "-F", "16", "-S", "512", str(image)], check=True, capture_output=True)
+    data = image.read_bytes()
+    fsmap = build_map(lambda offset, length: data[offset : offset + length], len(data))
+    assert fsmap.filesystems and fsmap.filesystems[0].type == "vfat"
+    cells = structure_cells(fsmap, len(data), KiB, len(data) // KiB)
+    fat = next(r for r in fsmap.regions if r.kind == "fat")
+    assert cells.kinds[0] == "boot"  # the boot sector and the reserved sectors after it
+    assert cells.kinds[fat.offset // KiB + 1] == "fat"
+    assert {"boot", "fat", "directory", "free"} <= set(cells.kinds)
+    assert cells.disk_bytes["fat"] == sum(r.length for r in fsmap.regions if r.kind == "fat")
