@@ -17,6 +17,7 @@ from helpers import connect, require_tool, serve
 from buselab.fsmap import KINDS
 from buselab.storage.backends.ram import RamBackend
 from buselab.trace.format import TraceHeader, open_trace
+from buselab.ui.export import export_stats
 
 MiB = 1 << 20
 
@@ -57,6 +58,9 @@ def test_a_recording_labels_each_request_with_the_map_of_its_moment(tmp_path: Pa
         client.close()
         wait_for(lambda: session.labeller.label(session.engine.telemetry.recent()[-1].seq) is not None, "no labels")
         lab = {r.seq: session.labeller.label(r.seq) for r in session.engine.telemetry.recent()}
+        # The lab's export (`e`) breaks the ring's requests down the same way.
+        telemetry = session.engine.telemetry
+        exported = export_stats(session, telemetry.recent(), telemetry.snapshot())["recent"]["structures"]
         info = session.stop_recording()
     assert info is not None and info.error is None and info.complete
     with open_trace(str(trace)) as reader:
@@ -75,6 +79,10 @@ def test_a_recording_labels_each_request_with_the_map_of_its_moment(tmp_path: Pa
         said = lab[record.seq]
         assert said is not None and (said.kind, said.text) == (record.struct, record.label)
     assert journal_write.label.startswith("jbd2 ")  # decoded from the block's own bytes
+    assert exported["superblock"]["requests"] == 1 and exported["superblock"]["bytes"] == 1024
+    assert exported["inode-table"]["ops"]["READ"]["bytes"] == 8192
+    assert exported["journal"]["ops"]["WRITE"]["requests"] == 1
+    assert exported["unknown"]["requests"] == 1 + size // MiB  # the zeros read and mkfs's writes
     assert {r.struct for r in records if r.struct} <= set(KINDS)
     # The raw lines: the label's keys, in JSON (escaped as JSON escapes).
     lines = [json.loads(line) for line in _plain_lines(trace)]

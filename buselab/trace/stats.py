@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..engine.telemetry import latency_text
@@ -96,10 +96,19 @@ class StatsAccumulator:
     """Feed records one by one (`add`), then take `result()`; streams big traces."""
 
     def __init__(
-        self, size: int | None = None, *, top: int = 10, region_size: int | None = None, labelled: bool = False
+        self,
+        size: int | None = None,
+        *,
+        top: int = 10,
+        region_size: int | None = None,
+        labelled: bool = False,
+        struct_of: Callable[[Any], str | None] | None = None,
     ) -> None:
         self.size = size
-        self.labelled = labelled  # the records say what they touched: break them down by structure
+        # The records say what they touched (a trace's "struct", or `struct_of(record)`, as the
+        # lab's labeller knows it for telemetry records): break them down by structure.
+        self.labelled = labelled or struct_of is not None
+        self.struct_of = struct_of
         # kind -> op -> [requests, bytes, latencies]
         self.structures: dict[str, dict[int, list]] = {}
         self.top = top
@@ -147,7 +156,8 @@ class StatsAccumulator:
             return
         self.data_requests += 1
         if self.labelled:
-            self._add_structure(getattr(r, "struct", None) or "unknown", cmd, length, latency)
+            kind = self.struct_of(r) if self.struct_of is not None else getattr(r, "struct", None)
+            self._add_structure(kind or "unknown", cmd, length, latency)
         hist = self.sizes.get(cmd)
         if hist is None:
             hist = self.sizes[cmd] = {}
@@ -284,10 +294,15 @@ class StatsAccumulator:
 
 
 def summarize(
-    records: Iterable[Any], *, size: int | None = None, top: int = 10, labelled: bool = False
+    records: Iterable[Any],
+    *,
+    size: int | None = None,
+    top: int = 10,
+    labelled: bool = False,
+    struct_of: Callable[[Any], str | None] | None = None,
 ) -> dict[str, Any]:
     """Statistics of a run, as a JSON-ready dict (see the module docstring)."""
-    acc = StatsAccumulator(size, top=top, labelled=labelled)
+    acc = StatsAccumulator(size, top=top, labelled=labelled, struct_of=struct_of)
     for r in records:
         acc.add(r)
     return acc.result()
