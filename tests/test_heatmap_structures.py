@@ -132,7 +132,7 @@ def test_the_structure_view_of_a_file_system_written_over_nbd(tmp_path):
                 shares = dict(re.findall(r"■([a-z-]+) (\d+%|<1%)", legend))
                 assert {"free", "inode-table", "journal"} <= set(shares), legend
                 assert "unknown" not in shares, legend  # the whole disk is the file system
-                journal = next(r for r in fsmap.regions if r.kind == "journal")
+                journal = max((r for r in fsmap.regions if r.kind == "journal"), key=lambda r: r.length)
                 table = next(r for r in fsmap.regions if r.kind == "inode-table")
                 free = next(r for r in fsmap.regions if r.kind == "free" and r.length >= 4 * MiB)
                 # Cells inside a structure take its resting colour (no I/O there lately).
@@ -145,6 +145,15 @@ def test_the_structure_view_of_a_file_system_written_over_nbd(tmp_path):
                 await pilot.pause()
                 info = info_text(heat)
                 assert f"cell {cell} " in info and "inode table" in info, info
+                # The mouse over a journal cell (a top half: the hover row's cells).
+                gw = heat.grid_width
+                first, last = heat.cell_for_offset(journal.offset), heat.cell_for_offset(journal.end - 1)
+                hovered = next(i for i in range(first + 1, last) if (i // gw) % 2 == 0)
+                await pilot.hover(heat, offset=(1 + hovered % gw, 1 + hovered // gw // 2))
+                await pilot.pause()
+                assert heat.hover == hovered
+                info = info_text(heat)
+                assert f"cell {hovered} " in info and "journal" in info, info
 
                 # Reads of the journal brighten its cells; the kinds are not worked out again.
                 builds = heat.structure_builds
