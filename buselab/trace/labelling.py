@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+from array import array
 
 from ..fsmap import FsMap
 from ..protocol import constants as c
@@ -71,8 +72,30 @@ class RecordLabels:
         if cached is None:
             if len(self._cache) >= _CACHE_LIMIT:  # texts with transaction ids and paths vary
                 self._cache.clear()
-            text = f',"struct":{json.dumps(label.kind)},"label":{json.dumps(label.text)}'
-            if label.more:
-                text += f',"more":{label.more}'
-            cached = self._cache[key] = text.encode()
+            cached = self._cache[key] = _suffix(label.kind, label.text) + (
+                b',"more":%d' % label.more if label.more else b""
+            )
         return cached
+
+    _table: tuple | None = None
+
+    @property
+    def table(self) -> tuple:
+        """The map's lookup table for the C formatter (_fastlines.c: its comment says the layout),
+        made once per map: requests without data are looked up there, 10 times faster."""
+        if self._table is None:
+            starts, ends, labels, ranks, gap = self.fsmap.lookup_table()
+            mask = sum(1 << cmd for cmd in LABELLED)
+            self._table = (
+                array("Q", starts).tobytes(),
+                array("Q", ends).tobytes(),
+                bytes(ranks),
+                tuple(_suffix(label.kind, label.text) for label in labels),
+                _suffix(gap.kind, gap.text),
+                mask,
+            )
+        return self._table
+
+
+def _suffix(kind: str, text: str) -> bytes:
+    return f',"struct":{json.dumps(kind)},"label":{json.dumps(text)}'.encode()

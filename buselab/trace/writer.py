@@ -119,6 +119,7 @@ class Encoder:
         self.data_head = fmt + b',"hash":"%s","data":"'
         self.with_zeros = fmt + b',"hash":"%s","zeros":true%s}\n'
         self.labels: RecordLabels | None = None  # while the server's map knows what the disk holds
+        self.c_labels = True  # the C formatter can label too
 
     def set_map(self, body: memoryview | bytes) -> None:
         """A map frame: label the records written from now on with it (or none, for None).
@@ -151,8 +152,14 @@ class Encoder:
             )
             self.held, self.held_count, self.held_payloads = b"", 0, b""
         fast = None
-        if format_reads is not None and self.labels is None:  # the C lines have no labels
-            fast = format_reads(body, self.start, self.names, hold)
+        if format_reads is not None:
+            if self.labels is None:
+                fast = format_reads(body, self.start, self.names, hold)
+            elif self.c_labels:  # labelled there from the map's lookup table
+                try:
+                    fast = format_reads(body, self.start, self.names, hold, self.labels.table)
+                except TypeError:  # a formatter built before labels: Python labels
+                    self.c_labels = False
         if fast is not None:  # reads and requests without data only: lines made in C (_fastlines.c)
             lines, counts, held = fast
             self.writer.write_bytes(lines)
