@@ -5,8 +5,10 @@ process the disk's map whenever the session's Labeller has replaced it (a map is
 whole, never changed: its identity says when), in a frame of its own; the writer looks every
 request up in it as it formats the request's line (FsMap.label: two bisects), with the
 request's whole payload where the trace keeps it, so journal blocks are decoded ("jbd2
-commit, transaction 57"). Where the map knows nothing (no partition table, no file system)
-nothing is sent and lines carry no label: readers count such requests as "unknown".
+commit, transaction 57"); requests without data are looked up by the C formatter, from the
+map's lookup table (`RecordLabels.table`, _fastlines.c), with the same result. Where the map
+knows nothing (no partition table, no file system) the frame says None and lines carry no
+label: readers count such requests as "unknown".
 
     frame = map_frame(fsmap)               # the feeder thread, in the server
     fsmap = read_map_frame(body)           # the writer, when is_map_frame(body)
