@@ -140,7 +140,9 @@ class Session:
         """Record every request from now on into `path` (stop_recording, or stop, ends it)."""
         if self.recording is not None:
             raise UserError(f"already recording to {self.recorder.path}: stop that first")  # type: ignore[union-attr]
-        self.recorder = TraceRecorder.start(self.engine, path, payload=payload or self.options.record_payload)
+        self.recorder = TraceRecorder.start(
+            self.engine, path, payload=payload or self.options.record_payload, labeller=self.labeller
+        )
         return self.recorder
 
     def stop_recording(self) -> RecordingInfo | None:
@@ -153,9 +155,9 @@ class Session:
             # Every spec is checked before any is stacked, so a bad one changes nothing.
             for spec_filter in [registry.parse_filter_spec(spec, self.engine.size) for spec in self.options.filters]:
                 self.stack.add(spec_filter)  # not serving yet: nothing to quiesce
+            self.labeller.start()  # first: its map labels the recording's first requests sooner
             if self.options.record:
                 self.start_recording(self.options.record)
-            self.labeller.start()
             for host, port in self.options.listen:
                 self.network.listen_tcp(host, port)
             for path in self.options.unix:

@@ -260,6 +260,12 @@ class FsMap:
                 return Label(decoded, "journal", best.more)
         return best
 
+    def lookup_table(self) -> tuple[list[int], list[int], list[Label], list[int], Label]:
+        """What `label` looks requests up in, for a compiled copy of it (the trace writer's): the
+        regions' starts, ends and labels, how telling each label's kind is, and a gap's label."""
+        rank = _SIGNIFICANCE
+        return self._starts, self._ends, self._labels, [rank[label.kind] for label in self._labels], self._gap
+
     def region_at(self, offset: int) -> Region | None:
         """The region holding byte `offset` (for an inspector: group, inode, path, block), or None."""
         i = bisect_right(self._starts, offset) - 1

@@ -6,7 +6,7 @@
  * takes that time from the client and the server, and recording reads at 4
  * jobs x iodepth 8 cost about 4% more IOPS than with the lines made here.
  *
- * format_frame(body, start, names, hold) -> (lines, counts, held) | None
+ * format_frame(body, start, names, hold[, labels]) -> (lines, counts, held) | None
  *
  * body is one frame (a u32 count, then that many RECORDs); start is the
  * trace's start time (record times are written relative to it); names are
@@ -19,6 +19,16 @@
  * when the frame has anything else: a payload to encode (IN_RING, INLINE), a
  * command without a name, a time that is not a finite number, or a
  * big-endian host.
+ *
+ * labels, when the writer has the disk's map (labelling.py), is that map's
+ * lookup table: (starts, ends, ranks, suffixes, gap, mask). starts and ends
+ * are the regions' bounds (u64 little-endian each, sorted), ranks one byte
+ * per region (how telling its kind is), suffixes the bytes each region's
+ * label adds to a line, gap what a request touching no region gets, mask the
+ * commands labelled (bit = command). A request is looked up as FsMap.label
+ * looks it up without data (two bisects; a request over several regions is
+ * named by the most telling of the first 17, with ,"more":N): lines come out
+ * as RecordLabels.suffix makes them in Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -104,6 +114,89 @@ static char *put_fixed(char *p, double x, int decimals) {
     return p + snprintf(p, 64, "%.*f", decimals, x);
 }
 
+typedef struct {
+    Py_ssize_t n;
+    const unsigned char *starts, *ends, *ranks;
+    PyObject *suffixes; /* tuple of bytes, one per region */
+    PyObject *gap;      /* bytes */
+    unsigned long mask;
+    Py_ssize_t longest; /* the longest suffix, for the line buffer */
+} label_table;
+
+/* Regions whose start is <= x (right) or < x (left): bisect_right / bisect_left over starts. */
+static Py_ssize_t count_starts(const label_table *t, uint64_t x, int right) {
+    Py_ssize_t lo = 0, hi = t->n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        uint64_t s = u64(t->starts + 8 * mid);
+        if (right ? s <= x : s < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* FsMap.label(offset, length) as a line's suffix: the region's bytes, or the gap's; *more as there. */
+static PyObject *label_of(const label_table *t, uint64_t offset, uint64_t length, Py_ssize_t *more) {
+    uint64_t span = length ? length : 1;
+    uint64_t end = offset > UINT64_MAX - span ? UINT64_MAX : offset + span; /* no region starts that far */
+    Py_ssize_t i = count_starts(t, offset, 1) - 1;
+    *more = 0;
+    if (i < 0 || u64(t->ends + 8 * i) <= offset) {
+        if (i + 1 >= t->n || u64(t->starts + 8 * (i + 1)) >= end)
+            return t->gap;
+        i += 1; /* starts in a gap, runs into a region */
+    }
+    Py_ssize_t last = count_starts(t, end, 0) - 1;
+    Py_ssize_t best = i;
+    if (last > i) {
+        Py_ssize_t stop = last < i + 16 ? last : i + 16;
+        for (Py_ssize_t j = i + 1; j <= stop; j++)
+            if (t->ranks[j] > t->ranks[best])
+                best = j;
+        *more = last - i;
+    }
+    return PyTuple_GET_ITEM(t->suffixes, best);
+}
+
+/* 1: a usable table; 0: not one (the caller falls back to Python). */
+static int parse_table(PyObject *labels, label_table *t) {
+    PyObject *starts, *ends, *ranks, *suffixes, *gap;
+    if (!PyTuple_Check(labels) || PyTuple_GET_SIZE(labels) != 6)
+        return 0;
+    starts = PyTuple_GET_ITEM(labels, 0);
+    ends = PyTuple_GET_ITEM(labels, 1);
+    ranks = PyTuple_GET_ITEM(labels, 2);
+    suffixes = PyTuple_GET_ITEM(labels, 3);
+    gap = PyTuple_GET_ITEM(labels, 4);
+    if (!PyBytes_Check(starts) || !PyBytes_Check(ends) || !PyBytes_Check(ranks) || !PyTuple_Check(suffixes) ||
+        !PyBytes_Check(gap) || !PyLong_Check(PyTuple_GET_ITEM(labels, 5)))
+        return 0;
+    t->n = PyTuple_GET_SIZE(suffixes);
+    if (PyBytes_GET_SIZE(starts) != 8 * t->n || PyBytes_GET_SIZE(ends) != 8 * t->n || PyBytes_GET_SIZE(ranks) != t->n)
+        return 0;
+    t->starts = (const unsigned char *)PyBytes_AS_STRING(starts);
+    t->ends = (const unsigned char *)PyBytes_AS_STRING(ends);
+    t->ranks = (const unsigned char *)PyBytes_AS_STRING(ranks);
+    t->suffixes = suffixes;
+    t->gap = gap;
+    t->mask = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(labels, 5));
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    t->longest = PyBytes_GET_SIZE(gap);
+    for (Py_ssize_t i = 0; i < t->n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(suffixes, i);
+        if (!PyBytes_Check(item))
+            return 0;
+        if (PyBytes_GET_SIZE(item) > t->longest)
+            t->longest = PyBytes_GET_SIZE(item);
+    }
+    return 1;
+}
+
 static int by_seq(const void *a, const void *b) {
     uint64_t x = ((const entry *)a)->seq, y = ((const entry *)b)->seq;
     return (x > y) - (x < y);
@@ -114,8 +207,11 @@ static PyObject *format_frame(PyObject *self, PyObject *args) {
     double start;
     PyObject *names;
     unsigned long long hold;
-    if (!PyArg_ParseTuple(args, "y*dO!K", &body, &start, &PyTuple_Type, &names, &hold))
+    PyObject *labels = Py_None;
+    if (!PyArg_ParseTuple(args, "y*dO!K|O", &body, &start, &PyTuple_Type, &names, &hold, &labels))
         return NULL;
+    label_table table;
+    int labelled = 0;
     PyObject *result = NULL;
     entry *entries = NULL;
     PyObject *out = NULL, *held = NULL;
@@ -123,6 +219,11 @@ static PyObject *format_frame(PyObject *self, PyObject *args) {
     const uint16_t probe = 1;
     if (*(const unsigned char *)&probe != 1 || PyTuple_GET_SIZE(names) != NAMES || body.len < 4)
         goto fallback; /* big-endian, or not what writer.py passes */
+    if (labels != Py_None) {
+        if (!parse_table(labels, &table))
+            goto fallback;
+        labelled = 1;
+    }
     uint32_t count = u32(data + 0);
     if ((Py_ssize_t)count * RECORD_SIZE + 4 != body.len)
         goto fallback; /* inline payloads follow the records */
@@ -174,7 +275,9 @@ static PyObject *format_frame(PyObject *self, PyObject *args) {
         counts[u16(rec + OFF_CMD)]--;
         memcpy(PyBytes_AS_STRING(held) + (size_t)(i - written) * RECORD_SIZE, rec, RECORD_SIZE);
     }
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)written * LINE_MAX_BYTES);
+    /* A label adds its suffix and at most ,"more":N (N of 20 digits at most). */
+    Py_ssize_t line_max = LINE_MAX_BYTES + (labelled ? table.longest + 32 : 0);
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)written * line_max);
     if (out == NULL)
         goto done;
     char *p = PyBytes_AS_STRING(out);
@@ -205,9 +308,19 @@ static PyObject *format_frame(PyObject *self, PyObject *args) {
         if (rec[OFF_KIND] == CRC) {
             p = put(p, ",\"hash\":\"");
             p = put_hex8(p, (uint32_t)u64(rec + OFF_EXTRA));
-            p = put(p, "\"}\n");
-        } else
-            p = put(p, "}\n");
+            *p++ = '"';
+        }
+        if (labelled && cmd < 8 * sizeof(unsigned long) && (table.mask >> cmd) & 1) {
+            Py_ssize_t more;
+            PyObject *suffix = label_of(&table, u64(rec + OFF_OFFSET), u32(rec + OFF_LENGTH), &more);
+            memcpy(p, PyBytes_AS_STRING(suffix), PyBytes_GET_SIZE(suffix));
+            p += PyBytes_GET_SIZE(suffix);
+            if (more) {
+                p = put(p, ",\"more\":");
+                p = put_u64(p, (uint64_t)more);
+            }
+        }
+        p = put(p, "}\n");
     }
     if (_PyBytes_Resize(&out, p - PyBytes_AS_STRING(out)) < 0)
         goto done; /* out is freed and NULL */
@@ -227,7 +340,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"format_frame", format_frame, METH_VARARGS,
-     "format_frame(body, start, names, hold) -> (lines, counts, held) or None: a frame of reads as JSON lines"},
+     "format_frame(body, start, names, hold[, labels]) -> (lines, counts, held) or None: a frame of reads as JSON"
+     " lines, labelled from a map's lookup table"},
     {NULL, NULL, 0, NULL},
 };
 

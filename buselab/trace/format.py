@@ -92,6 +92,7 @@ class TraceHeader:
     hash: str = HASH_NAME
     created: str = ""
     buselab: str = ""
+    labels: bool = False  # records carry what they touched ("struct", "label") where the map knew
     extra: dict[str, Any] = field(default_factory=dict)  # keys this reader does not know
 
     def to_json(self) -> dict[str, Any]:
@@ -112,6 +113,7 @@ class TraceHeader:
             "start": round(self.start, 6),
             "created": self.created,
             "buselab": self.buselab,
+            **({"labels": True} if self.labels else {}),
             **self.extra,
         }
 
@@ -151,6 +153,8 @@ class TraceRecord(NamedTuple):
     hash: str | None  # of the data read or written
     data: bytes | None  # the payload, when it was recorded
     line: int  # line number in the trace file (1 is the header)
+    struct: str | None = None  # the kind of structure it touched (buselab.fsmap.KINDS), where labelled
+    label: str | None = None  # what it touched, in words ("ext4 group 3 inode bitmap (+2 more)")
 
     @property
     def op(self) -> str:
@@ -347,6 +351,7 @@ def parse_header(path: str, text: bytes) -> TraceHeader:
         "hash",
         "created",
         "buselab",
+        "labels",
     }
     digest = obj.get("hash", HASH_NAME)
     if digest not in HASHES:
@@ -366,6 +371,7 @@ def parse_header(path: str, text: bytes) -> TraceHeader:
         hash=digest,
         created=str(obj.get("created", "")),
         buselab=str(obj.get("buselab", "")),
+        labels=obj.get("labels") is True,
         extra={k: v for k, v in obj.items() if k not in known},
     )
 
@@ -409,6 +415,9 @@ def parse_record(path: str, obj: dict, line: int, hash_digits: int = HASHES[HASH
             hash=digest,
             data=data,
             line=line,
+            # Optional and only explanatory: a value of the wrong type is dropped, not fatal.
+            struct=struct if isinstance(struct := obj.get("struct"), str) else None,
+            label=label if isinstance(label := obj.get("label"), str) else None,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"trace {path} is corrupt: line {line} has a field of the wrong type ({exc})") from exc

@@ -13,6 +13,10 @@ microseconds per request would be taken from the serving threads, which need
 the GIL: measured, that cost 30-60% of the IOPS at 4 jobs x iodepth 8; in a
 process it costs what the CPU can spare.
 
+With the session's Labeller (`labeller=`), each record also carries what it
+touched ("struct", "label"): the feeder thread sends the writer the disk's map
+each time the Labeller replaces it, and the writer labels (labelling.py).
+
 If the writer falls behind by more than `backlog_limit` bytes of payload (the
 size of the shared ring), the tap waits: a trace that silently loses
 requests is worse than a slower disk while recording. If writing fails (disk
@@ -46,6 +50,7 @@ from ..errors import UserError
 from ..protocol import constants as c
 from .codecs import crc32
 from .format import HASH_NAME, HASHES, PAYLOAD_MODES, TraceHeader, compression_of
+from .labelling import map_frame
 from .ring import PayloadRing
 from .wire import CRC, IN_RING, INLINE, NO_DATA, RECORD, frame
 
@@ -92,6 +97,7 @@ class TraceRecorder:
         level: int | None = None,
         flush_interval: float = 1.0,
         backlog_limit: int = 16 << 20,
+        labeller: Any = None,
     ) -> None:
         if payload not in PAYLOAD_MODES:
             raise UserError(f"unknown payload mode {payload!r}: choose one of {', '.join(PAYLOAD_MODES)}")
@@ -107,6 +113,7 @@ class TraceRecorder:
         self.backlog_limit = backlog_limit
         self.error: str | None = None
         self.sent = 0  # records handed to the writer process
+        self.maps_sent = 0  # maps handed to it (labels: see _send_map)
         self.records = 0  # records in the file (known when the writer is done)
         self.payload_bytes = 0
         self.complete = False
@@ -124,6 +131,9 @@ class TraceRecorder:
         self._stop_lock = threading.Lock()
         header = TraceHeader.for_engine(engine, payload)
         header.hash = hash
+        header.labels = labeller is not None
+        self._labeller = labeller  # anything with a `.map` (engine.labels.Labeller): records get labels
+        self._map_sent: object = None  # the map the writer labels with (None: no labels)
         self.header = header
         self._started = time.monotonic()
         self._ended: float | None = None
@@ -187,9 +197,11 @@ class TraceRecorder:
         """Open `path` and record every request `engine` serves from now on.
 
         Options: payload="writes" (default; "none" or "all"), hash="crc32"
-        (or "blake2b-128"), level (compression), flush_interval (seconds).
+        (or "blake2b-128"), level (compression), flush_interval (seconds),
+        labeller (the session's Labeller: each record gets its label).
         """
         recorder = cls(engine, path, **options)
+        recorder._send_map()  # before the first record, where the map is there already
         recorder._thread.start()
         engine.telemetry.taps.append(recorder._tap_fn)
         engine.telemetry.event(f"recording to {path}")
@@ -346,10 +358,38 @@ class TraceRecorder:
             self._send_lock.release()
         return True
 
+    def _send_map(self) -> None:
+        """Give the writer the Labeller's map when it is a new one (a map is replaced, never changed).
+
+        Records queued before it are sent first, so they are labelled with the map they were
+        served under (about: the Labeller rebuilds a little after the writes that changed it).
+        """
+        labeller = self._labeller
+        if labeller is None:
+            return
+        fsmap = labeller.map
+        if fsmap is self._map_sent:
+            return
+        body = map_frame(fsmap)  # pickled here, on the feeder thread: once per new map
+        self._send_queued(wait=True, everything=True)
+        with self._send_lock:
+            if self._closed:
+                return
+            try:
+                _send(self._proc, body)
+            except OSError as exc:
+                self._closed = True
+                self._send_failure = exc
+                self._stopping.set()
+                return
+        self._map_sent = fsmap
+        self.maps_sent += 1
+
     def _feed(self) -> None:
-        """The feeder thread: sweeps up what a slow trickle leaves queued; ends the stream."""
+        """The feeder thread: sweeps up what a slow trickle leaves queued, and new maps; ends the stream."""
         try:
             while not self._stopping.wait(_SWEEP_INTERVAL):
+                self._send_map()
                 if self._queue:
                     self._send_queued()
             if self._send_failure is None:

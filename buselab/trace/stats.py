@@ -17,7 +17,11 @@ Definitions (docs/TRACE_FORMAT.md repeats them):
   (exact: every latency is kept); the text shows them in µs below a
   millisecond, the JSON in seconds;
 - hot ranges: the device cut into regions (a power of two, at least 4 KiB,
-  about 1/1024 of the device), ranked by how many requests touched each.
+  about 1/1024 of the device), ranked by how many requests touched each;
+- structures: for a labelled trace (or one labelled from a disk image), per
+  kind of structure the data requests touched (buselab.fsmap.KINDS: the
+  record's "struct"; a data request without one is "unknown"): requests,
+  bytes, share of the data bytes, p50/p99 latency (exact), and the same per op.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..errors import UserError
 from ..protocol import constants as c
 from ..sizes import human_bytes, latency_text
 
@@ -89,8 +94,22 @@ def _op_name(cmd: int) -> str:
 class StatsAccumulator:
     """Feed records one by one (`add`), then take `result()`; streams big traces."""
 
-    def __init__(self, size: int | None = None, *, top: int = 10, region_size: int | None = None) -> None:
+    def __init__(
+        self,
+        size: int | None = None,
+        *,
+        top: int = 10,
+        region_size: int | None = None,
+        labelled: bool = False,
+        struct_of: Callable[[Any], str | None] | None = None,
+    ) -> None:
         self.size = size
+        # The records say what they touched (a trace's "struct", or `struct_of(record)`, as the
+        # lab's labeller knows it for telemetry records): break them down by structure.
+        self.labelled = labelled or struct_of is not None
+        self.struct_of = struct_of
+        # kind -> op -> [requests, bytes, latencies]
+        self.structures: dict[str, dict[int, list]] = {}
         self.top = top
         self.region = region_size or region_size_for(size)
         self.count: dict[int, int] = {}
@@ -135,6 +154,9 @@ class StatsAccumulator:
         if cmd not in DATA_CMDS:
             return
         self.data_requests += 1
+        if self.labelled:
+            kind = self.struct_of(r) if self.struct_of is not None else getattr(r, "struct", None)
+            self._add_structure(kind or "unknown", cmd, length, latency)
         hist = self.sizes.get(cmd)
         if hist is None:
             hist = self.sizes[cmd] = {}
@@ -168,6 +190,44 @@ class StatsAccumulator:
                 lo = max(offset, i * self.region)
                 hi = min(end, (i + 1) * self.region)
                 cell[3] += hi - lo
+
+    def _add_structure(self, kind: str, cmd: int, length: int, latency: float) -> None:
+        by_op = self.structures.get(kind)
+        if by_op is None:
+            by_op = self.structures[kind] = {}
+        entry = by_op.get(cmd)
+        if entry is None:
+            entry = by_op[cmd] = [0, 0, array("d")]
+        entry[0] += 1
+        entry[1] += length
+        entry[2].append(latency)
+
+    def structures_result(self) -> dict[str, Any] | None:
+        """Per kind: requests, bytes, share of the data bytes, p50/p99 and `ops`; None unlabelled."""
+        if not self.labelled:
+            return None
+        total_bytes = sum(e[1] for by_op in self.structures.values() for e in by_op.values())
+        out: dict[str, Any] = {}
+
+        def entry_of(requests: int, nbytes: int, lat: array) -> dict[str, Any]:
+            ordered = array("d", sorted(lat))
+            return {
+                "requests": requests,
+                "bytes": nbytes,
+                "share": nbytes / total_bytes if total_bytes else 0.0,
+                "p50": _percentile(ordered, 50),
+                "p99": _percentile(ordered, 99),
+            }
+
+        ranked = sorted(self.structures.items(), key=lambda kv: -sum(e[1] for e in kv[1].values()))
+        for kind, by_op in ranked:
+            every = array("d")
+            for e in by_op.values():
+                every.extend(e[2])
+            kind_entry = entry_of(sum(e[0] for e in by_op.values()), sum(e[1] for e in by_op.values()), every)
+            kind_entry["ops"] = {_op_name(cmd): entry_of(*by_op[cmd]) for cmd in sorted(by_op)}
+            out[kind] = kind_entry
+        return out
 
     def result(self) -> dict[str, Any]:
         ops: dict[str, Any] = {}
@@ -228,24 +288,38 @@ class StatsAccumulator:
             },
             "region_size": region,
             "hot_ranges": hot,
+            "structures": self.structures_result(),
         }
 
 
-def summarize(records: Iterable[Any], *, size: int | None = None, top: int = 10) -> dict[str, Any]:
+def summarize(
+    records: Iterable[Any],
+    *,
+    size: int | None = None,
+    top: int = 10,
+    labelled: bool = False,
+    struct_of: Callable[[Any], str | None] | None = None,
+) -> dict[str, Any]:
     """Statistics of a run, as a JSON-ready dict (see the module docstring)."""
-    acc = StatsAccumulator(size, top=top)
+    acc = StatsAccumulator(size, top=top, labelled=labelled, struct_of=struct_of)
     for r in records:
         acc.add(r)
     return acc.result()
 
 
-def summarize_trace(path: str, *, partial: bool = False, top: int = 10) -> dict[str, Any]:
-    """`summarize` over a trace file, with what its header says about the device."""
+def summarize_trace(path: str, *, partial: bool = False, top: int = 10, image: str | None = None) -> dict[str, Any]:
+    """`summarize` over a trace file, with what its header says about the device.
+
+    With `image` (a disk image, e.g. the disk as it was left), requests are labelled from that
+    image's map instead of what the trace says (one map: the structures where the image has them).
+    """
     from .format import open_trace
 
+    relabel = _image_labeller(image) if image is not None else None
     with open_trace(path, partial=partial) as reader:
         header = reader.header
-        result = summarize(reader, size=header.size, top=top)
+        records: Iterable[Any] = reader if relabel is None else map(relabel, reader)
+        result = summarize(records, size=header.size, top=top, labelled=header.labels or relabel is not None)
         result["trace"] = {
             "path": path,
             "backend": header.backend,
@@ -253,8 +327,46 @@ def summarize_trace(path: str, *, partial: bool = False, top: int = 10) -> dict[
             "created": header.created,
             "payload": header.payload,
             "truncated": reader.truncated,
+            "labels": "image" if relabel is not None else "trace" if header.labels else None,
         }
+        if image is not None:
+            result["trace"]["image"] = image
     return result
+
+
+def _image_labeller(image: str) -> Any:
+    """A function that gives a trace record the label the image's map has for it."""
+    import os
+
+    from ..fsmap import build_map
+
+    try:
+        fd = os.open(image, os.O_RDONLY)
+    except OSError as exc:
+        raise UserError(f"cannot read image {image}: {exc.strerror or exc}") from exc
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+
+        def read(offset: int, length: int) -> bytes:
+            data = os.pread(fd, length, offset)
+            return data + bytes(length - len(data))  # past the end of a short image: zeros
+
+        try:
+            fsmap = build_map(read, size)
+        except OSError as exc:
+            raise UserError(f"cannot read image {image}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if not (fsmap.filesystems or fsmap.table):
+        raise UserError(f"image {image} holds no partition table or file system that buselab knows")
+
+    def relabel(record: Any) -> Any:
+        if record.cmd not in DATA_CMDS:
+            return record
+        label = fsmap.label(record.offset, record.length, record.data)
+        return record._replace(struct=label.kind, label=str(label))
+
+    return relabel
 
 
 def to_json(summary: dict[str, Any]) -> str:
@@ -274,6 +386,14 @@ def _size_label(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
+
+
+def _percent(share: float) -> str:
+    if share <= 0:
+        return "0%"
+    if share >= 0.995 and share < 1:
+        return f"{min(share * 100, 99.9):.1f}%"
+    return f"{share:.0%}" if share >= 0.005 else f"{max(share * 100, 0.1):.1f}%"
 
 
 def _bar(n: int, most: int, width: int = 30) -> str:
@@ -329,6 +449,28 @@ def format_text(s: dict[str, Any]) -> str:
         for k, v in s["alignment"].items():
             label = k if k == "unaligned" else _size_label(int(k)) + ("+" if int(k) == MAX_ALIGN else "")
             out.append(f"  {label:>9} {v:>10,} {_bar(v, most)}")
+    structures = s.get("structures")
+    out.append("")
+    if structures is None:
+        out.append(
+            "by structure: this trace has no labels (recorded without the disk's map, or by an older buselab);"
+            " --image FILE labels it from a disk image"
+        )
+    elif structures:
+        source = " (labelled from the image)" if (trace or {}).get("labels") == "image" else ""
+        out.append(f"by structure{source}")
+        out.append(f"  {'structure':<16}{'op':<14}{'requests':>10}{'bytes':>12}{'share':>8}{'p50':>12}{'p99':>12}")
+        for kind, entry in structures.items():
+            rows = [("all", entry)] if len(entry["ops"]) > 1 else []
+            rows += list(entry["ops"].items())
+            for i, (op, row) in enumerate(rows):
+                out.append(
+                    f"  {kind if i == 0 else '':<16}{op:<14}{row['requests']:>10,}{human_bytes(row['bytes']):>12}"
+                    f"{_percent(row['share']):>8}"
+                    f"{_ms(row['p50']):>12}{_ms(row['p99']):>12}"
+                )
+    else:
+        out.append("by structure: no data requests")
     if s["hot_ranges"]:
         out.append("")
         out.append(f"most-touched ranges ({human_bytes(s['region_size'])} regions)")

@@ -7,7 +7,8 @@ trace file already open on FD, and feeds it on stdin with frames
 
 The first frame is a marshalled dict (the header line and the options), each
 later frame a batch of requests in wire.py's binary records, and an empty
-frame (length 0) means "that was all": the writer writes the end line, closes the file, prints a JSON
+frame (length 0) means "that was all"; a frame that starts with labelling.MAP_MARK
+carries the disk's map, to label the records that follow (labelling.py): the writer writes the end line, closes the file, prints a JSON
 status line on stdout and exits 0. End of input without the empty frame (the
 server was killed) leaves the trace without an end line, which readers report
 as cut short. On an error it prints `error: ...` on stdout and exits 1.
@@ -31,6 +32,7 @@ from typing import Any
 from ..protocol import constants as c
 from .codecs import b64encode
 from .format import RECORD_FORMAT, TraceHeader, TraceWriter, encode_trailer, hasher
+from .labelling import RecordLabels, is_map_frame, read_map_frame
 from .ring import RingReader
 from .wire import CRC, IN_RING, INLINE, RECORD, SIZE, frame, unframe
 
@@ -110,11 +112,23 @@ class Encoder:
         self.held_payloads = b""  # their INLINE payloads, in record order
         # Lines are made as bytes: str lines would be joined, then encoded, copying every payload twice more.
         fmt = RECORD_FORMAT.encode()
-        self.plain = fmt + b"}\n"
-        self.with_crc = fmt + b',"hash":"%08x"}\n'
-        self.with_hash = fmt + b',"hash":"%s"}\n'
+        # Each ends with the record's label (b"" where there is none).
+        self.plain = fmt + b"%s}\n"
+        self.with_crc = fmt + b',"hash":"%08x"%s}\n'
+        self.with_hash = fmt + b',"hash":"%s"%s}\n'
         self.data_head = fmt + b',"hash":"%s","data":"'
-        self.with_zeros = fmt + b',"hash":"%s","zeros":true}\n'
+        self.with_zeros = fmt + b',"hash":"%s","zeros":true%s}\n'
+        self.labels: RecordLabels | None = None  # while the server's map knows what the disk holds
+        self.c_labels = True  # the C formatter can label too
+
+    def set_map(self, body: memoryview | bytes) -> None:
+        """A map frame: label the records written from now on with it (or none, for None).
+
+        The records held back from the last frame came before the map did: they are written
+        first, with the map (or none) of their moment."""
+        self.release()
+        fsmap = read_map_frame(body)
+        self.labels = RecordLabels(fsmap) if fsmap is not None else None
 
     def encode(self, body: memoryview | bytes, hold: int = HOLD) -> None:
         """Write the frame's records (and those held from before), holding the newest back.
@@ -137,7 +151,15 @@ class Encoder:
                 ]
             )
             self.held, self.held_count, self.held_payloads = b"", 0, b""
-        fast = format_reads(body, self.start, self.names, hold) if format_reads is not None else None
+        fast = None
+        if format_reads is not None:
+            if self.labels is None:
+                fast = format_reads(body, self.start, self.names, hold)
+            elif self.c_labels:  # labelled there from the map's lookup table
+                try:
+                    fast = format_reads(body, self.start, self.names, hold, self.labels.table)
+                except TypeError:  # a formatter built before labels: Python labels
+                    self.c_labels = False
         if fast is not None:  # reads and requests without data only: lines made in C (_fastlines.c)
             lines, counts, held = fast
             self.writer.write_bytes(lines)
@@ -178,6 +200,7 @@ class Encoder:
         with_crc, plain, with_hash = self.with_crc, self.plain, self.with_hash
         data_head, with_zeros = self.data_head, self.with_zeros
         ops = self.ops
+        label = self.labels.suffix if self.labels is not None else None
         lines: list[bytes] = []
         add = lines.append
         for seq, t, cmd, flags, offset, length, latency, error, conn, handle, kind, extra, n in batch[:written]:
@@ -187,7 +210,8 @@ class Encoder:
             else:
                 op = b"CMD%d" % cmd
             if kind == CRC:  # a read the server took the crc32 of: most lines, so no tuple in between
-                add(with_crc % (seq, t - start, op, flags, offset, length, latency, error, conn, handle, extra))
+                suffix = label(cmd, offset, length, None) if label is not None else b""
+                add(with_crc % (seq, t - start, op, flags, offset, length, latency, error, conn, handle, extra, suffix))
                 continue
             fields = (seq, t - start, op, flags, offset, length, latency, error, conn, handle)
             if kind == IN_RING:
@@ -196,19 +220,20 @@ class Encoder:
             elif kind == INLINE:
                 data = inline[seq]
             else:
-                add(plain % fields)
+                add(plain % (*fields, label(cmd, offset, length, None) if label is not None else b""))
                 continue
+            suffix = label(cmd, offset, length, data) if label is not None else b""
             if (keep_writes and cmd == write_cmd) or (keep_reads and cmd == read_cmd):
                 self.payload_bytes += len(data)
                 digest = digest_of(data).encode()
                 if data and not data[0] and not data[-1] and bytes(data) == bytes(len(data)):
-                    add(with_zeros % (*fields, digest))  # file systems write a lot of these
+                    add(with_zeros % (*fields, digest, suffix))  # file systems write a lot of these
                 else:  # in pieces: formatting the payload into the line would copy it once more
                     add(data_head % (*fields, digest))
                     add(b64encode(data))
-                    add(b'"}\n')
+                    add(b'"%s}\n' % suffix)
             else:
-                add(with_hash % (*fields, digest_of(data).encode()))
+                add(with_hash % (*fields, digest_of(data).encode(), suffix))
         self.writer.write_bytes(b"".join(lines))
         self.records += written
         if ring is not None:
@@ -253,6 +278,9 @@ def run(trace_fd: int, inp: int) -> dict[str, Any]:
         if body is None:
             ended = True
             break
+        if is_map_frame(body):
+            encoder.set_map(body)
+            continue
         encoder.encode(body)
         dirty = True
         now = time.monotonic()

@@ -3,7 +3,8 @@
 Three views of the same run: `counters` are the telemetry's totals since the
 start (every request, exact; latency percentiles from its histograms, within
 2.2%), `recent` is `buselab stats`' summary (trace/stats.py: sizes,
-alignment, sequential share, exact latency percentiles, hot ranges) over the
+alignment, sequential share, exact latency percentiles, hot ranges, and the
+same by structure from the labeller's labels) over the
 requests still in the telemetry's ring of recent ones, and `activity` the
 last seconds as `buselab ctl status --json` gives them (in flight now and at
 most, per connection too; latency, sizes and sequential share per op). When
@@ -65,7 +66,13 @@ def export_stats(
     now: float | None = None,
 ) -> dict[str, Any]:
     engine = session.engine
-    recent = summarize(records, size=engine.size)
+    labeller = session.labeller
+
+    def struct_of(record: RequestRecord) -> str | None:
+        label = labeller.label(record.seq)  # what the lab's stream said it touched
+        return label.kind if label is not None else None
+
+    recent = summarize(records, size=engine.size, struct_of=struct_of)
     recent["first_seq"] = records[0].seq if records else None
     recent["last_seq"] = records[-1].seq if records else None
     recent["complete"] = bool(records) and records[0].seq == 1 or snap.total_requests == 0

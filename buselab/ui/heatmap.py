@@ -8,7 +8,11 @@ trimmed or only read, the darkest grey where it was never touched, and a loud
 one where a power cut threw written data away (until it is written again).
 The legend names each of these. The time view plots offset
 (vertical) against time (horizontal), one column a second, as iowatcher does.
-Lines are rebuilt only when the model's heat changed, never per request.
+The structure view colours each cell by the structure filling most of it in the
+disk's map (superblock, inode table, journal, data, ...; heat_structures.py),
+brighter where it was touched in the last seconds; its legend gives each kind's
+share of the disk. `m` cycles heat -> time -> structure.
+Lines are rebuilt only when the model's heat (or the map) changed, never per request.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from textual.reactive import reactive
 from textual.strip import Strip
 
 from . import format as fmt
+from .heat_structures import STRUCTURE_COLOURS, StructureCells, knows_something, structure_cells, structure_colour
 from .model import LabModel
 from .pane import Pane
 from .stream import LOST_COLOUR
@@ -96,6 +101,14 @@ _WRITE = Style.parse(f"bold {fmt.WRITE_COLOUR}")
 _TRIM = Style.parse(f"bold {fmt.TRIM_COLOUR}")
 
 
+MODES = ("grid", "time", "structure")  # the order `m` cycles through
+TITLES = {
+    "grid": "address space · heat",
+    "time": "address space · offset by time",
+    "structure": "address space · structure",
+}
+
+
 def heat_colour(r: float, w: float, t: float, scale: float, base: RGB) -> RGB:
     """The busiest op's colour, brighter the more recent touches there were; `base` when none."""
     total = r + w + t
@@ -153,7 +166,8 @@ class Heatmap(Pane, can_focus=True):
     ]
 
     mode: reactive[str] = reactive("grid")
-    """"grid" (address space) or "time" (offset vertical, time horizontal)."""
+    """"grid" (address space by heat), "time" (offset vertical, time horizontal) or
+    "structure" (address space by what the disk's map says each cell holds)."""
 
     class Resized(Message):
         """The heatmap's width changed: the app may give it a better height."""
@@ -172,6 +186,9 @@ class Heatmap(Pane, can_focus=True):
         self.cells_shown = 0
         self.grid_width = 1
         self.builds = 0
+        self._structures: StructureCells | None = None
+        self._structures_for: tuple | None = None  # (map, display cell bytes, cells shown) they were made for
+        self.structure_builds = 0  # how often the cells' kinds were worked out (once per map and geometry)
 
     # -- geometry ------------------------------------------------------------------
     def _grid_geometry(self) -> tuple[int, int, int]:
@@ -251,9 +268,66 @@ class Heatmap(Pane, can_focus=True):
             append(colour)
         return colours
 
+    # -- the structure view --------------------------------------------------------------
+    def structures(self) -> StructureCells:
+        """The dominant kind of each display cell: worked out again only for a new map or geometry."""
+        fsmap = self.model.fsmap
+        per = self.group * self.model.cell_bytes
+        key = (fsmap, per, self.cells_shown, self.model.size)
+        built_for = self._structures_for
+        if self._structures is None or built_for is None or built_for[0] is not fsmap or built_for[1:] != key[1:]:
+            self._structures = structure_cells(fsmap, self.model.size, per, self.cells_shown)
+            self._structures_for = key
+            self.structure_builds += 1
+        return self._structures
+
+    def structure_colours(self) -> list[RGB]:
+        """The colour of every display cell of the structure view: its kind's, brighter if touched lately."""
+        model = self.model
+        group, shown = self.group, self.cells_shown
+        kinds = self.structures().kinds
+        recent = [
+            r + w + t for r, w, t in zip(*(aggregate(model.activity[k], group, shown) for k in range(3)), strict=True)
+        ]
+        lost = model.lost_cell_flags(group, shown)
+        colours = [structure_colour(kind, touched) for kind, touched in zip(kinds, recent, strict=True)]
+        if lost is not None:
+            colours = [LOST if is_lost else colour for colour, is_lost in zip(colours, lost, strict=True)]
+        return colours
+
+    def _structure_info(self, index: int, start: int, end: int) -> list[Segment]:
+        """What the map says cell `index` holds: its structures, most of them first."""
+        fsmap = self.model.fsmap
+        head = [
+            Segment(f"cell {index} ", _KEY),
+            Segment(f"at {fmt.compact_size(start)}+{fmt.compact_size(end - start)}: ", _TEXT),
+        ]
+        if not knows_something(fsmap):
+            return [*head, Segment("the map knows nothing here", _LABEL)]
+        assert fsmap is not None
+        sizes: dict[str, int] = {}
+        kinds: dict[str, str] = {}
+        covered = 0
+        for region in fsmap.regions_in(start, end - start):
+            n = min(region.end, end) - max(region.offset, start)
+            sizes[region.label] = sizes.get(region.label, 0) + n
+            kinds[region.label] = region.kind
+            covered += n
+        if covered < end - start:
+            sizes["not mapped"] = end - start - covered
+            kinds["not mapped"] = "unknown"
+        names = sorted(sizes, key=lambda label: -sizes[label])
+        segments = list(head)
+        for i, label in enumerate(names):
+            if i:
+                segments.append(Segment(", ", _LABEL))
+            rgb = STRUCTURE_COLOURS[kinds[label]][1]
+            segments.append(Segment(label, Style(color=Color.from_rgb(*rgb))))
+        return segments
+
     def _build_grid(self, width: int, height: int) -> list[Strip]:
         self.group, self.cells_shown, self.grid_width = self._grid_geometry()
-        colours = self.cell_colours()
+        colours = self.structure_colours() if self.mode == "structure" else self.cell_colours()
         highlight = self.hover if self.hover is not None else self.cursor if self.has_focus else None
         if highlight is not None and highlight < len(colours):
             colours[highlight] = CURSOR
@@ -291,6 +365,8 @@ class Heatmap(Pane, can_focus=True):
         if index is None or index >= self.cells_shown:
             return Strip([Segment("hover a cell (or tab here, then arrows)", _LABEL)]).crop_extend(0, width, None)
         start, end = self.cell_range(index)
+        if self.mode == "structure":
+            return Strip(self._structure_info(index, start, end)).crop_extend(0, width, None)
         totals, _recent = self.cell_counts(index)
         segments = [
             Segment(f"cell {index} ", _KEY),
@@ -309,6 +385,8 @@ class Heatmap(Pane, can_focus=True):
         what fits on neither is left out, least telling first (at 80 columns the pane is
         30 wide); "untouched" comes right after the heats.
         """
+        if self.mode == "structure":
+            return self._structure_legend(width)
         if self.mode == "time":
             head = f"1 col = {self.model.time_column:g} s · 1 row = {fmt.iec_size(self._band_bytes())}"
             detail = ""
@@ -339,6 +417,38 @@ class Heatmap(Pane, can_focus=True):
             if used + need <= width + 1:
                 lines[line] += _swatches([(name, rgb)])
                 used += need
+        return [Strip(segments).crop_extend(0, width, None) for segments in lines]
+
+    def _structure_legend(self, width: int) -> list[Strip]:
+        """LEGEND_ROWS lines: each kind a cell shows, its colour and its share of the disk, the
+        biggest first, as many as fit whole; or, when the map knows nothing, that it does not."""
+        per = self.group * self.model.cell_bytes
+        head = f"1 cell = {fmt.iec_size(per)}  "
+        if not knows_something(self.model.fsmap):
+            lines = [
+                [Segment(head, _KEY), *_swatches([("unknown", STRUCTURE_COLOURS["unknown"][0])])],
+                [Segment("no partition table or file system found on this disk", _LABEL)],
+            ]
+            return [Strip(segments).crop_extend(0, width, None) for segments in lines]
+        cells = self.structures()
+        items: list[tuple[str, RGB]] = []
+        for kind in cells.legend_kinds():
+            share = cells.share(kind)
+            text = f"{share:.0%}" if share >= 0.01 else "<1%"
+            items.append((f"{kind} {text}", STRUCTURE_COLOURS[kind][0]))
+        if self.model.lost_requests:
+            items.append(("lost", LOST))
+        lines: list[list[Segment]] = [[Segment(head, _KEY)], []]
+        used = [len(head), 0]
+        for name, rgb in items:
+            need = len(name) + 2  # "■name "
+            for line in (0, 1):
+                if used[line] + need <= width + 1:
+                    lines[line] += _swatches([(name, rgb)])
+                    used[line] += need
+                    break
+        if used[1] + 22 <= width:
+            lines[1].append(Segment("bright = touched lately", _LABEL))
         return [Strip(segments).crop_extend(0, width, None) for segments in lines]
 
     # -- the time view ---------------------------------------------------------------
@@ -469,6 +579,7 @@ class Heatmap(Pane, can_focus=True):
             self.has_focus,
             self.model.heat_version,
             self.model.cells,
+            self.model.fsmap if self.mode == "structure" else None,  # no __eq__: compared by identity
         )
         if key == self._built_for:
             return
@@ -496,14 +607,15 @@ class Heatmap(Pane, can_focus=True):
     def watch_mode(self, mode: str) -> None:
         self.hover = None
         self.hover_time = None
-        self.pane_title = "address space · heat" if mode == "grid" else "address space · offset by time"
+        self.pane_title = TITLES.get(mode, "address space")
         self.refresh()
 
     def action_toggle_mode(self) -> None:
-        self.mode = "time" if self.mode == "grid" else "grid"
+        """heat -> time -> structure -> heat."""
+        self.mode = MODES[(MODES.index(self.mode) + 1) % len(MODES)] if self.mode in MODES else MODES[0]
 
     def action_move(self, dx: int, dy: int) -> None:
-        if self.mode != "grid":
+        if self.mode == "time":
             return
         if self.cursor is None:
             self.cursor = 0
@@ -520,7 +632,7 @@ class Heatmap(Pane, can_focus=True):
             self.on_leave(None)
             return
         x, y = inner
-        if self.mode == "grid":
+        if self.mode != "time":
             index = (y * 2) * self.grid_width + x
             self.hover = index if x < self.grid_width and index < self.cells_shown else None
         else:
@@ -551,6 +663,7 @@ class Heatmap(Pane, can_focus=True):
         return self.cursor
 
     def colour_at(self, offset: int) -> RGB:
-        """The colour the grid gives the cell holding byte `offset` (cursor aside)."""
+        """The colour the grid (or the structure view) gives the cell holding byte `offset` (cursor aside)."""
         self._ensure_lines()
-        return self.cell_colours()[self.cell_for_offset(offset)]
+        colours = self.structure_colours() if self.mode == "structure" else self.cell_colours()
+        return colours[self.cell_for_offset(offset)]

@@ -35,6 +35,7 @@ from ..steering.results import BreakHit
 
 if TYPE_CHECKING:
     from ..engine.gate import HeldRequest
+    from ..fsmap import FsMap
     from ..session import Session
     from ..steering.breakpoints import Breakpoint
     from ..steering.restack import PowerCut
@@ -344,6 +345,13 @@ class LabModel:
             tick.new_break = last_break
         if self._power_cut_seen():
             tick.heat_changed = True  # its lost cells are drawn
+        fsmap = self.session.labeller.map
+        if fsmap is not self._map_seen:
+            # The labeller replaced the disk's map (it does so a while after the writes that
+            # changed it, when their heat may have faded): the structure view is drawn again.
+            self._map_seen = fsmap
+            self.heat_version += 1
+            tick.heat_changed = True
         return tick
 
     def _new_events(self, events: list[tuple[float, str]]) -> list[tuple[float, str]]:
@@ -370,6 +378,13 @@ class LabModel:
         totals = [max(self.heat_prev[k][first_cell : last_cell + 1], default=0) for k in range(3)]
         recent = [sum(self.activity[k][first_cell : last_cell + 1]) for k in range(3)]
         return totals, recent
+
+    _map_seen: object = None
+
+    @property
+    def fsmap(self) -> FsMap | None:
+        """The disk's map as the labeller last built it (replaced whole, never changed), or None."""
+        return self.session.labeller.map
 
     @property
     def queue_limits(self) -> dict[str, int | str] | None:
