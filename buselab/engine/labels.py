@@ -108,7 +108,8 @@ class Labeller:
         counts = self.structures
         for record in self.engine.telemetry.recent():
             label = labels.get(record.seq)
-            if label is None or label.kind not in _VAGUE or (label.kind == "free" and record.cmd not in _DATA_WRITES):
+            # Only writes: they made what the new map knows. A read before it read something else.
+            if label is None or label.kind not in _VAGUE or record.cmd not in _DATA_WRITES:
                 continue
             new = fsmap.label(record.offset, record.length, record.preview)
             if new.kind == "unknown" or new.kind == label.kind:
