@@ -193,7 +193,8 @@ def serve_options(args: argparse.Namespace, sockets: list | None = None) -> Serv
     given = [f"--{name}" for name in KERNEL_ONLY if getattr(args, name, None) is not None]
     if given and not device:
         # Silently ignored they would look like they worked: a --timeout that never fires.
-        raise UserError(f"{', '.join(given)}: only for a kernel device; give DEVICE (e.g. /dev/nbd0) or drop it")
+        them = "them" if len(given) > 1 else "it"
+        raise UserError(f"{', '.join(given)}: only for a kernel device; give DEVICE (e.g. /dev/nbd0) or drop {them}")
     if (getattr(args, "connections", None) or 1) < 1:
         raise UserError("--connections must be at least 1")
     if not listen and not unix and not device and not sockets and not getattr(args, "run", None):
@@ -298,17 +299,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_session(session, args, serving=serving, parent=parent, for_others=for_others)
 
 
+def _grafts() -> dict[str, argparse.ArgumentParser]:
+    """Subcommands that parse the rest of their line with a parser of their own (ctl's [PATH|PID] first)."""
+    from .commands.ctl import build_ctl_parser
+
+    return {"ctl": build_ctl_parser()}
+
+
 def cmd_man(args: argparse.Namespace) -> int:
     from .manpage import manpage
 
-    sys.stdout.write(manpage(build_parser()))
+    sys.stdout.write(manpage(build_parser(), grafts=_grafts()))
     return 0
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
     from .completion import completion_script
 
-    sys.stdout.write(completion_script(build_parser(), args.shell))
+    sys.stdout.write(completion_script(build_parser(), args.shell, grafts=_grafts()))
     return 0
 
 

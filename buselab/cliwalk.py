@@ -44,9 +44,17 @@ class Command:
             yield from sub.walk()
 
 
-def command_tree(parser: argparse.ArgumentParser, words: list[str] | None = None, help: str = "") -> Command:
+def command_tree(
+    parser: argparse.ArgumentParser,
+    words: list[str] | None = None,
+    help: str = "",
+    grafts: dict[str, argparse.ArgumentParser] | None = None,
+) -> Command:
+    """The tree under `parser`. `grafts` maps a subcommand that parses the rest of its line
+    itself (`ctl` takes [PATH|PID] first) to the parser it uses: its subcommands are shown."""
     words = words or [parser.prog.split()[0]]
     node = Command(words, parser, help)
+    grafts = grafts or {}
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             continue
@@ -57,6 +65,8 @@ def command_tree(parser: argparse.ArgumentParser, words: list[str] | None = None
                 seen[id(subparser)].aliases.append(name)
                 continue
             child = command_tree(subparser, [*words, name], helps.get(name, ""))
+            if name in grafts:
+                child.subcommands = command_tree(grafts[name], [*words, name]).subcommands
             seen[id(subparser)] = child
             node.subcommands.append(child)
     return node

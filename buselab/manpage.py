@@ -77,8 +77,13 @@ def _help(action: argparse.Action) -> str:
     return text % {"default": action.default} if "%(default)" in text else text
 
 
-def manpage(parser: argparse.ArgumentParser, today: datetime.date | None = None) -> str:
-    tree = command_tree(parser)
+def manpage(
+    parser: argparse.ArgumentParser,
+    today: datetime.date | None = None,
+    grafts: dict[str, argparse.ArgumentParser] | None = None,
+) -> str:
+    """The page; `grafts` as cliwalk.command_tree's."""
+    tree = command_tree(parser, grafts=grafts)
     date = (today or datetime.date.today()).isoformat()
     out = [
         f'.TH BUSELAB 1 "{date}" "buselab {__version__}" "User Commands"',
