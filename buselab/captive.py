@@ -73,6 +73,7 @@ class Captive:
         self.returncode: int | None = None
         self.output: deque[str] = deque(maxlen=KEEP_LINES)
         self._done = threading.Event()
+        self._relay: threading.Thread | None = None  # with the lab: the command's output to the event stream
 
     def start(self) -> None:
         quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
@@ -88,7 +89,8 @@ class Captive:
             return
         self.session.engine.telemetry.event(f"--run: started `{self.command}` (pid {self.proc.pid})")
         if self.lab:
-            threading.Thread(target=self._relay_output, name="buselab-run-output", daemon=True).start()
+            self._relay = threading.Thread(target=self._relay_output, name="buselab-run-output", daemon=True)
+            self._relay.start()
         threading.Thread(target=self._wait, name="buselab-run", daemon=True).start()
 
     def _relay_output(self) -> None:
@@ -103,8 +105,11 @@ class Captive:
         code = self.proc.wait()
         self.returncode = 128 - code if code < 0 else code
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if self._relay is not None:
+            self._relay.join(1.0)  # its last lines before the news that it ended (a grandchild may hold the pipe)
         if self.lab:
-            self.session.engine.telemetry.event(f"--run: the command {how}; still serving: press q to quit")
+            # Short, and the news first: the stream's column cuts a long line.
+            self.session.engine.telemetry.event(f"--run: {how}; press q to quit (still serving)")
         else:
             if code < 0:
                 print(f"buselab: the --run command {how}", file=sys.stderr)
