@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -162,3 +163,23 @@ def test_variables_for_another_process_are_ignored(tmp_path: Path):
         timeout=30,
     )
     assert (proc.returncode, proc.stdout) == (0, "clean\n"), proc.stderr
+
+
+def test_the_unit_files_in_the_docs_verify(tmp_path):
+    """docs/SYSTEMD.md's .socket and .service pair, as systemd-analyze reads them."""
+    require_tool("systemd-analyze")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "SYSTEMD.md").read_text()
+    units = dict(re.findall(r"`(buselab\.(?:socket|service))`\n\n```ini\n(.*?)```", doc, re.S))
+    assert set(units) == {"buselab.socket", "buselab.service"}
+    fake = tmp_path / "buselab"  # ExecStart must name an executable that exists
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    for name, body in units.items():
+        (tmp_path / name).write_text(body.replace("/usr/local/bin/buselab", str(fake)))
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "buselab.socket"), str(tmp_path / "buselab.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
