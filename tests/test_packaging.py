@@ -21,6 +21,13 @@ from helpers import missing
 
 import buselab
 
+# The VM harness lives in tests/vm: make `tests.vm` importable (as tests/test_vm_smoke.py does).
+_REPO = str(Path(__file__).resolve().parent.parent)
+if _REPO not in sys.path:
+    sys.path.append(_REPO)
+
+from tests.vm.fixtures import vm, vm_image  # noqa: E402, F401  (pytest fixtures)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -115,31 +122,39 @@ def test_wheel_carries_license_and_depends_on_pyroute2(dist):
     assert "buselab = buselab.cli:main" in entry_points
 
 
-def test_wheel_installs_in_a_clean_venv_without_a_compiler(dist, tmp_path):
+@pytest.fixture(scope="module")
+def clean_venv(dist, tmp_path_factory) -> Path:
+    """A fresh venv with the wheel installed from binary packages only, and no compiler on hand."""
     wheel = _one(dist, f"buselab-{buselab.__version__}-*.whl")
-    venv = tmp_path / "venv"
+    work = tmp_path_factory.mktemp("venv")
+    venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=_clean_env())
-    env = _clean_env(CC="false", CXX="false")  # a package that wanted compiling would fail here
     install = subprocess.run(
         [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--only-binary", ":all:", str(wheel)],
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
-        cwd=tmp_path,  # not the checkout: nothing may come from the tree
+        env=_clean_env(CC="false", CXX="false"),  # a package that wanted compiling would fail here
+        cwd=work,  # not the checkout: nothing may come from the tree
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    return venv
+
+
+def test_wheel_installs_in_a_clean_venv_without_a_compiler(clean_venv, tmp_path):
+    env = _clean_env()
     version = subprocess.run(
-        [str(venv / "bin/buselab"), "--version"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
+        [str(clean_venv / "bin/buselab"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
     )
     assert (version.returncode, version.stdout) == (0, f"buselab {buselab.__version__}\n"), version.stderr
     # netlink out of the box: pyroute2 came with it, and the kernel transport's netlink module loads.
     where = subprocess.run(
-        [
-            str(venv / "bin/python"),
-            "-c",
-            "import buselab, buselab.transport.netlink, pyroute2; print(buselab.__file__)",
-        ],
+        [str(clean_venv / "bin/python"), "-c", "import buselab, buselab.transport.netlink; print(buselab.__file__)"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -147,4 +162,29 @@ def test_wheel_installs_in_a_clean_venv_without_a_compiler(dist, tmp_path):
         cwd=tmp_path,
     )
     assert where.returncode == 0, where.stderr
-    assert where.stdout.startswith(str(venv))
+    assert where.stdout.startswith(str(clean_venv))
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(900)
+def test_wheel_attaches_by_netlink_in_the_vm(clean_venv, vm, tmp_path) -> None:  # noqa: F811
+    """The installed wheel, nothing else, attaches /dev/nbd0 by netlink; --run gets $dev and $nbd."""
+    # The guest sees the host's /tmp hidden under its own, except this test's tmp_path: the venv
+    # goes there. A copied venv runs as `venv/bin/python -m` (its scripts' #! name the old place).
+    venv = tmp_path / "venv"
+    shutil.copytree(clean_venv, venv, symlinks=True)
+    buselab_bin = f"{venv}/bin/python -m buselab"
+    command = 'echo "dev=$dev nbd=$nbd uri=$uri"; blockdev --getsize64 "$dev"'
+    script = (
+        "unset PYTHONPATH VIRTUAL_ENV\n"  # the host's, passed on by the harness: not for a clean install
+        f"cd /tmp && {buselab_bin} ram --size 16M /dev/nbd0 --run '{command}' 2>&1\n"
+        'echo "status=$?"\n'
+        'echo "size after=$(cat /sys/block/nbd0/size)"\n'
+    )
+    result = vm(script, timeout=600)
+    print(result.output)
+    lines = result.output.splitlines()
+    assert "buselab: attached /dev/nbd0 via netlink" in lines, result.output
+    assert "dev=/dev/nbd0 nbd=/dev/nbd0 uri=" in lines
+    assert str(16 << 20) in lines
+    assert "status=0" in lines and "size after=0" in lines  # detached cleanly when the command ended
