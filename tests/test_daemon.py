@@ -117,7 +117,11 @@ def test_exit_with_parent_stops_cleanly_when_the_parent_goes(tmp_path):
     out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout)
-    wait_for(lambda: not pid_alive(pid) or _zombie(pid), timeout=15)
+    try:
+        wait_for(lambda: not pid_alive(pid) or _zombie(pid), timeout=15)
+    finally:
+        if pid_alive(pid) and not _zombie(pid):  # failed: do not leave it serving
+            os.kill(pid, signal.SIGKILL)
     assert not pidfile.exists() and not sock.exists()
     assert "stopped cleanly" in log.read_text(), log.read_text()
 

@@ -40,9 +40,8 @@ def _copy_tree(dest: Path) -> None:
         check=False,
     )
     if listed.returncode != 0:  # not a git checkout (an unpacked sdist): copy what is there
-        shutil.copytree(
-            ROOT, dest, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "*.so")
-        )
+        leftovers = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "*.so")
+        shutil.copytree(ROOT, dest, ignore=leftovers, dirs_exist_ok=True)
         return
     for name in listed.stdout.decode().split("\0"):
         if name and (ROOT / name).is_file():
