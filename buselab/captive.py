@@ -110,6 +110,7 @@ class Captive:
         if self.lab:
             # Short, and the news first: the stream's column cuts a long line.
             self.session.engine.telemetry.event(f"--run: {how}; press q to quit (still serving)")
+            self.session.notice = f"The --run command {how}. The disk is still served: press q to quit."
         else:
             if code < 0:
                 print(f"buselab: the --run command {how}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 
 from . import __version__
 from .cliwalk import Command, command_tree
@@ -84,6 +85,8 @@ def manpage(
 ) -> str:
     """The page; `grafts` as cliwalk.command_tree's."""
     tree = command_tree(parser, grafts=grafts)
+    if today is None and os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():  # reproducible builds
+        today = datetime.datetime.fromtimestamp(int(os.environ["SOURCE_DATE_EPOCH"]), datetime.UTC).date()
     date = (today or datetime.date.today()).isoformat()
     out = [
         f'.TH BUSELAB 1 "{date}" "buselab {__version__}" "User Commands"',

@@ -84,6 +84,7 @@ class Session:
         self.recorder: TraceRecorder | None = None  # the trace recorder, once one started (see start_recording)
         self.demo_workload = None  # set by `buselab demo`: the lab shows its progress
         self.replayer = None  # set by `buselab replay`: stopped before the engine closes
+        self.notice: str | None = None  # news for whoever watches (the lab shows it): --run's command ended
         self._stopped = threading.Event()
         # Set by SIGINT/SIGTERM (see signals.py); headless and the lab watch it.
         self.stop_requested = threading.Event()

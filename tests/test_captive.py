@@ -122,6 +122,7 @@ def test_run_with_the_lab_stays_until_q(tmp_path: Path):
             time.sleep(0.2)
             screen = tmux("capture-pane", "-p", "-t", name, capture_output=True, text=True).stdout
         assert "--run: exited with status 3; press q to quit" in screen
+        assert "The --run command exited with status 3" in screen  # and a notification that stays
         assert "--run: 8388608" in screen  # the command's output, in the lab's stream
         assert not done.exists()  # the lab is still up
         tmux("send-keys", "-t", name, "q")
