@@ -138,3 +138,11 @@ def test_run_with_the_lab_stays_until_q(tmp_path: Path):
         assert re.search(r"^8388608$", screen, re.M), screen
     finally:
         tmux("kill-server")
+
+
+def test_run_headless_prints_stats_on_stderr_only():
+    """--headless with --run: the stats lines go to stderr, stdout stays the command's."""
+    proc = run("ram", "--size", "1M", "--headless", "--run", "sleep 1.5; echo done")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "done\n"
+    assert "buselab: serving" in proc.stderr and "req/s" in proc.stderr
