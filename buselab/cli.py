@@ -5,10 +5,12 @@
     buselab null --size SIZE [DEVICE]
     buselab plugin FILE[:CLASS] [DEVICE]
     buselab demo
+    buselab man | completion bash|zsh
 
 Without DEVICE the disk is served over NBD (TCP 127.0.0.1:10809 unless
---listen/--unix say otherwise). Every error a user can cause ends in one line.
-More subcommands live in buselab/commands/ and register themselves.
+--listen/--unix say otherwise, or sockets are handed down by systemd or libnbd,
+or --run serves on a private Unix socket). Every error a user can cause ends in
+one line. More subcommands live in buselab/commands/ and register themselves.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import sys
 import threading
 
 from . import __version__
+from .activation import inherited_sockets
+from .captive import Captive
 from .commands import ArgumentParser, UsageError, help_command
 from .control import default_control_path
+from .daemon import exit_with_parent, fork_until_serving, pidfile, serve_quietly
 from .errors import UserError
 from .session import ServeOptions, Session
 from .signals import stop_on_signals
@@ -65,14 +70,16 @@ def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> No
         p.add_argument(
             "--device", dest="device_option", metavar="DEVICE", help="same as DEVICE; 'auto' picks a free /dev/nbdN"
         )
+        # Kernel-only: None when not given, so that giving one without a device is refused.
         p.add_argument(
-            "--connections", type=int, default=1, metavar="N", help="kernel: N sockets (queues) for the device"
+            "--connections", type=int, metavar="N", help="kernel: N sockets (queues) for the device (default 1)"
         )
-        p.add_argument("--ioctl", action="store_true", help="kernel: attach with ioctls (BUSE's way), not netlink")
+        p.add_argument(
+            "--ioctl", action="store_true", default=None, help="kernel: attach with ioctls (BUSE's way), not netlink"
+        )
         p.add_argument(
             "--timeout",
             type=int,
-            default=0,
             metavar="SECONDS",
             help="kernel: fail requests unanswered this long (default 0: wait forever, so pauses are safe)",
         )
@@ -109,6 +116,15 @@ def _add_serve_options(p: argparse.ArgumentParser, *, device: bool = True) -> No
         default="writes",
         help="what the trace keeps of the data (default: writes, enough to replay)",
     )
+    p.add_argument(
+        "--run",
+        metavar="CMD",
+        help="captive mode (as nbdkit's): serve, run CMD with $uri, $unixsocket, $port, $exportname, $nbd, $dev set,"
+        " stop when it exits and exit with its status",
+    )
+    p.add_argument("--pidfile", metavar="FILE", help="write the serving process's PID here once serving")
+    p.add_argument("--fork", action="store_true", help="go to the background once serving (as qemu-nbd --fork)")
+    p.add_argument("--exit-with-parent", action="store_true", help="stop cleanly when the parent process exits")
     p.add_argument("--seconds", type=positive_seconds, help=argparse.SUPPRESS)  # stop after N seconds (tests, demos)
 
 
@@ -116,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="buselab", description="A block device in userspace with a live lab around it.")
     parser.add_argument("--version", action="version", version=f"buselab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Not required: bare `buselab` prints the help (see _main).
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("ram", help="a sparse RAM disk (128 MiB unless --size)")
     _add_serve_options(p)
@@ -148,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in _command_modules():
         module.register(sub)
+
+    p = sub.add_parser("man", help="print the manual page (roff): buselab man > buselab.1; man -l buselab.1")
+    p.set_defaults(func=cmd_man)
+    p = sub.add_parser("completion", help="print a completion script: source <(buselab completion bash)")
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete for")
+    p.set_defaults(func=cmd_completion)
     return parser
 
 
@@ -158,14 +181,24 @@ def _command_modules() -> list:
     return [importlib.import_module(f"{commands.__name__}.{m.name}") for m in pkgutil.iter_modules(commands.__path__)]
 
 
-def serve_options(args: argparse.Namespace) -> ServeOptions:
+KERNEL_ONLY = ("connections", "timeout", "ioctl")
+
+
+def serve_options(args: argparse.Namespace, sockets: list | None = None) -> ServeOptions:
+    """ServeOptions from the arguments; `sockets` are listeners handed down (socket activation)."""
     listen = [parse_listen(text) for text in args.listen or []]
     unix = list(args.unix or [])
+    sockets = sockets or []
     device = getattr(args, "device", None) or getattr(args, "device_option", None)
-    if getattr(args, "connections", 1) < 1:
+    given = [f"--{name}" for name in KERNEL_ONLY if getattr(args, name, None) is not None]
+    if given and not device:
+        # Silently ignored they would look like they worked: a --timeout that never fires.
+        them = "them" if len(given) > 1 else "it"
+        raise UserError(f"{', '.join(given)}: only for a kernel device; give DEVICE (e.g. /dev/nbd0) or drop {them}")
+    if (getattr(args, "connections", None) or 1) < 1:
         raise UserError("--connections must be at least 1")
-    if not listen and not unix and not device:
-        listen = [("127.0.0.1", DEFAULT_PORT)]
+    if not listen and not unix and not device and not sockets and not getattr(args, "run", None):
+        listen = [("127.0.0.1", DEFAULT_PORT)]  # --run without these serves on a private socket (cmd_serve)
     return ServeOptions(
         listen=listen,
         unix=unix,
@@ -176,19 +209,61 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         control=args.control or default_control_path(),
         record=args.record,
         record_payload=args.record_payload,
-        connections=getattr(args, "connections", 1),
-        use_ioctl=getattr(args, "ioctl", False),
-        timeout=getattr(args, "timeout", 0),
+        connections=getattr(args, "connections", None) or 1,
+        use_ioctl=bool(getattr(args, "ioctl", False)),
+        timeout=getattr(args, "timeout", None) or 0,
         unix_mode=getattr(args, "unix_mode", DEFAULT_UNIX_MODE),
         handshake_limit=getattr(args, "handshake_limit", DEFAULT_HANDSHAKE_LIMIT),
+        sockets=sockets,
     )
 
 
-def run_session(session: Session, args: argparse.Namespace) -> int:
-    """Start the session and run the lab, or headless if asked or no lab exists."""
+def run_session(
+    session: Session, args: argparse.Namespace, *, serving=None, parent: int | None = None, for_others: bool = False
+) -> int:
+    """Start the session and run the lab, or headless if asked or no lab exists.
+
+    `serving` is called once the disk is served (--fork's parent then returns); `parent`
+    is the pid --exit-with-parent watches; `for_others` says stdout is not ours (--run,
+    socket activation, --fork): no stats lines there, and the lab only for --run on a terminal.
+    """
     with stop_on_signals(session.stop_requested):
+        if getattr(args, "exit_with_parent", False) and parent is not None:
+            exit_with_parent(session.stop_requested, parent)
         session.start()
-        return _run_frontend(session, args)
+        captive = None
+        try:
+            with pidfile(getattr(args, "pidfile", None)):
+                if serving is not None:
+                    serving()
+                command = getattr(args, "run", None)
+                lab = not args.headless and _lab_possible() and (command is not None or not for_others)
+                if command is not None:
+                    captive = Captive(command, session, lab=lab)
+                    captive.start()
+                if for_others and not lab:
+                    code = _run_for_others(session, args)
+                else:
+                    code = _run_frontend(session, args)
+        finally:
+            session.stop()  # idempotent; here for a --pidfile that could not be written
+            if captive is not None:
+                code = captive.finish()
+        return code
+
+
+def _lab_possible() -> bool:
+    """Would the lab open: a terminal on both ends?"""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _run_for_others(session: Session, args: argparse.Namespace) -> int:
+    """Serving for a --run command, a socket activator or as a daemon: stdout is theirs."""
+    if args.headless:
+        from .headless import run_headless
+
+        return run_headless(session, out=sys.stderr, seconds=args.seconds)
+    return serve_quietly(session, seconds=args.seconds)
 
 
 def _run_frontend(session: Session, args: argparse.Namespace) -> int:
@@ -206,9 +281,43 @@ def _run_frontend(session: Session, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    parent = os.getppid()  # as early as can be: --exit-with-parent's parent is this one
+    if args.fork and args.run:
+        raise UserError("--fork and --run do not go together: --run already waits for its command")
+    if args.fork and args.exit_with_parent:
+        raise UserError("--fork and --exit-with-parent do not go together: the parent exits once serving")
+    # Before the fork: LISTEN_PID names this process.
+    sockets = [found.sock for found in inherited_sockets()]
+    options = serve_options(args, sockets)
+    serving = fork_until_serving() if args.fork else None  # before any thread starts
     size = parse_size(args.size) if args.size else None
     backend = open_backend(args.backend, size=size, path=getattr(args, "path", None), readonly=args.readonly)
-    return run_session(Session(backend, serve_options(args)), args)
+    session = Session(backend, options)
+    if args.run and not (options.listen or options.unix or options.sockets or options.device):
+        options.unix.append(session.private_socket())  # as nbdkit: a socket only the command is told of
+    for_others = bool(args.run or sockets or args.fork)
+    return run_session(session, args, serving=serving, parent=parent, for_others=for_others)
+
+
+def _grafts() -> dict[str, argparse.ArgumentParser]:
+    """Subcommands that parse the rest of their line with a parser of their own (ctl's [PATH|PID] first)."""
+    from .commands.ctl import build_ctl_parser
+
+    return {"ctl": build_ctl_parser()}
+
+
+def cmd_man(args: argparse.Namespace) -> int:
+    from .manpage import manpage
+
+    sys.stdout.write(manpage(build_parser(), grafts=_grafts()))
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import completion_script
+
+    sys.stdout.write(completion_script(build_parser(), args.shell, grafts=_grafts()))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -264,6 +373,11 @@ def _main(argv: list[str] | None) -> int:
     except UsageError as exc:
         print(f"buselab: error: {exc}", file=sys.stderr)
         return 2
+    if args.command is None:
+        # As git: asked for nothing, show what there is (on stdout, it is what was wanted),
+        # but exit 1 (not 0) so that a script that lost its subcommand does not pass.
+        parser.print_help()
+        return 1
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="buselab: %(message)s")
     try:
         return args.func(args)

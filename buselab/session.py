@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class ServeOptions:
     timeout: int = 0  # kernel: request timeout in seconds, 0 = never (pauses are safe)
     unix_mode: int = DEFAULT_UNIX_MODE  # permissions of the --unix sockets
     handshake_limit: float = DEFAULT_HANDSHAKE_LIMIT  # seconds a network client has to finish the handshake
+    # Sockets already listening, handed down by systemd or libnbd (see buselab/activation.py).
+    sockets: list[socket.socket] = field(default_factory=list)
 
 
 class Session:
@@ -82,6 +85,7 @@ class Session:
         self.recorder: TraceRecorder | None = None  # the trace recorder, once one started (see start_recording)
         self.demo_workload = None  # set by `buselab demo`: the lab shows its progress
         self.replayer = None  # set by `buselab replay`: stopped before the engine closes
+        self.notice: str | None = None  # news for whoever watches (the lab shows it): --run's command ended
         self._stopped = threading.Event()
         # Set by SIGINT/SIGTERM (see signals.py); headless and the lab watch it.
         self.stop_requested = threading.Event()
@@ -106,9 +110,10 @@ class Session:
         kinds = []
         if self.kernel is not None:
             kinds.append("kernel")
-        if self.options.listen:
+        inherited = {sock.family for sock in self.options.sockets}
+        if self.options.listen or inherited - {socket.AF_UNIX}:
             kinds.append("tcp")
-        if self.options.unix:
+        if self.options.unix or socket.AF_UNIX in inherited:
             kinds.append("unix")
         return "+".join(kinds) or "none"
 
@@ -162,6 +167,8 @@ class Session:
                 self.network.listen_tcp(host, port)
             for path in self.options.unix:
                 self.network.listen_unix(path)
+            for sock in self.options.sockets:
+                self.network.listen_inherited(sock)
             if self.options.device:
                 from .transport.kernel import KernelOptions, attach  # only works as root
 

@@ -391,11 +391,11 @@ def _open_netlink(options: KernelOptions):
     if options.use_ioctl:
         return None
     try:
-        from .netlink import NbdNetlink  # pyroute2: an optional dependency, slow to import
+        from .netlink import NbdNetlink  # pyroute2: a dependency, but slow to import (and maybe removed)
     except ImportError as exc:
         if options.connections > 1:
             raise UserError(
-                "--connections needs the nbd netlink interface, which needs pyroute2: pip install 'buselab[kernel]'"
+                "--connections needs the nbd netlink interface, which needs pyroute2: pip install pyroute2"
             ) from None
         log.info("pyroute2 is not installed (%s); using ioctls", exc)
         return None

@@ -104,6 +104,22 @@ class NetworkServer:
         self._start_acceptor(sock)
         return path
 
+    def listen_inherited(self, sock: socket.socket) -> str:
+        """Serve on a socket someone else bound and made listen (socket activation).
+
+        Its path, if it is a Unix socket, is not ours to unlink: whoever made it removes it.
+        """
+        if sock.family == socket.AF_UNIX:
+            path = sock.getsockname()
+            path = path.decode(errors="replace") if isinstance(path, bytes) else path
+            address = f"nbd+unix:///?socket={path}" if path else "an inherited unnamed Unix socket"
+        else:
+            host, port = sock.getsockname()[:2]
+            address = f"nbd://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.addresses.append(address)
+        self._start_acceptor(sock)
+        return address
+
     def _start_acceptor(self, sock: socket.socket) -> None:
         self._listeners.append(sock)
         what = f"NBD listener {self.addresses[-1]}"

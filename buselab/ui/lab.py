@@ -286,6 +286,10 @@ class LabApp(SteeringActions, App[int]):
             # SIGINT/SIGTERM (see buselab.signals) or a control client asked to stop.
             self.exit(0)
             return False
+        notice = getattr(self.session, "notice", None)
+        if notice is not None and notice != getattr(self, "_notice_shown", None):
+            self._notice_shown = notice  # e.g. --run's command ended: stays up until q
+            self.notify(notice, title="buselab", timeout=24 * 3600)
         try:
             self.poll()
         except Exception:  # noqa: BLE001 - one bad tick must not end the refresh
