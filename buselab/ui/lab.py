@@ -141,7 +141,7 @@ class LabApp(SteeringActions, App[int]):
         Binding("4", "toggle_ops(3)", "TRIM", show=False),
         Binding("5", "toggle_ops(4)", "other ops", show=False),
         Binding("0", "all_ops", "All ops", show=False),
-        Binding("m", "heat_mode", "Heat/time"),
+        Binding("m", "heat_mode", "Heatmap"),
         Binding("slash", "stream_filter", "Filter stream", key_display="/", show=False),
         *STEERING_BINDINGS,
     ]

@@ -29,7 +29,12 @@ KEYS: list[tuple[str, str]] = [
         "stream: show only the requests that match, in the breakpoints' words: struct=journal, op=write, "
         "struct=inode-table,op=read (empty: all); the frame's title says the filter",
     ),
-    ("m", "heatmap: address-space grid ⇄ offset by time (as iowatcher plots it)"),
+    (
+        "m",
+        "heatmap: heat (recent reads, writes, trims) → offset by time (as iowatcher plots it) → structure"
+        " (each cell coloured by what the disk's map says fills most of it; brighter where touched lately;"
+        " the legend gives each kind's share of the disk)",
+    ),
     ("← → ↑ ↓", "heatmap (focused): move the cell cursor"),
     (
         "] [ g",
@@ -102,7 +107,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
         "The graphs",
         [
             "Throughput (MB/s, decimal like fio) and IOPS for reads, writes and other ops, one "
-            "sample a second; latency p50/p99 on a log scale (power-of-two buckets: it steps).",
+            "sample a second; latency p50/p99 on a log scale (16 buckets per power of two: within 2.2%).",
         ],
     ),
     (
