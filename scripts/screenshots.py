@@ -155,10 +155,42 @@ async def scene_iodepth(out: Path, tmp: Path) -> None:
             await fio
 
 
+async def scene_lesson_mkfs(out: Path, tmp: Path) -> None:
+    """The mkfs lesson at its key moment: mkfs held on the write that makes the disk ext4."""
+    import threading
+
+    from buselab.lessons import LessonRunner, find_lesson
+    from buselab.ui.lesson import LessonApp
+
+    with served(tmp, 1 << 30) as (session, sock), nbdfuse(sock, tmp / "fuse") as image:
+        loop = sh("losetup", "-f", "--show", str(image)).stdout.strip()
+        try:
+            runner = LessonRunner(session, find_lesson("mkfs"), device=loop)
+            app = LessonApp(session, runner)
+            async with app.run_test(size=SIZE) as pilot:
+                await pilot.press("greater_than_sign")
+                mkfs = threading.Thread(target=sh, args=("mkfs.ext4", "-F", "-q", loop), daemon=True)
+                mkfs.start()
+                for _ in range(300):
+                    if runner.state == "reached":
+                        break
+                    await asyncio.sleep(0.1)
+                await settle(app, pilot, 0.5)
+                app.save_screenshot(filename="lesson-mkfs.svg", path=str(out))
+                await pilot.press("greater_than_sign")
+                await asyncio.to_thread(mkfs.join, 60)
+        finally:
+            sh("losetup", "-d", loop, check=False)
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for scene in (scene_mkfs, scene_journal, scene_iodepth):
+    scenes = (scene_mkfs, scene_journal, scene_iodepth, scene_lesson_mkfs)
+    wanted = sys.argv[2:]  # scene names, or all
+    for scene in scenes:
+        if wanted and scene.__name__[6:] not in wanted:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             asyncio.run(scene(out, Path(tmp)))
         print(f"{scene.__name__[6:]}: written", file=sys.stderr)
