@@ -429,8 +429,10 @@ def test_jbd2_decoder_on_hand_made_blocks():
     assert describe_blocks(area, bs, block(2, 57)) == "jbd2 commit, transaction 57"
     revoke = block(5, 58, (16 + 2 * 8).to_bytes(4, "big") + (1).to_bytes(8, "big") + (2).to_bytes(8, "big"))
     assert describe_blocks(area, bs, revoke) == "jbd2 revoke, transaction 58 (2 blocks)"
-    plain = bytes(bs)
-    assert describe_blocks(area, 5 * bs, plain) == "jbd2 logged block, journal block 5"
+    plain = bytes(bs)  # zeros: what mkfs writes over the journal
+    assert describe_blocks(area, 5 * bs, plain) == "jbd2 unused block, journal block 5 (zeros)"
+    logged = b"inode table copy".ljust(bs, b"\x01")  # a metadata block's copy, no jbd2 header
+    assert describe_blocks(area, 5 * bs, logged) == "jbd2 logged block, journal block 5"
     whole = descriptor + plain * 3 + block(2, 57)
     assert describe_blocks(area, 10 * bs, whole) == "jbd2 descriptor, 3 logged blocks, commit, transaction 57"
     # A request that starts mid-block is decoded from the next block boundary

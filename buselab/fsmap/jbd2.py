@@ -264,6 +264,8 @@ def describe_blocks(area: JournalArea, offset: int, data: bytes | memoryview) ->
         if first is not None and area.fast_commit_blocks and first >= area.maxlen - area.fast_commit_blocks:
             return f"{area.prefix}jbd2 fast-commit area{where}"
         more = f" (+{plain - 1} blocks)" if plain > 1 else ""
+        if not bytes(data[skip:]).strip(b"\0"):  # mkfs zeroing the journal: nothing logged there yet
+            return f"{area.prefix}jbd2 unused block{where}{more} (zeros)"
         return f"{area.prefix}jbd2 logged block{where}{more}"
     if plain:
         parts.append(_blocks(plain, logged))

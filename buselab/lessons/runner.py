@@ -351,6 +351,8 @@ def run_auto(
         on_change()
     finally:
         runner.close()
+        for line in lesson.cleanup:  # best effort: leave the machine as the lesson found it
+            run_command(line.format_map(runner.fields))
 
 
 class _Commands(threading.Thread):
