@@ -11,6 +11,8 @@ so CI can never go green by skipping.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -465,3 +467,20 @@ def loop_device(path: Path) -> Iterator[str]:
             if _sh("losetup", "-d", device, check=False).returncode == 0:
                 break
             time.sleep(0.1)
+
+
+# --- async tests (Textual's run_test) without pytest-asyncio ---------------------------------
+
+
+def aio(test=None, *, timeout: float = 60.0):
+    """Run an async test on its own event loop, failing it if it takes more than `timeout`
+    seconds (a lab that hangs must not hang the suite). `@aio` or `@aio(timeout=90)`."""
+
+    def wrap(test):
+        @functools.wraps(test)
+        def run(*args, **kwargs):
+            return asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout))
+
+        return run
+
+    return wrap(test) if test is not None else wrap

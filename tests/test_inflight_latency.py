@@ -9,8 +9,6 @@ Textual's pilot.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import math
 import re
@@ -20,7 +18,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import RawClient, connect, require_tool, serve, socket_path, wait_for
+from helpers import RawClient, aio, connect, require_tool, serve, socket_path, wait_for
 
 from buselab.commands.ctl import render
 from buselab.engine import telemetry as tm
@@ -34,14 +32,6 @@ from buselab.ui.lab import LabApp
 
 MiB = 1 << 20
 BLOCK = 4096
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
-
-    return run
 
 
 def pipelined_reads(count: int, first_handle: int = 1, offset: int = 0) -> bytes:

@@ -8,15 +8,13 @@ a byte; the ext4-sb breakpoint opens at the superblock's magic, byte 1080, highl
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import require_tool, socket_path
+from helpers import aio, require_tool, socket_path
 from rich.color import Color
 
 from buselab.client import NBDClient
@@ -45,14 +43,6 @@ def client(session):
     nbd = NBDClient.connect_unix(socket_path(session))
     yield nbd
     nbd.close()
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
-
-    return run
 
 
 async def settle(app: LabApp, pilot) -> None:

@@ -12,13 +12,12 @@ with time.sleep and check that the model keeps ticking afterwards.
 from __future__ import annotations
 
 import asyncio
-import functools
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import socket_path
+from helpers import aio, socket_path
 
 from buselab.client import NBDClient
 from buselab.session import ServeOptions, Session
@@ -28,14 +27,6 @@ from buselab.ui.lab import LabApp
 
 MiB = 1 << 20
 STALL = 0.2  # seconds: longer than a tick (1/12 s) and than the shortest gap between two
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
-
-    return run
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ The "other terminal" is a thread running the step's own commands, as a student w
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import subprocess
 import threading
 import time
 
 import pytest
-from helpers import loop_device, nbdfuse, require_root, require_tool
+from helpers import aio, loop_device, nbdfuse, require_root, require_tool
 
 from buselab.lessons import LessonRunner, find_lesson
 from buselab.session import ServeOptions, Session
@@ -21,14 +20,6 @@ from buselab.storage.registry import open_backend
 from buselab.ui.lesson import LessonApp
 
 MiB = 1 << 20
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 90))
-
-    return run
 
 
 @pytest.fixture
@@ -58,7 +49,7 @@ async def until(app: LessonApp, pilot, predicate, timeout: float = 30.0) -> None
     await pilot.pause()
 
 
-@aio
+@aio(timeout=90)
 async def test_a_student_walks_through_the_mkfs_lesson(device):
     session, loop = device
     runner = LessonRunner(session, find_lesson("mkfs"), device=loop)
@@ -91,7 +82,7 @@ async def test_a_student_walks_through_the_mkfs_lesson(device):
     assert not session.steering.list_breakpoints() and not session.steering.paused
 
 
-@aio
+@aio(timeout=90)
 async def test_auto_runs_the_commands_and_the_pane_shows_their_output(device, tmp_path):
     session, loop = device
     path = tmp_path / "tiny.toml"

@@ -4,15 +4,13 @@ that cannot be zero or negative."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import socket_path
+from helpers import aio, socket_path
 from textual.widgets import Static
 
 from buselab.client import NBDClient
@@ -26,14 +24,6 @@ from buselab.ui.screens.filters import FiltersScreen
 from buselab.ui.screens.panel import ConfirmScreen
 
 MiB = 1 << 20
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
-
-    return run
 
 
 @pytest.fixture
@@ -53,7 +43,7 @@ def dialog_text(app: LabApp) -> str:
 # --- (a) the power cut dialog follows the cache while it is open -----------------------------------
 
 
-@aio
+@aio(timeout=30)
 async def test_the_power_cut_dialog_shows_the_dirty_bytes_as_they_grow(session):
     client = NBDClient.connect_unix(socket_path(session))
     try:

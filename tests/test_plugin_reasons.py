@@ -7,14 +7,12 @@ client; the lab is driven by Textual's Pilot.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import textwrap
 import threading
 
 import pytest
-from helpers import connect, serve
+from helpers import aio, connect, serve
 
 from buselab.client import NBDClient, NBDError
 from buselab.engine import engine as engine_module
@@ -54,16 +52,6 @@ RAISE_LINE = (
 )
 BUG_LINE = PLUGIN.splitlines().index("            return bytes(length // 0)  # a bug") + 1
 STR, NONE, SHORT, BAD_SECTOR, GOOD, BUG = 0, 4096, 8192, 12288, 16384, 20480
-
-
-def aio(test):
-    """Run an async test on its own event loop (no pytest-asyncio needed)."""
-
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return run
 
 
 def fails_with_eio(client: NBDClient, offset: int, length: int = 4096) -> None:

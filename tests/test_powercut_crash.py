@@ -10,15 +10,13 @@ heatmap. Real clients: buselab's own, qemu-io, and a mounted ext4 (root).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import require_root, require_tool, socket_path
+from helpers import aio, require_root, require_tool, socket_path
 
 from buselab.client import NBDClient, NBDError
 from buselab.control.client import ControlClient, ControlError
@@ -194,14 +192,6 @@ def test_buselab_ctl_says_what_was_lost(session, client, tmp_path):
 # --- the lab ---------------------------------------------------------------------------------
 
 
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
-
-    return run
-
-
 async def settle(app: LabApp, pilot) -> None:
     app.poll()
     await pilot.pause()
@@ -223,7 +213,7 @@ def result_of(app: LabApp, record: RequestRecord) -> str:
     raise AssertionError(f"request {record.seq} is not on screen")
 
 
-@aio
+@aio(timeout=30)
 async def test_the_lab_cuts_the_power_marks_the_lost_writes_and_powers_on(session, client):
     client.write(1 * MiB, b"A" * 65536)
     client.flush()
@@ -347,3 +337,15 @@ def test_a_mounted_ext4_crashes_and_fsck_after_poweron_finds_what_a_crash_leaves
         subprocess.run(["fusermount3", "-u", str(fuse_dir)], capture_output=True)
         fuse.wait(15)
         session.stop()
+
+
+def test_the_labeller_does_not_read_a_dark_disk(session, client):
+    """Its reads are not a client's: power on must not count them as requests the cut refused."""
+    write_story(client)
+    session.steering.powercut()
+    builds = session.labeller.builds
+    session.labeller.rebuild()
+    assert session.labeller.builds == builds  # it waits for power on
+    assert session.steering.poweron().refused == 0
+    session.labeller.rebuild()
+    assert session.labeller.builds == builds + 1

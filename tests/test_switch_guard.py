@@ -10,8 +10,6 @@ or a sparse one that holds no data yet is switched to without asking.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hashlib
 import os
 import struct
@@ -20,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import require_root, require_tool, socket_path
+from helpers import aio, require_root, require_tool, socket_path
 
 from buselab.client import NBDClient
 from buselab.control.client import ControlClient
@@ -262,14 +260,6 @@ def test_the_control_socket_takes_overwrite_as_json_and_as_words(session, tmp_pa
 
 
 # --- the lab asks ---------------------------------------------------------------------------------------
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
-
-    return run
 
 
 async def settle(app: LabApp, pilot) -> None:

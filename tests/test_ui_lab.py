@@ -9,13 +9,11 @@ and `seconds` end the lab with the session stopped.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import threading
 import time
 
 import pytest
-from helpers import socket_path
+from helpers import aio, socket_path
 
 from buselab.client import NBDClient
 from buselab.engine.telemetry import RequestRecord
@@ -33,16 +31,6 @@ def client(session):
     nbd = NBDClient.connect_unix(socket_path(session))
     yield nbd
     nbd.close()
-
-
-def aio(test):
-    """Run an async test on its own event loop (no pytest-asyncio needed)."""
-
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return run
 
 
 def screen_lines(widget) -> list[str]:

@@ -8,8 +8,6 @@ lab holds are sent from a thread, so the test can watch the client wait.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import re
 import threading
@@ -17,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import socket_path
+from helpers import aio, socket_path
 from textual.widgets import Input, OptionList, Static
 
 from buselab.client import NBDClient, NBDError
@@ -53,14 +51,6 @@ def client(session):
     nbd = NBDClient.connect_unix(socket_path(session))
     yield nbd
     nbd.close()
-
-
-def aio(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
-
-    return run
 
 
 class Call:
@@ -111,7 +101,7 @@ def stream_text(app: LabApp) -> str:
     return "\n".join(app.stream.render_line(y).text for y in range(app.stream.size.height))
 
 
-@aio
+@aio(timeout=30)
 async def test_p_holds_a_read_and_n_releases_exactly_one(session, tmp_path):
     first, second = NBDClient.connect_unix(socket_path(session)), NBDClient.connect_unix(socket_path(session))
     first.write(4 * MiB, b"ONE!" * 1024)
@@ -154,7 +144,7 @@ async def test_p_holds_a_read_and_n_releases_exactly_one(session, tmp_path):
     second.close()
 
 
-@aio
+@aio(timeout=30)
 async def test_step_menu_fails_the_request_with_eio(session, client):
     app = LabApp(session, auto_poll=False)
     async with app.run_test(size=(160, 50)) as pilot:
@@ -187,7 +177,7 @@ async def test_step_menu_fails_the_request_with_eio(session, client):
     assert client.read(0, 4) == b"late"
 
 
-@aio
+@aio(timeout=30)
 async def test_a_breakpoint_on_flush_added_in_the_panel_pauses_on_the_flush(session, client):
     app = LabApp(session, auto_poll=False)
     async with app.run_test(size=(160, 50)) as pilot:
@@ -231,7 +221,7 @@ async def test_a_breakpoint_on_flush_added_in_the_panel_pauses_on_the_flush(sess
         assert not len(session.steering.breakpoints)
 
 
-@aio
+@aio(timeout=30)
 async def test_an_error_filter_added_in_the_panel_fails_reads_until_toggled_off(session, client):
     app = LabApp(session, auto_poll=False)
     async with app.run_test(size=(160, 50)) as pilot:
@@ -276,7 +266,7 @@ async def test_an_error_filter_added_in_the_panel_fails_reads_until_toggled_off(
         assert any("POWER CUT" in row.message for row in app.stream.events)
 
 
-@aio
+@aio(timeout=30)
 async def test_the_filters_panel_keeps_typing_in_the_spec_input(session, client):
     app = LabApp(session, auto_poll=False)
     steering = app.model.steering
@@ -313,7 +303,7 @@ async def test_the_filters_panel_keeps_typing_in_the_spec_input(session, client)
         assert "not cow" in screen.status_text
 
 
-@aio
+@aio(timeout=30)
 async def test_the_breakpoints_panel_keeps_typing_in_the_spec_input(session):
     app = LabApp(session, auto_poll=False)
     steering = app.model.steering
@@ -337,7 +327,7 @@ async def test_the_breakpoints_panel_keeps_typing_in_the_spec_input(session):
         assert sorted(steering.breakpoints.by_id) == [1]
 
 
-@aio
+@aio(timeout=30)
 async def test_switching_from_ram_to_a_file_keeps_the_data(session, client, tmp_path):
     data = bytes(range(256)) * 64
     client.write(5 * MiB, data)
@@ -374,7 +364,7 @@ async def test_switching_from_ram_to_a_file_keeps_the_data(session, client, tmp_
         assert client.read(5 * MiB, 16) == data[:16]
 
 
-@aio
+@aio(timeout=30)
 async def test_r_records_a_trace_that_stats_can_read(session, client, tmp_path):
     app = LabApp(session, auto_poll=False)
     app.record_dir = str(tmp_path)
@@ -399,7 +389,7 @@ async def test_r_records_a_trace_that_stats_can_read(session, client, tmp_path):
     assert stats["ops"]["WRITE"]["count"] == 12 and stats["ops"]["READ"]["count"] == 5
 
 
-@aio
+@aio(timeout=30)
 async def test_r_stops_the_recording_the_session_started_with(tmp_path):
     sock = str(tmp_path / "nbd.sock")
     trace = str(tmp_path / "given.jsonl")
@@ -420,7 +410,7 @@ async def test_r_stops_the_recording_the_session_started_with(tmp_path):
     assert summarize_trace(trace)["requests"] == 1
 
 
-@aio
+@aio(timeout=30)
 async def test_e_exports_statistics_as_json_and_the_screen_as_svg(session, client, tmp_path):
     for i in range(7):
         client.write(i * 65536, b"e" * 65536)
@@ -444,7 +434,7 @@ async def test_e_exports_statistics_as_json_and_the_screen_as_svg(session, clien
     assert svg.startswith("<svg") and "address" in svg and "graphs" in svg
 
 
-@aio
+@aio(timeout=30)
 async def test_the_lab_stays_readable_with_everything_on_at_100x30(session, client, tmp_path):
     """Paused at a breakpoint, with filters, recording: the header keeps its state in view."""
     steering = session.steering
@@ -483,7 +473,7 @@ def record_five(session: Session, client: NBDClient, tmp_path: Path) -> str:
     return trace
 
 
-@aio
+@aio(timeout=30)
 async def test_the_header_shows_a_replays_progress(session, client, tmp_path):
     """`buselab replay` in the lab sets session.replayer; the header counts it, paused or not."""
     trace = record_five(session, client, tmp_path)
@@ -525,7 +515,7 @@ def test_the_lab_ends_while_a_replay_waits_at_a_pause(session, client, tmp_path)
     assert replayer.summary.stopped or replayer.done < 5
 
 
-@aio
+@aio(timeout=30)
 async def test_cow_from_the_switch_screen_then_discard_and_commit_in_the_filters_panel(session, client):
     client.write(0, b"base" * 1024)
     app = LabApp(session, auto_poll=False)

@@ -78,6 +78,11 @@ class Labeller:
     def rebuild(self, started: float | None = None) -> None:
         """Read the disk's map again (through the stack the clients see)."""
         started = time.monotonic() if started is None else started
+        if any(getattr(f, "powered_off", False) for f in self.engine.stack.enabled()):
+            # A dark disk: reading it would only count as a request refused during the power
+            # cut (poweron reports how many clients lost). The map waits for power on.
+            self._timer.note(started)
+            return
         top = self.engine.stack.top
         size = self.engine.size
 
