@@ -20,7 +20,7 @@ from ..steering.breakpoints import BreakpointError, parse_match
 from .facts import FACTS
 
 RUN_KINDS = ("split", "readahead")
-SCOPES = ("step", "lesson")
+SCOPES = ("step", "previous", "lesson")
 DEFAULT_TIMEOUT = 120.0  # seconds a checkpoint may take under --auto before the lesson fails
 
 
@@ -37,7 +37,7 @@ class Checkpoint:
     run: str | None = None  # or a run of requests: "split" or "readahead"
     in_flight: int | None = None  # or this many requests in flight at once
     pause: str | None = None  # a breakpoint: the device pauses on the first request it matches
-    scope: str = "step"  # the requests looked at: since this step began, or since the lesson began
+    scope: str = "step"  # the requests looked at: since this step began, the step before it, or the lesson
     explain: str = ""  # text with {facts} filled from this run's requests (lessons/facts.py)
     timeout: float = DEFAULT_TIMEOUT
 

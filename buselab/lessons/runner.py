@@ -57,6 +57,7 @@ class LessonRunner:
         self._records: deque[RequestRecord] = deque(maxlen=RECORDS_KEPT)
         self._last_seq = self._newest_seq()
         self._step_first_seq = self._last_seq + 1
+        self._step_starts: dict[int, int] = {}  # step index -> the first request seq it saw
         self._wait: Breakpoint | None = None
         self._breakpoint: int | None = None
         self._held_flags: set[str] = set()
@@ -80,14 +81,16 @@ class LessonRunner:
     def goto(self, index: int) -> None:
         """Leave the current step (its pause released) and begin step `index`."""
         with self._lock:
-            self._leave()
+            self.poll()  # what came before belongs to the step before ...
+            first = self._last_seq + 1
+            self._leave()  # ... and what the released pause lets through to this one
             if index >= len(self.lesson.steps):
                 self.index, self.state = len(self.lesson.steps), "finished"
                 return
             self.index = max(0, index)
             step = self.lesson.steps[self.index]
-            self.poll()  # what came before belongs to the step before
-            self._step_first_seq = self._last_seq + 1
+            self._step_first_seq = first
+            self._step_starts[self.index] = first
             self.explanation = self.held = ""
             self._held_flags = set()
             self.results = []
@@ -142,7 +145,7 @@ class LessonRunner:
                 return False
             checkpoint = self.step.checkpoint  # type: ignore[union-attr]
             assert checkpoint is not None
-            self._take(checkpoint, [r for r in fresh if r.seq >= self._step_first_seq or checkpoint.scope == "lesson"])
+            self._take(checkpoint, [r for r in fresh if r.seq >= self._step_first_seq or checkpoint.scope != "step"])
             if checkpoint.pause and self.state == "waiting" and self._breakpoint_hit():
                 self.state = "paused"
             if not self._fired(checkpoint):
@@ -153,7 +156,13 @@ class LessonRunner:
             return True
 
     def _begin_scope(self, checkpoint: Checkpoint) -> None:
-        self._in_scope: list[RequestRecord] = list(self._records) if checkpoint.scope == "lesson" else []
+        if checkpoint.scope == "lesson":
+            self._in_scope: list[RequestRecord] = list(self._records)
+        elif checkpoint.scope == "previous":  # what the step before set going, its pause's release included
+            since = self._step_starts.get(self.index - 1, self._step_first_seq)
+            self._in_scope = [r for r in self._records if r.seq >= since]
+        else:
+            self._in_scope = []
         self._matched: list[RequestRecord] = []
         self._matched_with = None  # the map the matches were made with
         self._run_seen = False
