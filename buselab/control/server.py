@@ -101,6 +101,7 @@ class ControlServer:
     def _serve(self, client: socket.socket) -> None:
         try:
             reader = client.makefile("rb")
+            first = True  # only a connection's first command may turn it into a watch
             while True:
                 line = reader.readline(MAX_LINE + 1)
                 if not line:
@@ -110,7 +111,8 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
-                watch = watch_request(line)
+                watch = watch_request(line) if first else None
+                first = False
                 if watch is not None:
                     self._watch(client, watch)
                     return

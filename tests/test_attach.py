@@ -1,0 +1,259 @@
+"""`buselab attach`: the lab as a viewer of a running, headless buselab.
+
+The whole story with real parts: `buselab ram --headless --control PATH` in a
+subprocess, nbdsh (libnbd) as the client, one viewer in this process (Textual's
+run_test) and one `buselab attach` in a real terminal (tmux). Both show the same
+requests; a request held by a pause from one viewer is stepped from the other;
+both quit; the client is still served and the server still runs. Then: a
+viewer whose server goes says so in one line; a viewer that does not read
+costs the server one frame, not memory; `stop` over the socket stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import nbdsh, require_tool, socket_path, start_buselab
+from test_ui_tmux import capture, seqs, tmux, wait_for
+
+from buselab.control.client import ControlClient
+from buselab.control.protocol import ControlTarget
+from buselab.control.watch import SEND_BUFFER, Watch
+from buselab.ui.attached import AttachedLabApp, run_attached
+from buselab.ui.remote import RemoteSession
+
+OFFSET = 40 * 4096  # the held write's offset: nothing else writes there
+
+
+def io(uri: str, script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*nbdsh(), "-u", uri, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def some_io(uri: str, n: int = 12) -> None:
+    done = io(uri, f"for i in range({n}):\n    h.pwrite(b'a' * 4096, i * 4096)\n    h.pread(4096, i * 4096)")
+    assert done.returncode == 0, done.stderr
+
+
+def record_seqs(app: AttachedLabApp) -> set[int]:
+    return {row.seq for row in app.stream.rows if hasattr(row, "seq") and hasattr(row, "cmd")}
+
+
+async def until(predicate, timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.05)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    ctl = tmp_path / "ctl.sock"
+    server = start_buselab(["ram", "--size", "64M", "--control", str(ctl)], tmp_path)
+    server.control = str(ctl)  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_two_viewers_see_the_same_requests_and_steer_each_other(served, tmp_path: Path):
+    require_tool("tmux")
+    nbdsh()
+    ctl = served.control
+    some_io(served.uri)
+    name = f"buselab-attach-{os.getpid()}"
+    done = tmp_path / "viewer-exit"
+    command = f"{shlex.quote(sys.executable)} -m buselab attach {shlex.quote(ctl)}"
+    # (Textual draws on stderr: the viewer's last line is read back from the pane.)
+    shell = f"unset COLUMNS LINES; {command}; echo $? > {shlex.quote(str(done))}; sleep 30"
+    tmux(name, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", "sleep 600", check=True)
+    held_writer = None
+    try:
+        tmux(name, "set-option", "-t", name, "window-size", "manual", check=True)
+        tmux(name, "resize-window", "-t", name, "-x", "160", "-y", "50", check=True)
+        tmux(name, "respawn-pane", "-k", "-t", name, shell, check=True)
+        wait_for(name, lambda s: "viewer:" in s and "q Detach" in s and len(seqs(s)) >= 5)
+
+        async def in_process_viewer() -> None:
+            nonlocal held_writer
+            remote = RemoteSession(ctl)
+            app = AttachedLabApp(remote)
+            try:
+                async with app.run_test(size=(160, 50)) as pilot:
+                    # More requests once both watch: both must show every one of them.
+                    await asyncio.to_thread(some_io, served.uri, 6)
+                    await until(lambda: len(record_seqs(app)) >= 36, what="the in-process viewer shows 36 requests")
+                    mine = record_seqs(app)
+                    newest = max(mine)
+                    screen = await asyncio.to_thread(wait_for, name, lambda s: seqs(s) and max(seqs(s)) == newest)
+                    theirs = set(seqs(screen))
+                    assert len(theirs) >= 10 and theirs <= mine, (sorted(theirs), sorted(mine))
+                    # Pause here; a write arrives and is held; both viewers say so.
+                    await pilot.press("p")
+                    await until(lambda: remote.engine.gate.paused, what="the pause reached the server")
+                    held_writer = subprocess.Popen(
+                        [*nbdsh(), "-u", served.uri, "-c", f"h.pwrite(b'H' * 4096, {OFFSET})"],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                    )
+                    await until(lambda: "1 held" in app.header_widget.plain, what="1 held in the in-process viewer")
+                    await asyncio.to_thread(wait_for, name, lambda s: "1 held, oldest" in s)
+                    assert held_writer.poll() is None, "the held write was answered"
+                    # Step it from the other viewer (the terminal): this one sees it answered.
+                    tmux(name, "send-keys", "-t", name, "n", check=True)
+
+                    def stepped_here() -> bool:
+                        return any(getattr(r, "offset", None) == OFFSET and r.cmd == 1 for r in app.stream.rows)
+
+                    await until(stepped_here, what="the write stepped in tmux shows in this viewer's stream")
+                    await asyncio.to_thread(wait_for, name, lambda s: "stepped: release" in s)
+                    assert held_writer.wait(15) == 0
+                    await until(lambda: "nothing held yet" in app.header_widget.plain, what="nothing held here")
+                    await pilot.press("p")
+                    await until(lambda: not remote.engine.gate.paused, what="resumed")
+                    await pilot.press("q")
+                assert app.return_code == 0
+            finally:
+                remote.close()
+
+        asyncio.run(in_process_viewer())
+        # The terminal's viewer saw the resume from this one, and quits on q.
+        wait_for(name, lambda s: "SERVING" in s)
+        tmux(name, "send-keys", "-t", name, "q", check=True)
+        deadline = time.monotonic() + 20
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert done.exists(), f"q did not close the viewer:\n{capture(name)}"
+        assert done.read_text().strip() == "0"
+        assert "keeps serving" in capture(name)
+        # Both viewers gone: the server still runs and its client is still served.
+        assert served.proc.poll() is None, served.output()
+        again = io(served.uri, f"assert h.pread(4096, {OFFSET}) == b'H' * 4096; h.pwrite(b'z' * 512, 0)")
+        assert again.returncode == 0, again.stderr
+    finally:
+        if held_writer is not None and held_writer.poll() is None:
+            held_writer.kill()
+        tmux(name, "kill-server", capture_output=True)
+
+
+def test_a_viewer_whose_server_goes_says_so_in_one_line(served, capsys):
+    outcome: dict[str, int] = {}
+    viewer = threading.Thread(target=lambda: outcome.update(rc=run_attached(served.control, headless=True)))
+    viewer.start()
+    time.sleep(1.5)  # attached and ticking
+    assert served.stop(signal.SIGTERM) == 0
+    viewer.join(15)
+    assert not viewer.is_alive(), "the viewer did not end when its server went"
+    assert outcome["rc"] == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "went away" in err[0] and served.control in err[0], err
+
+
+def fio_load(uri: str, seconds: float) -> list[str]:
+    return [
+        "fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", "--size=8M",
+        "--numjobs=2", "--iodepth=8", "--time_based", f"--runtime={seconds}", "--output-format=json",
+    ]  # fmt: skip
+
+
+def write_iops(output: str) -> float:
+    """fio's JSON (the nbd engine prints 'fio: connected to NBD server' lines before it)."""
+    return json.loads(output[output.index("{") :])["jobs"][0]["write"]["iops"]
+
+
+def test_a_viewer_that_does_not_read_costs_the_server_one_frame(session):
+    """A watcher that never reads (as a viewer stopped with SIGSTOP), while fio pours requests
+    in: the server holds at most one frame for it plus the kernel's send buffer (whatever the
+    duration: nothing queues), skips the ticks it cannot send, and tells it so once it reads."""
+    require_tool("fio")
+    server_end, viewer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    viewer_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    watch = Watch(server_end, ControlTarget(session.steering, session.status), hz=30)
+    thread = threading.Thread(target=watch.run, daemon=True)
+    thread.start()
+    largest = 0
+    load = subprocess.Popen(fio_load(f"nbd+unix:///?socket={socket_path(session)}", 5), stdout=subprocess.PIPE)
+    while load.poll() is None:
+        largest = max(largest, len(watch.pending))
+        queued = fcntl.ioctl(server_end, termios.TIOCOUTQ, b"\0" * 4)
+        assert int.from_bytes(queued, sys.byteorder) <= 2 * SEND_BUFFER + 65536
+        time.sleep(0.05)
+    assert write_iops(load.stdout.read().decode()) > 0
+    frames, dropped = watch.frames, watch.dropped
+    # The first frames fill the socket's buffers; from then on every tick is skipped.
+    assert dropped > 100, "the ticks that could not be sent were not counted"
+    assert frames < 0.25 * (frames + dropped), f"{frames} frames built for a viewer that reads nothing"
+    assert 0 < largest < 400_000, f"one frame is at most {largest} bytes"
+    # Once it reads again, the next frames carry the count of what it missed.
+    viewer_end.settimeout(10)
+    reader = viewer_end.makefile("rb")
+    seen = 0
+    for line in reader:
+        seen = json.loads(line).get("dropped", 0)
+        if seen:
+            break
+    assert seen >= dropped
+    reader.close()
+    viewer_end.close()
+    thread.join(5)
+    assert not thread.is_alive(), "the watch did not end when its viewer went"
+
+
+def test_a_stopped_viewer_does_not_grow_or_slow_the_server(served, tmp_path: Path):
+    """`buselab attach` in a terminal, stopped with SIGSTOP while fio runs: the server's RSS
+    stays within a few MB (its own wander under this load, measured without any viewer, is
+    about 8 MB peak to peak: the ring's previews and malloc), and the viewer carries on after
+    SIGCONT with the requests it missed as gaps."""
+    require_tool("tmux", "fio")
+    name = f"buselab-attach-stop-{os.getpid()}"
+    command = f"{shlex.quote(sys.executable)} -m buselab attach {shlex.quote(served.control)}"
+    tmux(name, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", f"unset COLUMNS LINES; {command}", check=True)
+    try:
+        wait_for(name, lambda s: "q Detach" in s)
+        viewer = int(tmux(name, "display-message", "-p", "-t", name, "#{pane_pid}", capture_output=True,
+                          text=True, check=True).stdout.strip())  # fmt: skip
+        pid = served.proc.pid
+        subprocess.run(fio_load(served.uri, 2), check=True, capture_output=True)  # the ring fills
+        before = rss_kib(pid)
+        os.kill(viewer, signal.SIGSTOP)
+        try:
+            run = subprocess.run(fio_load(served.uri, 8), check=True, capture_output=True, text=True)
+            grown = rss_kib(pid) - before
+        finally:
+            os.kill(viewer, signal.SIGCONT)
+        assert grown < 12 * 1024, f"the server grew {grown} KiB while its viewer was stopped"
+        assert write_iops(run.stdout) > 0
+        screen = wait_for(name, lambda s: "more" in s and "SERVING" in s)
+        assert served.proc.poll() is None, screen
+    finally:
+        tmux(name, "kill-server", capture_output=True)
+
+
+def test_stop_over_the_control_socket_stops_the_server(served):
+    with ControlClient(served.control) as ctl:
+        assert ctl.call("status")["kind"] == "ram"
+        with pytest.raises(Exception, match="watch starts a stream"):
+            ctl.call("watch")  # not as a later line of a command connection
+        assert ctl.call("stop") == {"stopping": True}
+    assert served.proc.wait(20) == 0
+    assert re.search(r"stopped cleanly|stopped", served.output()), served.output()
