@@ -8,7 +8,10 @@ runs it and, unlike `run_lab`, never stops what it watched.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 from textual.binding import Binding
 
@@ -65,6 +68,9 @@ def run_attached(path: str, *, seconds: float | None = None, headless: bool = Fa
         app.run(headless=headless)
     finally:
         session.close()
+        stats_path = os.environ.get("BUSELAB_LAB_STATS")  # bench/lab_bench.py --attached
+        if stats_path:
+            Path(stats_path).write_text(json.dumps(app.stats(), indent=1))
     if session.gone is not None and not app.stopped_server:
         print(f"buselab: {session.gone}", file=sys.stderr)
         return 0
