@@ -28,6 +28,7 @@ Commands (arguments; positional ones in order):
     events    [after=EPOCH] [limit=50]
     stop                                stop the server (answered first; the device is detached)
     watch     [hz=12] [rows=250]        this connection then carries telemetry frames (see watch.py)
+    viewers                             the watching connections: frames sent, ticks dropped, bytes held
     help
 """
 
@@ -55,6 +56,7 @@ class ControlTarget:
     steering: Steering
     status: Callable[[], Result]
     stop: Callable[[], None] | None = None  # asks the session to stop (SIGTERM's way); None: refused
+    viewers: Callable[[], list[dict[str, Any]]] = list  # the attached labs' streams (the server's)
 
 
 def _remove_filter(s: Steering, ref: Any) -> Any:
@@ -145,7 +147,11 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Handler]] = {
     "cow.discard": ((), lambda s, a: s.cow_discard()),
     "events": ((), lambda s, a: s.events(float(a.pop("after", 0.0)), int(a.pop("limit", 50)))),
     "stop": ((), lambda s, a: None),  # the session's (see dispatch)
-    "watch": ((), lambda s, a: None),  # the server's (see ControlServer._serve): not a one-line answer
+    "watch": ((), lambda s, a: None),
+    "viewers": (
+        (),
+        lambda s, a: None,
+    ),  # the server's (see dispatch)  # the server's (see ControlServer._serve): not a one-line answer
     "help": ((), lambda s, a: sorted(COMMANDS)),
 }
 _ALIASES = {
@@ -219,6 +225,8 @@ def dispatch(target: ControlTarget, message: dict[str, Any]) -> Any:
     try:
         if name == "stop":
             result = _stop(target)
+        elif name == "viewers":
+            result = target.viewers()
         elif name == "watch":
             raise SteeringError("watch starts a stream of frames: send it as the first line of a connection")
         else:
@@ -234,11 +242,15 @@ def dispatch(target: ControlTarget, message: dict[str, Any]) -> Any:
     return to_json(result)
 
 
+STOPPING = {"stopping": True}
+
+
 def _stop(target: ControlTarget) -> dict[str, bool]:
+    """Refused without a way to stop; else the answer, which the server sends before it stops
+    (see ControlServer._serve: stopping first could close this very connection unanswered)."""
     if target.stop is None:
         raise SteeringError("this buselab cannot be stopped over its control socket")
-    target.stop()
-    return {"stopping": True}
+    return dict(STOPPING)
 
 
 def watch_request(line: bytes | str) -> dict[str, Any] | None:

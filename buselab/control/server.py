@@ -20,7 +20,7 @@ from ..listening import accept_loop, bind_unix
 from ..steering import Steering
 from ..steering.results import Result
 from . import control_dir, default_control_path, ensure_private_dir, prune_stale_sockets, socket_is_live
-from .protocol import MAX_LINE, ControlTarget, encode_reply, handle_line, watch_request
+from .protocol import MAX_LINE, STOPPING, ControlTarget, encode_reply, handle_line, watch_request
 from .watch import Watch
 
 __all__ = ["ControlServer", "default_control_path"]
@@ -40,7 +40,8 @@ class ControlServer:
     ) -> None:
         self.path: str | None = path or default_control_path()  # None when it could not be made
         self.error: str | None = None  # why not
-        self.target = ControlTarget(steering, status or steering.status, stop)
+        self.target = ControlTarget(steering, status or steering.status, stop, self.viewers)
+        self._watches: set[Watch] = set()
         self._event = event  # a line for the lab's stream
         self._listener: socket.socket | None = None
         self._clients: set[socket.socket] = set()
@@ -122,6 +123,8 @@ class ControlServer:
                     log.exception("control command failed")
                     reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
                 client.sendall(encode_reply(reply))
+                if reply.get("ok") and reply.get("result") == STOPPING and self.target.stop is not None:
+                    self.target.stop()  # answered first: the session's stop closes this connection
         except OSError:
             pass  # the script went away
         finally:
@@ -140,7 +143,19 @@ class ControlServer:
             client.sendall(encode_reply({"ok": False, "error": f"bad arguments for watch: {exc}"}))
             return
         client.sendall(encode_reply({"ok": True, "result": {"watching": True, "hz": 1 / watch.period}}))
-        watch.run()
+        with self._lock:
+            self._watches.add(watch)
+        try:
+            watch.run()
+        finally:
+            with self._lock:
+                self._watches.discard(watch)
+
+    def viewers(self) -> list[dict]:
+        """`viewers`: each attached lab's stream, oldest first (what it costs the server)."""
+        with self._lock:
+            watches = sorted(self._watches, key=lambda w: w.since)
+        return [w.info() for w in watches]
 
     def stop(self) -> None:
         with self._lock:

@@ -21,10 +21,13 @@ in-process lab does.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import select
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +45,14 @@ SEND_BUFFER = 256 * 1024  # bytes the kernel may hold for a viewer that does not
 STATUS_EVERY = 1.0  # seconds between full statuses when nothing steering-related changed
 BUSY_ROWS = 200  # records in one frame: the server is busy, snapshots only every BUSY_SNAPSHOT_EVERY
 BUSY_SNAPSHOT_EVERY = 0.5
+
+
+def _queued(sock: socket.socket) -> int | None:
+    """Bytes written to the socket that its reader has not taken yet (Linux), or None."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return None
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -78,6 +89,7 @@ class Watch:
         self.steering = steering
         self.telemetry = steering.engine.telemetry
         self.gate = steering.engine.gate
+        self.since = time.time()
         self.frames = 0
         self.dropped = 0  # ticks whose frame was not built: the viewer had not read the last one
         self.pending = b""  # the unsent tail of the last frame (never more than one frame)
@@ -122,6 +134,19 @@ class Watch:
                 self._send()
         except OSError:
             return  # the viewer went away mid-frame
+        except Exception:  # noqa: BLE001 - a bug costs this viewer its stream, never the server
+            log.exception("a viewer's telemetry frame failed; its stream ends")
+
+    def info(self) -> dict[str, Any]:
+        """What this viewer costs the server: frames built, ticks skipped, bytes held for it."""
+        return {
+            "since": round(self.since, 3),
+            "hz": round(1 / self.period, 3),
+            "frames": self.frames,
+            "dropped": self.dropped,
+            "pending_bytes": len(self.pending),  # at most one frame
+            "queued_bytes": _queued(self.sock),  # in the kernel's send buffer (at most SEND_BUFFER x 2)
+        }
 
     def _viewer_still_there(self) -> bool:
         """A viewer sends nothing after `watch`: readable means it closed (or sent noise, ignored)."""
