@@ -33,7 +33,9 @@ from test_ui_tmux import capture, seqs, tmux, wait_for
 from buselab.control.client import ControlClient
 from buselab.control.protocol import ControlTarget
 from buselab.control.watch import SEND_BUFFER, Watch
+from buselab.storage.filters.cache import CacheFilter
 from buselab.ui.attached import AttachedLabApp, run_attached
+from buselab.ui.model import LabModel
 from buselab.ui.remote import RemoteSession
 
 OFFSET = 40 * 4096  # the held write's offset: nothing else writes there
@@ -318,3 +320,36 @@ def test_stop_over_the_control_socket_stops_the_server(served):
     assert done.returncode == 0 and done.stdout.startswith("stopping"), done
     assert served.proc.wait(20) == 0
     assert re.search(r"stopped cleanly|stopped", served.output()), served.output()
+
+
+def test_a_viewer_adds_a_cache_and_cuts_the_power(served):
+    """The filters panel's questions work in a viewer: it sees the server's cache (and its
+    unflushed bytes), cuts the power, and marks the requests the cut lost."""
+    nbdsh()
+    remote = RemoteSession(served.control)
+    try:
+        assert remote.steering.add_filter("cache").name == "cache"
+        some_io(served.uri, 4)  # writes that no FLUSH sends down
+
+        def caches() -> list:
+            return [layer.filter for layer in remote.steering.layers if isinstance(layer.filter, CacheFilter)]
+
+        wait_until(lambda: caches() and caches()[0].dirty_bytes() > 0, "the viewer sees the cache's dirty bytes")
+        assert not caches()[0].powered_off
+        cut = remote.steering.powercut()
+        assert cut.lost_bytes > 0 and cut.lost_requests
+        wait_until(lambda: remote.steering.restacker.powered_off, "the power is off in the viewer")
+        model = LabModel(remote)  # type: ignore[arg-type]
+        wait_until(lambda: (model.poll(), model.lost_requests)[1], "the viewer marks the lost requests")
+        assert set(cut.lost_requests) <= model.lost_requests
+        wait_until(lambda: caches()[0].powered_off, "the filters panel sees the power off")
+        assert remote.steering.poweron().refused >= 0
+    finally:
+        remote.close()
+
+
+def wait_until(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)

@@ -58,6 +58,8 @@ from ..steering.results import (
     SwitchProgress,
     SwitchResult,
 )
+from ..storage.backends.cow import CowBackend
+from ..storage.filters.cache import CacheFilter
 
 RING = 20000  # records a viewer keeps (the server's ring is as long)
 REASONS = 1000  # failure reasons kept
@@ -213,6 +215,35 @@ class RemoteLayer:
     filter: object = None
 
 
+class RemoteCache(CacheFilter):
+    """A cache filter of the server's stack, for the filters panel's power cut: whether the
+    power is off and how much a cut would lose, from the newest status (about once a second).
+    Nothing here serves: it has no overlay, and __init__ does not make one."""
+
+    def __init__(self, stats: dict[str, Any]) -> None:  # no CacheFilter.__init__: nothing to serve
+        self._stats = stats
+
+    @property
+    def powered_off(self) -> bool:  # type: ignore[override]
+        return self._stats.get("power") == "off"
+
+    def dirty_bytes(self) -> int:
+        return int(self._stats.get("dirty_bytes", 0))
+
+
+class RemoteCow(CowBackend):
+    """The server's cow backend, for the filters panel's commit and discard questions."""
+
+    def __init__(self, session: RemoteSession) -> None:  # no CowBackend.__init__: nothing to serve
+        self._session = session
+
+    def describe(self) -> str:
+        return str(self._session.status.get("backend", "cow"))
+
+    def changed_bytes(self) -> int:
+        return int(self._session.status.get("cow_changed_bytes") or 0)
+
+
 class RemoteBase:
     def __init__(self, session: RemoteSession) -> None:
         self._session = session
@@ -242,7 +273,8 @@ class RemoteSteering:
         self._session = session
         self.gate = session.engine.gate
         self.restacker = RemoteRestacker()
-        self.base = RemoteBase(session)
+        self._base = RemoteBase(session)
+        self._cow = RemoteCow(session)
         self.last_stepped: HeldRequest | None = None
         self._last_break: BreakHit | None = None
         self._last_break_json: Any = None
@@ -265,8 +297,15 @@ class RemoteSteering:
     @property
     def layers(self) -> list[RemoteLayer]:
         return [
-            RemoteLayer(f["id"], f["name"], f["spec"], f["enabled"]) for f in self._session.status.get("filters", [])
+            RemoteLayer(
+                f["id"], f["name"], f["spec"], f["enabled"], RemoteCache(f["stats"]) if f["name"] == "cache" else None
+            )
+            for f in self._session.status.get("filters", [])
         ]
+
+    @property
+    def base(self) -> RemoteBase | RemoteCow:
+        return self._cow if self._session.status.get("kind") == "cow" else self._base
 
     @property
     def switching(self) -> SwitchProgress | None:
