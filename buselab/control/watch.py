@@ -45,6 +45,7 @@ SEND_BUFFER = 256 * 1024  # bytes the kernel may hold for a viewer that does not
 STATUS_EVERY = 1.0  # seconds between full statuses when nothing steering-related changed
 BUSY_ROWS = 200  # records in one frame: the server is busy, snapshots only every BUSY_SNAPSHOT_EVERY
 BUSY_SNAPSHOT_EVERY = 0.5
+PREVIEWS_WHEN_BUSY = 32  # rows of a busy frame that carry their payload's first KiB (the newest)
 
 
 def _queued(sock: socket.socket) -> int | None:
@@ -59,10 +60,11 @@ def _b64(data: bytes | None) -> str | None:
     return base64.b64encode(data).decode("ascii") if data else None
 
 
-def encode_record(record: tuple, reason: str | None) -> list:
-    """A RequestRecord as a JSON list: its fields in order, the preview in base64, and why it failed."""
+def encode_record(record: tuple, reason: str | None, *, preview: bool = True) -> list:
+    """A RequestRecord as a JSON list: its fields in order, the preview in base64 (or None), and
+    why it failed."""
     row = list(record[:10])
-    row.append(_b64(record[10]))
+    row.append(_b64(record[10]) if preview else None)
     if reason:
         row.append(reason)
     return row
@@ -175,10 +177,17 @@ class Watch:
         if self.frames == 1:
             out["started"] = telemetry.started
         records = telemetry.recent(self.after_seq, self.rows)
+        busy = len(records) >= BUSY_ROWS
         if records:
             self.after_seq = max(self.after_seq, records[-1].seq)
-            out["records"] = [encode_record(r, telemetry.reason(r.seq) if r.error else None) for r in records]
-        busy = len(records) >= BUSY_ROWS
+            # Under load only the newest rows carry their payload's first KiB (the inspector
+            # follows the newest): base64 of every row was most of a frame's bytes and of the
+            # work on both ends.
+            bare = len(records) - PREVIEWS_WHEN_BUSY if busy else 0
+            out["records"] = [
+                encode_record(r, telemetry.reason(r.seq) if r.error else None, preview=i >= bare)
+                for i, r in enumerate(records)
+            ]
         if not busy or now - self._last_snapshot >= BUSY_SNAPSHOT_EVERY:
             self._last_snapshot = now
             snap = telemetry.snapshot()
