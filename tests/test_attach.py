@@ -253,7 +253,7 @@ def test_a_stopped_viewer_does_not_grow_or_slow_the_server(tmp_path: Path, monke
         (viewer,) = map(int, Path(f"/proc/{pane_pid}/task/{pane_pid}/children").read_text().split())
         assert "attach" in Path(f"/proc/{viewer}/cmdline").read_text()
         pid = served.proc.pid
-        load = subprocess.Popen(fio_load(served.uri, 11), stdout=subprocess.PIPE, text=True)
+        load = subprocess.Popen(fio_load(served.uri, 8), stdout=subprocess.PIPE, text=True)
         time.sleep(1)  # requests flow to the viewer, the ring fills
         client = ControlClient(ctl)
         os.kill(viewer, signal.SIGSTOP)
@@ -353,3 +353,56 @@ def wait_until(predicate, what: str, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"never happened: {what}"
         time.sleep(0.05)
+
+
+def test_attach_through_a_forwarded_socket(served, tmp_path: Path):
+    """What `ssh -L /local.sock:/remote.ctl host` does: another socket whose connections are
+    relayed byte for byte to the control socket. The viewer needs nothing else (no peer
+    credentials, no file descriptors, not the server's path)."""
+    local = str(tmp_path / "local.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(local)
+    listener.listen(4)
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def relay() -> None:
+        while True:
+            try:
+                near, _ = listener.accept()
+            except OSError:
+                return
+            far = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            far.connect(served.control)
+            threading.Thread(target=pump, args=(near, far), daemon=True).start()
+            threading.Thread(target=pump, args=(far, near), daemon=True).start()
+
+    threading.Thread(target=relay, daemon=True).start()
+    remote = RemoteSession(local)
+    try:
+        some_io(served.uri, 3)
+        model = LabModel(remote)  # type: ignore[arg-type]
+        wait_until(lambda: len(model.poll().records) or model.requests >= 6, "requests through the forward")
+        other = RemoteSession(local)  # a second viewer through the same forward
+        try:
+            remote.steering.pause()
+            wait_until(lambda: other.engine.gate.paused, "the other viewer's frames say paused")
+            remote.steering.resume()
+            wait_until(lambda: not other.engine.gate.paused, "... and then serving")
+        finally:
+            other.close()
+        assert "attached to " + local in remote.where
+    finally:
+        remote.close()
+        listener.close()
