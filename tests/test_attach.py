@@ -406,3 +406,31 @@ def test_attach_through_a_forwarded_socket(served, tmp_path: Path):
     finally:
         remote.close()
         listener.close()
+
+
+def test_bad_attach_targets_are_one_line(tmp_path: Path):
+    def attach(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "buselab", "attach", *args], capture_output=True, text=True, timeout=30
+        )
+
+    for args, words in (
+        ([str(tmp_path / "nothing.ctl")], "no control socket at"),
+        (["--hz", "0", str(tmp_path / "x.ctl")], "--hz 0: give 0.5 to 30"),
+    ):
+        done = attach(*args)
+        assert done.returncode == 2, done
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_attach_without_a_terminal_says_so(served):
+    done = subprocess.run(
+        [sys.executable, "-m", "buselab", "attach", served.control],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2 and "needs a terminal" in done.stderr and "Traceback" not in done.stderr, done
+    assert served.proc.poll() is None

@@ -33,5 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_attach(args: argparse.Namespace) -> int:
     from ..control.client import resolve_control_path
     from ..ui.attached import run_attached
+    from . import UsageError
 
+    if not 0.5 <= args.hz <= 30:
+        raise UsageError(f"--hz {args.hz:g}: give 0.5 to 30 frames a second (see `buselab attach --help`)")
     return run_attached(resolve_control_path(args.target), seconds=args.seconds, hz=args.hz)

@@ -60,9 +60,10 @@ class AttachedLabApp(LabApp):
 
 def run_attached(path: str, *, seconds: float | None = None, headless: bool = False, hz: float = 12.0) -> int:
     """Open the lab on the buselab at `path` until q (or the server goes); the server keeps running."""
+    session = RemoteSession(path, hz=hz)  # first: a wrong PATH is the error to hear about
     if not headless and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        session.close()
         raise UserError("buselab attach needs a terminal (use `buselab ctl status` from scripts)")
-    session = RemoteSession(path, hz=hz)
     app = AttachedLabApp(session, seconds=seconds, hz=hz)
     try:
         app.run(headless=headless)
