@@ -178,7 +178,11 @@ class Session:
                 self.kernel = attach(self.options.device, self.engine, self.network, kernel_options)
             if self.options.control:
                 self.control = ControlServer(
-                    self.steering, self.options.control, status=self.status, event=self.engine.telemetry.event
+                    self.steering,
+                    self.options.control,
+                    status=self.status,
+                    event=self.engine.telemetry.event,
+                    stop=self.stop_requested.set,
                 )
                 self.control.start()
         except BaseException:

@@ -33,7 +33,7 @@ from . import ArgumentParser, UsageError
 
 COMMAND_WORDS = {
     "status", "pause", "resume", "continue", "step", "held", "wait", "break", "filter",
-    "switch", "powercut", "poweron", "cow", "events", "help",
+    "switch", "powercut", "poweron", "cow", "events", "help", "stop", "viewers",
 }  # fmt: skip
 
 
@@ -116,6 +116,8 @@ def build_ctl_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["commit", "discard"])
     p = sub.add_parser("events", parents=[common], help="recent events (switches, breakpoints, connections)")
     p.add_argument("--limit", type=int, default=20)
+    sub.add_parser("stop", parents=[common], help="stop the server (as SIGTERM: in-flight requests are answered)")
+    sub.add_parser("viewers", parents=[common], help="attached labs (buselab attach): frames, dropped, bytes held")
     return parser
 
 
@@ -297,6 +299,8 @@ def render(cmd: str, result: Any) -> str:
         if r.get("control"):
             lines.append(f"control: {r['control']}")
         return "\n".join(lines)
+    if cmd == "stop":
+        return "stopping: buselab answers what is in flight, then ends"
     if cmd == "pause":
         return f"paused ({result['held']} held)"
     if cmd == "resume":

@@ -26,6 +26,9 @@ Commands (arguments; positional ones in order):
     poweron                             ... until the power is back
     cow.commit | cow.discard
     events    [after=EPOCH] [limit=50]
+    stop                                stop the server (answered first; the device is detached)
+    watch     [hz=12] [rows=250]        this connection then carries telemetry frames (see watch.py)
+    viewers                             the watching connections: frames sent, ticks dropped, bytes held
     help
 """
 
@@ -52,6 +55,8 @@ class ControlTarget:
 
     steering: Steering
     status: Callable[[], Result]
+    stop: Callable[[], None] | None = None  # asks the session to stop (SIGTERM's way); None: refused
+    viewers: Callable[[], list[dict[str, Any]]] = list  # the attached labs' streams (the server's)
 
 
 def _remove_filter(s: Steering, ref: Any) -> Any:
@@ -141,6 +146,12 @@ COMMANDS: dict[str, tuple[tuple[str, ...], Handler]] = {
     "cow.commit": ((), lambda s, a: s.cow_commit()),
     "cow.discard": ((), lambda s, a: s.cow_discard()),
     "events": ((), lambda s, a: s.events(float(a.pop("after", 0.0)), int(a.pop("limit", 50)))),
+    "stop": ((), lambda s, a: None),  # the session's (see dispatch)
+    "watch": ((), lambda s, a: None),
+    "viewers": (
+        (),
+        lambda s, a: None,
+    ),  # the server's (see dispatch)  # the server's (see ControlServer._serve): not a one-line answer
     "help": ((), lambda s, a: sorted(COMMANDS)),
 }
 _ALIASES = {
@@ -199,7 +210,7 @@ def parse_text_line(line: str) -> dict[str, Any]:
 
 _ARGUMENT_KEYS = {
     "fail", "delay", "delay_ms", "wait", "action", "errno", "count", "timeout", "position",
-    "size", "copy", "overwrite", "after", "limit", "ref", "kind", "path",
+    "size", "copy", "overwrite", "after", "limit", "ref", "kind", "path", "hz", "rows",
 }  # fmt: skip
 
 
@@ -212,7 +223,14 @@ def dispatch(target: ControlTarget, message: dict[str, Any]) -> Any:
         raise SteeringError(f"unknown command {message.get('cmd')!r}: try one of {', '.join(sorted(COMMANDS))}")
     _, handler = entry
     try:
-        result = target.status() if name == "status" else handler(target.steering, args)
+        if name == "stop":
+            result = _stop(target)
+        elif name == "viewers":
+            result = target.viewers()
+        elif name == "watch":
+            raise SteeringError("watch starts a stream of frames: send it as the first line of a connection")
+        else:
+            result = target.status() if name == "status" else handler(target.steering, args)
     except FilterSpecError as exc:
         raise SteeringError(exc.worded("filter")) from None
     except (TypeError, ValueError) as exc:
@@ -222,6 +240,29 @@ def dispatch(target: ControlTarget, message: dict[str, Any]) -> Any:
     if args:
         raise SteeringError(f"{name} does not take {', '.join(sorted(args))}")
     return to_json(result)
+
+
+STOPPING = {"stopping": True}
+
+
+def _stop(target: ControlTarget) -> dict[str, bool]:
+    """Refused without a way to stop; else the answer, which the server sends before it stops
+    (see ControlServer._serve: stopping first could close this very connection unanswered)."""
+    if target.stop is None:
+        raise SteeringError("this buselab cannot be stopped over its control socket")
+    return dict(STOPPING)
+
+
+def watch_request(line: bytes | str) -> dict[str, Any] | None:
+    """The arguments of a `watch` line (a connection's first), or None if it is another command."""
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    try:
+        message = json.loads(text) if text.lstrip().startswith("{") else parse_text_line(text)
+    except (json.JSONDecodeError, UserError):
+        return None
+    if not isinstance(message, dict) or command_name(message.get("cmd", "")) != "watch":
+        return None
+    return {k: v for k, v in message.items() if k not in ("cmd", "id")}
 
 
 def handle_line(target: ControlTarget, line: bytes | str) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from ..listening import accept_loop, bind_unix
 from ..steering import Steering
 from ..steering.results import Result
 from . import control_dir, default_control_path, ensure_private_dir, prune_stale_sockets, socket_is_live
-from .protocol import MAX_LINE, ControlTarget, encode_reply, handle_line
+from .protocol import MAX_LINE, STOPPING, ControlTarget, encode_reply, handle_line, watch_request
+from .watch import Watch
 
 __all__ = ["ControlServer", "default_control_path"]
 
@@ -35,10 +36,12 @@ class ControlServer:
         *,
         status: Callable[[], Result] | None = None,
         event: Callable[[str], None] = lambda message: None,
+        stop: Callable[[], None] | None = None,
     ) -> None:
         self.path: str | None = path or default_control_path()  # None when it could not be made
         self.error: str | None = None  # why not
-        self.target = ControlTarget(steering, status or steering.status)
+        self.target = ControlTarget(steering, status or steering.status, stop, self.viewers)
+        self._watches: set[Watch] = set()
         self._event = event  # a line for the lab's stream
         self._listener: socket.socket | None = None
         self._clients: set[socket.socket] = set()
@@ -99,6 +102,7 @@ class ControlServer:
     def _serve(self, client: socket.socket) -> None:
         try:
             reader = client.makefile("rb")
+            first = True  # only a connection's first command may turn it into a watch
             while True:
                 line = reader.readline(MAX_LINE + 1)
                 if not line:
@@ -108,12 +112,19 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
+                watch = watch_request(line) if first else None
+                first = False
+                if watch is not None:
+                    self._watch(client, watch)
+                    return
                 try:
                     reply = handle_line(self.target, line)
                 except Exception as exc:  # noqa: BLE001 - a bug must cost one reply, not the socket
                     log.exception("control command failed")
                     reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
                 client.sendall(encode_reply(reply))
+                if reply.get("ok") and reply.get("result") == STOPPING and self.target.stop is not None:
+                    self.target.stop()  # answered first: the session's stop closes this connection
         except OSError:
             pass  # the script went away
         finally:
@@ -123,6 +134,28 @@ class ControlServer:
                 client.close()
             except OSError:
                 pass
+
+    def _watch(self, client: socket.socket, args: dict) -> None:
+        """This connection becomes a viewer's stream of frames (see watch.py) until either side goes."""
+        try:
+            watch = Watch(client, self.target, stopping=lambda: self._stopping, **_watch_args(args))
+        except (TypeError, ValueError) as exc:
+            client.sendall(encode_reply({"ok": False, "error": f"bad arguments for watch: {exc}"}))
+            return
+        client.sendall(encode_reply({"ok": True, "result": {"watching": True, "hz": 1 / watch.period}}))
+        with self._lock:
+            self._watches.add(watch)
+        try:
+            watch.run()
+        finally:
+            with self._lock:
+                self._watches.discard(watch)
+
+    def viewers(self) -> list[dict]:
+        """`viewers`: each attached lab's stream, oldest first (what it costs the server)."""
+        with self._lock:
+            watches = sorted(self._watches, key=lambda w: w.since)
+        return [w.info() for w in watches]
 
     def stop(self) -> None:
         with self._lock:
@@ -143,3 +176,10 @@ class ControlServer:
                 client.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _watch_args(args: dict) -> dict:
+    unknown = set(args) - {"hz", "rows"}
+    if unknown:
+        raise ValueError(f"watch does not take {', '.join(sorted(unknown))}")
+    return {key: float(value) if key == "hz" else int(value) for key, value in args.items()}
