@@ -68,7 +68,6 @@ MIN_TICK_GAP = 0.03  # seconds: catching up after a late tick, still leave time 
 LAB_GC_THRESHOLD = 50_000  # net allocations between young collections while the lab runs
 INSPECTOR_FOLLOW_EVERY = 0.25  # seconds between inspector updates while following
 INSPECTOR_FOLLOW_BUSY = 1.0  # ... and while requests pour in (it is unreadable faster anyway)
-QUEUE_LIMITS_EVERY = 2.0  # seconds between readings of the kernel device's queue limits (sysfs)
 
 
 NARROW_FOOTER = 100  # columns: below this the footer drops and shortens keys to fit 80
@@ -176,7 +175,6 @@ class LabApp(SteeringActions, App[int]):
         self.stream_filter = ""  # the typed filter's spec ("" shows every request)
         self.runs = RunTracker()  # split I/Os and readahead among the rows, found by the tick
         self.queue_limits: dict[str, int | str] = {}  # the kernel device's, when attached
-        self._limits_read_at = -QUEUE_LIMITS_EVERY
         self.stream.run_source = self.runs.run_of
         self._grid_rows = ""
         self._inspector_shown_at = 0.0
@@ -346,16 +344,9 @@ class LabApp(SteeringActions, App[int]):
         super()._display(screen, renderable)
 
     def _read_queue_limits(self) -> None:
-        """The kernel device's queue limits, every few seconds (they can change: read_ahead_kb)."""
-        kernel = self.session.kernel
-        now = time.monotonic()
-        if kernel is None or now - self._limits_read_at < QUEUE_LIMITS_EVERY:
-            return
-        self._limits_read_at = now
-        try:
-            self.queue_limits = kernel.queue_limits()
-        except Exception:  # noqa: BLE001 - sysfs gone (detaching): runs fall back to guessing
-            self.queue_limits = {}
+        """The kernel device's queue limits, for the runs' piece size (the model re-reads them
+        every few seconds: read_ahead_kb and max_sectors_kb can change)."""
+        self.queue_limits = self.model.queue_limits or {}
         max_kb = self.queue_limits.get("max_sectors_kb")
         self.runs.max_request = max_kb * 1024 if isinstance(max_kb, int) and max_kb > 0 else None
 

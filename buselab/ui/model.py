@@ -394,7 +394,11 @@ class LabModel:
             return None
         now = self.clock()
         if self._queue_limits is None or now - self._queue_read_at >= QUEUE_REREAD:
-            self._queue_limits, self._queue_read_at = kernel.queue_limits(), now
+            self._queue_read_at = now
+            try:
+                self._queue_limits = kernel.queue_limits()
+            except Exception:  # noqa: BLE001 - sysfs gone (detaching): the runs fall back to guessing
+                self._queue_limits = {}
         return self._queue_limits
 
     @property
