@@ -75,7 +75,9 @@ def facts(
     out["count"] = str(len(matched))
     if matched:
         first = matched[0]
-        out["first"] = describe(first.op, first.length, first.offset, text_of(first))
+        # Its own label, or (labelled before the map knew the disk) what the map says is there now.
+        what = text_of(first) or ", ".join(dict.fromkeys(text for text, _ in focus(first)))
+        out["first"] = describe(first.op, first.length, first.offset, what)
         out["offsets"] = _list([f"{r.offset:,}" for r in matched])
         focused = [item for r in matched for item in focus(r)]
         blocks = list(dict.fromkeys(block for _, block in focused if block is not None))
