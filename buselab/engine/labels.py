@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from ..fsmap import FsMap, Label, RefreshTimer, build_map
 from ..protocol import constants as c
@@ -26,6 +26,8 @@ log = logging.getLogger("buselab")
 PASS_INTERVAL = 0.25  # seconds between passes over the new records
 LABELS_KEPT = 20000  # labels of the most recent requests (the telemetry ring's size)
 _WRITES = (c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM)
+# What a write puts there becomes the structure; a read or a discard of an unknown disk stays unknown.
+_RENAMED = (c.CMD_WRITE, c.CMD_WRITE_ZEROES)
 _LABELLED = (c.CMD_READ, c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM, c.CMD_CACHE)
 
 
@@ -38,6 +40,9 @@ class Labeller:
         self.structures: dict[str, list[int]] = {}  # kind -> [requests, bytes] since the start
         self.missed = 0  # requests that left the ring before a pass saw them (not counted)
         self._labels: OrderedDict[int, Label] = OrderedDict()
+        # Writes labelled "unknown": mkfs writes its inode tables and journal before the
+        # superblock that makes them mean anything, so they are named again by the next map.
+        self._unnamed: deque[RequestRecord] = deque(maxlen=LABELS_KEPT)
         self._last_seq = 0
         self._timer = RefreshTimer()
         self._stop = threading.Event()
@@ -90,7 +95,29 @@ class Labeller:
             return
         self.map = fsmap
         self.builds += 1
+        self._name_again(fsmap)
         self._timer.done(started)
+
+    def _name_again(self, fsmap: FsMap) -> None:
+        """Label the writes still "unknown" with the new map (moving their counts); keep the rest."""
+        labels = self._labels
+        counts = self.structures
+        still: list[RequestRecord] = []
+        for record in self._unnamed:
+            if record.seq not in labels:
+                continue  # too old: its label is gone
+            label = fsmap.label(record.offset, record.length, record.preview)
+            if label.kind == "unknown":
+                still.append(record)
+                continue
+            labels[record.seq] = label
+            counts["unknown"][0] -= 1
+            counts["unknown"][1] -= record.length
+            entry = counts.setdefault(label.kind, [0, 0])
+            entry[0] += 1
+            entry[1] += record.length
+        self._unnamed.clear()
+        self._unnamed.extend(still)
 
     # -- reading -----------------------------------------------------------------
     def label(self, seq: int) -> Label | None:
@@ -129,6 +156,8 @@ class Labeller:
                     self._timer.note(now)
                     noted = True  # once a pass is enough for the timer
             labels[record.seq] = label
+            if label.kind == "unknown" and record.cmd in _RENAMED and not record.error:
+                self._unnamed.append(record)
             entry = counts.get(label.kind)
             if entry is None:
                 counts[label.kind] = [1, record.length]
