@@ -74,3 +74,13 @@ def test_interleaved_connections_are_followed_separately():
         merged += [x._replace(seq=2 * x.seq - 1), y._replace(seq=2 * y.seq)]
     runs = find_runs(merged, max_request=128 * KiB)
     assert [(r.offset, r.seqs) for r in runs] == [(0, (1, 3, 5, 7)), (8 * MiB, (2, 4, 6, 8))]
+
+
+def test_readahead_at_full_window_is_not_a_split_and_its_last_window_may_be_short():
+    """A cold 1 MiB file read (the VM's classroom test saw exactly this): 16K, 32K, 64K, then
+    128 KiB windows (read_ahead_kb = max_sectors_kb = 128) and the file's last 16 KiB."""
+    sizes = [16 * KiB, 32 * KiB, 64 * KiB] + [128 * KiB] * 7 + [16 * KiB]
+    recs = records(*[(c.CMD_READ, 17 * MiB + sum(sizes[:i]), n) for i, n in enumerate(sizes)])
+    (run,) = find_runs(recs, max_request=128 * KiB)
+    assert run.kind == "readahead" and run.length == MiB and len(run.seqs) == 11
+    assert run.describe() == "readahead: 11 sequential READs, window 16 KiB → 32 KiB → 64 KiB → 128 KiB → 16 KiB"

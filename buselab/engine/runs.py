@@ -93,14 +93,25 @@ def _continues(prev: RequestRecord, record: RequestRecord) -> bool:
 def _classify(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
     if len(chain) < 2:
         return []
-    split = _split(chain, max_request)
-    if split:
-        return split
-    if chain[0].cmd == c.CMD_READ and len(chain) >= MIN_READAHEAD_RUN:
-        sizes = [r.length for r in chain]
-        if all(b >= a for a, b in zip(sizes, sizes[1:])) and sizes[-1] > sizes[0]:
-            return [_run("readahead", chain)]
-    return []
+    # Readahead first: once its window reaches read_ahead_kb, it sends READs of the queue's
+    # max size back to back, which would otherwise pass for the pieces of one split read.
+    ahead = _readahead(chain) if chain[0].cmd == c.CMD_READ else 0
+    if ahead:
+        return [_run("readahead", chain[:ahead]), *_classify(chain[ahead:], max_request)]
+    return _split(chain, max_request)
+
+
+def _readahead(chain: list[RequestRecord]) -> int:
+    """How many requests at the start of `chain` are a readahead run (0: none).
+
+    The windows never shrink and do grow; the last request may be smaller (the file ended).
+    """
+    n = 1
+    while n < len(chain) and chain[n].length >= chain[n - 1].length:
+        n += 1
+    if n < MIN_READAHEAD_RUN or chain[n - 1].length <= chain[0].length:
+        return 0
+    return n + 1 if n == len(chain) - 1 else n
 
 
 def _split(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
