@@ -110,11 +110,16 @@ def phase(name: str, start: int) -> list[RequestRecord]:
     deadline = time.monotonic() + 30
     while labelled and labeller.label(labelled[-1].seq) is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    dump.write(f"== {name}: {len(records)} requests\n")
+    wait_for_map()  # writes of metadata make the labeller read the map again, and name writes anew
+    dump.write(f"== {name}: {len(records)} requests (arrival ms after the first; gap: since the last answer)\n")
+    last_done = None
     for r in records:
+        gap = "" if last_done is None else f"{(r.time - last_done) * 1000:+8.2f}"
         dump.write(
-            f"{r.seq:6} {r.op:6} {r.offset:10} {r.length:8} {flags(r):3} {r.latency * 1000:8.2f} ms {label(r)}\n"
+            f"{r.seq:6} {(r.time - records[0].time) * 1000:9.2f} {gap:>8} {r.op:6} {r.offset:10} {r.length:8} {flags(r):3}"
+            f" {r.latency * 1000:8.2f} ms {label(r)}\n"
         )
+        last_done = r.time + r.latency
     dump.flush()
     return records
 
@@ -155,7 +160,6 @@ mkfs_records: list[RequestRecord] = []
 def mkfs() -> None:
     start = last_seq()
     sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-g", str(GROUP_BLOCKS), DEVICE)
-    wait_for_map()
     records = phase("1 mkfs", start)
     mkfs_records.extend(records)
     layout = sh("dumpe2fs", DEVICE).stdout
@@ -194,12 +198,16 @@ def mkfs() -> None:
 
 
 def wait_for_map() -> None:
-    """The labeller reads the disk again once mkfs's writes settle: wait for a map with ext4."""
+    """The labeller reads the disk again once metadata writes settle (half a second): wait for
+    a map with a file system in it and no rebuild pending."""
+    labeller = session.labeller
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        fsmap = session.labeller.map
-        if fsmap is not None and fsmap.filesystems and session.labeller.builds and not session.labeller._timer.pending:
-            return
+        fsmap = labeller.map
+        if fsmap is not None and fsmap.filesystems and not labeller._timer.pending:
+            time.sleep(labeller.interval)  # the pass that noted the last write may be under way
+            if not labeller._timer.pending:
+                return
         time.sleep(0.1)
 
 
@@ -518,7 +526,7 @@ def main() -> int:
     finally:
         subprocess.run(["umount", MNT], capture_output=True, timeout=60)
         session.stop()
-    print(f"took {time.monotonic() - t0:.1f} s; summary: {failures} failure(s)", flush=True)
+    print(f"classroom: {failures} failure(s) in {time.monotonic() - t0:.1f} s", flush=True)
     return 1 if failures else 0
 
 
