@@ -84,3 +84,14 @@ def test_readahead_at_full_window_is_not_a_split_and_its_last_window_may_be_shor
     (run,) = find_runs(recs, max_request=128 * KiB)
     assert run.kind == "readahead" and run.length == MiB and len(run.seqs) == 11
     assert run.describe() == "readahead: 11 sequential READs, window 16 KiB → 32 KiB → 64 KiB → 128 KiB → 16 KiB"
+
+
+def test_pieces_read_one_after_the_other_from_a_slow_backend_are_one_split():
+    """Each 128 KiB piece answered 25 ms after it arrived (a delay filter), the next one read
+    right after: arrivals 25 ms apart, but no piece waited for the client."""
+    recs = [
+        RequestRecord(i + 1, 1000.0 + i * 0.0252, c.CMD_WRITE, 0, i * 128 * KiB, 128 * KiB, 0.025, 0, 1, i, None)
+        for i in range(8)
+    ]
+    (run,) = find_runs(recs, max_request=128 * KiB)
+    assert run.describe() == "one 1 MiB WRITE, split by the kernel into 8 × 128 KiB"
