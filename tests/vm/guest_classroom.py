@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from buselab.engine.runs import find_runs
 from buselab.engine.telemetry import RequestRecord
@@ -45,6 +46,7 @@ LABELLED = (c.CMD_READ, c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM)
 KiB = 1 << 10
 MiB = 1 << 20
 
+T = TypeVar("T")
 failures = 0
 session: Session
 dump = open("classroom-requests.txt", "w")  # noqa: SIM115 - open for the whole run
@@ -70,16 +72,29 @@ def sh(*cmd: str, timeout: float = 120, check_rc: bool = True) -> subprocess.Com
 
 def ctl(*args: str) -> dict:
     """`buselab ctl PATH --json ARGS`: what a user (or a script) types."""
-    done = subprocess.run(
-        [sys.executable, "-m", "buselab", "ctl", CONTROL, "--json", *args], capture_output=True, text=True, timeout=120
-    )
+    return ctl_while(lambda: None, *args)[0]
+
+
+def ctl_while(workload: Callable[[], T], *args: str) -> tuple[dict, T]:
+    """Start `buselab ctl PATH --json ARGS` and run `workload` meanwhile.
+
+    `ctl status` says what the last 10 s looked like, and in the VM `buselab ctl` takes seconds
+    to start (Python is ~11x slower under emulation): so it is asked while the workload runs,
+    as a user would watch it from another terminal.
+    """
+    cmd = [sys.executable, "-m", "buselab", "ctl", CONTROL, "--json", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        reply = json.loads(done.stdout)
+        value = workload()
+    finally:
+        out, err = proc.communicate(timeout=120)
+    try:
+        reply = json.loads(out)
     except ValueError:
-        raise RuntimeError(f"buselab ctl {' '.join(args)} -> {done.returncode}: {done.stdout}{done.stderr}") from None
+        raise RuntimeError(f"buselab ctl {' '.join(args)} -> {proc.returncode}: {out}{err}") from None
     if not reply.get("ok"):
         raise RuntimeError(f"buselab ctl {' '.join(args)} refused: {reply.get('error')}")
-    return reply["result"]
+    return reply["result"], value
 
 
 def drop_caches() -> None:
@@ -310,7 +325,10 @@ def readahead() -> None:
     )
     if runs:
         run = max(runs, key=lambda run: run.length)
-        check(run.sizes[-1] > run.sizes[0], f"5 readahead: the window grows: {[s >> 10 for s in run.sizes]} KiB")
+        check(
+            max(run.sizes) == read_ahead_kb() * KiB and run.sizes[0] < max(run.sizes),
+            f"5 readahead: the window grows to read_ahead_kb ({read_ahead_kb()} KiB): {[n >> 10 for n in run.sizes]} KiB",
+        )
 
 
 # -- 6. splitting -----------------------------------------------------------------------------------
@@ -318,28 +336,58 @@ def splitting() -> None:
     status = ctl("status")
     limits = status.get("queue_limits") or {}
     check(limits.get("max_sectors_kb") == MAX_SECTORS_KB, f"6 split: ctl status queue_limits: {limits}")
+    pieces = MiB // (MAX_SECTORS_KB * KiB)
     start = last_seq()
-    sh("dd", "if=/dev/zero", f"of={MNT}/direct.bin", "bs=1M", "count=4", "oflag=direct", "status=none")
+    # One I/O: the next one of the same size right after it would look like more pieces of it.
+    sh("dd", "if=/dev/zero", f"of={MNT}/direct.bin", "bs=1M", "count=1", "oflag=direct", "status=none")
     records = phase("6 split", start)
     runs = [run for run in find_runs(records, max_request()) if run.kind == "split"]
-    whole = [
-        run
-        for run in runs
-        if run.length == MiB and run.sizes == (MAX_SECTORS_KB * KiB,) * (MiB // (MAX_SECTORS_KB * KiB))
-    ]
     check(
-        len(whole) >= 1,
-        f"6 split: 1 MiB direct writes split into {MiB // (MAX_SECTORS_KB * KiB)} × {MAX_SECTORS_KB} KiB: "
-        + "; ".join(run.describe() for run in runs),
+        len(runs) == 1 and runs[0].length == MiB and runs[0].sizes == (MAX_SECTORS_KB * KiB,) * pieces,
+        f"6 split: 1 MiB direct write split into {pieces} × {MAX_SECTORS_KB} KiB: "
+        + ("; ".join(run.describe() for run in runs) or f"no split among {len(writes(records))} writes"),
     )
-    status = ctl("status")
+
+
+def sequential() -> None:
+    """dd writes 64 KiB after 64 KiB until `buselab ctl status` has answered."""
+    start = last_seq()
+    stop = threading.Event()
+
+    def dd_until_asked() -> int:
+        n = 0
+        while not stop.is_set() and n < 64:
+            sh(
+                "dd",
+                "if=/dev/zero",
+                f"of={MNT}/seq.bin",
+                "bs=64k",
+                "count=16",
+                f"seek={16 * n}",
+                "oflag=direct",
+                "conv=notrunc",
+                "status=none",
+            )
+            n += 1
+        return n
+
+    writer = threading.Thread(target=lambda: results.append(dd_until_asked()), daemon=True)
+    results: list[int] = []
+    status, _ = ctl_while(writer.start, "status")
+    stop.set()
+    writer.join(120)
+    phase("8 sequential", start)
     seq = status["sequential"].get("WRITE") or {}
-    note(f"8 pattern: after dd: sequential {seq}")
+    note(f"8 pattern: while dd wrote {16 * (results[0] if results else 0)} × 64 KiB: sequential {seq}")
     sequential_share["dd"] = seq.get("share")
 
 
 def max_request() -> int:
     return int(open(f"/sys/block/{BLOCK}/queue/max_sectors_kb").read()) * KiB
+
+
+def read_ahead_kb() -> int:
+    return int(open(f"/sys/block/{BLOCK}/queue/read_ahead_kb").read())
 
 
 # -- 7, 8, 9. fio under a delay filter: latency, requests in flight, random vs sequential ----------------
@@ -400,12 +448,11 @@ def queue_depth() -> None:
     sampler.start()
     t0 = time.monotonic()
     try:
-        client = fio("qd32", 32, 5)
+        status, client = ctl_while(lambda: fio("qd32", 32, 8), "status")
     finally:
         done.set()
         sampler.join()
     records = phase("7 queue depth qd32", start)
-    status = ctl("status")
     ws = writes(records)
     span = max(r.time + r.latency for r in ws) - min(r.time for r in ws)
     rate = len(ws) / span
@@ -520,6 +567,7 @@ def main() -> int:
         step("4 fstrim", fstrim)
         step("5 readahead", readahead)
         step("6 split", splitting)
+        step("8 sequential", sequential)
         step("9 latency", latency)
         step("7, 8 queue depth", queue_depth)
         step("10 power cut", powercut)
