@@ -95,3 +95,18 @@ def test_pieces_read_one_after_the_other_from_a_slow_backend_are_one_split():
     ]
     (run,) = find_runs(recs, max_request=128 * KiB)
     assert run.describe() == "one 1 MiB WRITE, split by the kernel into 8 × 128 KiB"
+
+
+def test_a_split_read_in_batches_by_a_slow_machine_is_still_one_io():
+    """The VM's classroom test: one 1 MiB direct write reached buselab in batches of 3, 3 and 2
+    pieces (read together), the next batch up to 18 ms after the last answer."""
+    arrivals = [0.0, 0.0, 0.0, 27.69, 27.69, 27.69, 51.33, 51.33]  # ms
+    latencies = [7.68, 8.64, 9.64, 0.95, 14.81, 15.48, 0.50, 1.06]
+    recs = [
+        RequestRecord(
+            i + 1, 1000.0 + t / 1000, c.CMD_WRITE, 0, 20 * MiB + i * 128 * KiB, 128 * KiB, lat / 1000, 0, 1, i, None
+        )
+        for i, (t, lat) in enumerate(zip(arrivals, latencies))
+    ]
+    (run,) = find_runs(recs, max_request=128 * KiB)
+    assert run.describe() == "one 1 MiB WRITE, split by the kernel into 8 × 128 KiB"

@@ -21,11 +21,12 @@ from ..protocol import constants as c
 from .telemetry import RequestRecord
 
 # Seconds from one piece's answer to the next piece's arrival, for pieces of one split I/O. The
-# kernel sends all the pieces at once, so each is read as soon as buselab is done with the one
-# before: microseconds on a real machine, up to 3.5 ms seen under software emulation (the VM's
-# classroom test). An application's next I/O of the same size right after it (dd bs=1M count=4)
-# can come as quickly, and then looks like more pieces of the same one: no server can tell.
-BACK_TO_BACK = 0.010
+# kernel sends all the pieces at once, so each is read as soon as buselab is done with the ones
+# before: microseconds on a real machine; under software emulation (the VM's classroom test) a
+# 1 MiB write came in batches of 2 or 3 pieces up to 18 ms apart. An application's next I/O of
+# the same size, right after (dd bs=1M count=4), comes as quickly and looks like more pieces of
+# the same one: no server can tell them apart. A pause longer than this one can.
+BACK_TO_BACK = 0.050
 MIN_SPLIT_PIECE = 64 << 10  # without the queue's limit, only pieces this big count as split
 MIN_READAHEAD_RUN = 3  # requests: fewer cannot show a growing window
 
