@@ -16,7 +16,8 @@ names the phenomenon:
  6 split        queue_limits from sysfs (max_sectors_kb 128); a 1 MiB direct write split 8 x 128 KiB
  7 queue depth  fio iodepth 32: max_in_flight >= 16; Little's law at buselab and at fio
  8 pattern      the sequential share of WRITEs: high after dd, low after fio randwrite
- 9 latency      a 25 ms delay: p50 within 5% (+1 ms) of 25 ms, and within 5% of the exact median
+ 9 latency      a 25 ms delay, fio randread at iodepth 1: p50 at least 25 ms and at most 5% + 5 ms
+                more (buselab's own time in the guest), and within 5% of the exact median
 10 power cut    lost writes named; EIO for dd, sync and reads; poweron; e2fsck -fy fixes what
                 the crash left; the flushed file survives
 
