@@ -74,39 +74,3 @@ def test_interleaved_connections_are_followed_separately():
         merged += [x._replace(seq=2 * x.seq - 1), y._replace(seq=2 * y.seq)]
     runs = find_runs(merged, max_request=128 * KiB)
     assert [(r.offset, r.seqs) for r in runs] == [(0, (1, 3, 5, 7)), (8 * MiB, (2, 4, 6, 8))]
-
-
-def test_readahead_at_full_window_is_not_a_split_and_its_last_window_may_be_short():
-    """A cold 1 MiB file read (the VM's classroom test saw exactly this): 16K, 32K, 64K, then
-    128 KiB windows (read_ahead_kb = max_sectors_kb = 128) and the file's last 16 KiB."""
-    sizes = [16 * KiB, 32 * KiB, 64 * KiB] + [128 * KiB] * 7 + [16 * KiB]
-    recs = records(*[(c.CMD_READ, 17 * MiB + sum(sizes[:i]), n) for i, n in enumerate(sizes)])
-    (run,) = find_runs(recs, max_request=128 * KiB)
-    assert run.kind == "readahead" and run.length == MiB and len(run.seqs) == 11
-    assert run.describe() == "readahead: 11 sequential READs, window 16 KiB → 32 KiB → 64 KiB → 128 KiB → 16 KiB"
-
-
-def test_pieces_read_one_after_the_other_from_a_slow_backend_are_one_split():
-    """Each 128 KiB piece answered 25 ms after it arrived (a delay filter), the next one read
-    right after: arrivals 25 ms apart, but no piece waited for the client."""
-    recs = [
-        RequestRecord(i + 1, 1000.0 + i * 0.0252, c.CMD_WRITE, 0, i * 128 * KiB, 128 * KiB, 0.025, 0, 1, i, None)
-        for i in range(8)
-    ]
-    (run,) = find_runs(recs, max_request=128 * KiB)
-    assert run.describe() == "one 1 MiB WRITE, split by the kernel into 8 × 128 KiB"
-
-
-def test_a_split_read_in_batches_by_a_slow_machine_is_still_one_io():
-    """The VM's classroom test: one 1 MiB direct write reached buselab in batches of 3, 3 and 2
-    pieces (read together), the next batch up to 18 ms after the last answer."""
-    arrivals = [0.0, 0.0, 0.0, 27.69, 27.69, 27.69, 51.33, 51.33]  # ms
-    latencies = [7.68, 8.64, 9.64, 0.95, 14.81, 15.48, 0.50, 1.06]
-    recs = [
-        RequestRecord(
-            i + 1, 1000.0 + t / 1000, c.CMD_WRITE, 0, 20 * MiB + i * 128 * KiB, 128 * KiB, lat / 1000, 0, 1, i, None
-        )
-        for i, (t, lat) in enumerate(zip(arrivals, latencies))
-    ]
-    (run,) = find_runs(recs, max_request=128 * KiB)
-    assert run.describe() == "one 1 MiB WRITE, split by the kernel into 8 × 128 KiB"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from ..fsmap import FsMap, Label, RefreshTimer, build_map
 from ..protocol import constants as c
@@ -26,9 +26,6 @@ log = logging.getLogger("buselab")
 PASS_INTERVAL = 0.25  # seconds between passes over the new records
 LABELS_KEPT = 20000  # labels of the most recent requests (the telemetry ring's size)
 _WRITES = (c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM)
-# What a write puts there becomes the structure; a read or a discard of an unknown disk stays unknown.
-_RENAMED = (c.CMD_WRITE, c.CMD_WRITE_ZEROES)
-_UNNAMED = ("unknown", "free")
 _LABELLED = (c.CMD_READ, c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM, c.CMD_CACHE)
 
 
@@ -41,10 +38,6 @@ class Labeller:
         self.structures: dict[str, list[int]] = {}  # kind -> [requests, bytes] since the start
         self.missed = 0  # requests that left the ring before a pass saw them (not counted)
         self._labels: OrderedDict[int, Label] = OrderedDict()
-        # Writes labelled "unknown" or "free" are named again by the next map: mkfs writes its
-        # inode tables and journal before the superblock that makes them mean anything, and
-        # ext4 (ordered mode) writes a new file's data before the metadata that allocates it.
-        self._unnamed: deque[RequestRecord] = deque(maxlen=LABELS_KEPT)
         self._last_seq = 0
         self._timer = RefreshTimer()
         self._stop = threading.Event()
@@ -97,30 +90,7 @@ class Labeller:
             return
         self.map = fsmap
         self.builds += 1
-        self._name_again(fsmap)
         self._timer.done(started)
-
-    def _name_again(self, fsmap: FsMap) -> None:
-        """Label the writes still "unknown" or "free" with the new map (moving their counts); keep the rest."""
-        labels = self._labels
-        counts = self.structures
-        still: list[RequestRecord] = []
-        for record in self._unnamed:
-            old = labels.get(record.seq)
-            if old is None:
-                continue  # too old: its label is gone
-            label = fsmap.label(record.offset, record.length, record.preview)
-            if label.kind != old.kind:
-                labels[record.seq] = label
-                counts[old.kind][0] -= 1
-                counts[old.kind][1] -= record.length
-                entry = counts.setdefault(label.kind, [0, 0])
-                entry[0] += 1
-                entry[1] += record.length
-            if label.kind in _UNNAMED:
-                still.append(record)  # a later map may know more
-        self._unnamed.clear()
-        self._unnamed.extend(still)
 
     # -- reading -----------------------------------------------------------------
     def label(self, seq: int) -> Label | None:
@@ -159,8 +129,6 @@ class Labeller:
                     self._timer.note(now)
                     noted = True  # once a pass is enough for the timer
             labels[record.seq] = label
-            if label.kind in _UNNAMED and record.cmd in _RENAMED and not record.error:
-                self._unnamed.append(record)
             entry = counts.get(label.kind)
             if entry is None:
                 counts[label.kind] = [1, record.length]

@@ -20,13 +20,7 @@ from dataclasses import dataclass
 from ..protocol import constants as c
 from .telemetry import RequestRecord
 
-# Seconds from one piece's answer to the next piece's arrival, for pieces of one split I/O. The
-# kernel sends all the pieces at once, so each is read as soon as buselab is done with the ones
-# before: microseconds on a real machine; under software emulation (the VM's classroom test) a
-# 1 MiB write came in batches of 2 or 3 pieces up to 18 ms apart. An application's next I/O of
-# the same size, right after (dd bs=1M count=4), comes as quickly and looks like more pieces of
-# the same one: no server can tell them apart. A pause longer than this one can.
-BACK_TO_BACK = 0.050
+BACK_TO_BACK = 0.002  # seconds between arrivals for pieces of one split I/O
 MIN_SPLIT_PIECE = 64 << 10  # without the queue's limit, only pieces this big count as split
 MIN_READAHEAD_RUN = 3  # requests: fewer cannot show a growing window
 
@@ -99,25 +93,14 @@ def _continues(prev: RequestRecord, record: RequestRecord) -> bool:
 def _classify(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
     if len(chain) < 2:
         return []
-    # Readahead first: once its window reaches read_ahead_kb, it sends READs of the queue's
-    # max size back to back, which would otherwise pass for the pieces of one split read.
-    ahead = _readahead(chain) if chain[0].cmd == c.CMD_READ else 0
-    if ahead:
-        return [_run("readahead", chain[:ahead]), *_classify(chain[ahead:], max_request)]
-    return _split(chain, max_request)
-
-
-def _readahead(chain: list[RequestRecord]) -> int:
-    """How many requests at the start of `chain` are a readahead run (0: none).
-
-    The windows never shrink and do grow; the last request may be smaller (the file ended).
-    """
-    n = 1
-    while n < len(chain) and chain[n].length >= chain[n - 1].length:
-        n += 1
-    if n < MIN_READAHEAD_RUN or chain[n - 1].length <= chain[0].length:
-        return 0
-    return n + 1 if n == len(chain) - 1 else n
+    split = _split(chain, max_request)
+    if split:
+        return split
+    if chain[0].cmd == c.CMD_READ and len(chain) >= MIN_READAHEAD_RUN:
+        sizes = [r.length for r in chain]
+        if all(b >= a for a, b in zip(sizes, sizes[1:])) and sizes[-1] > sizes[0]:
+            return [_run("readahead", chain)]
+    return []
 
 
 def _split(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
@@ -125,7 +108,7 @@ def _split(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
     runs = []
     group: list[RequestRecord] = []
     for record in chain:
-        if group and (_waited(group[-1], record) > BACK_TO_BACK or not _full(group[-1], group[0], max_request)):
+        if group and (record.time - group[-1].time > BACK_TO_BACK or not _full(group[-1], group[0], max_request)):
             if len(group) >= 2:
                 runs.append(_run("split", group))
             group = []
@@ -133,15 +116,6 @@ def _split(chain: list[RequestRecord], max_request: int | None) -> list[Run]:
     if len(group) >= 2 and _full(group[0], group[0], max_request):
         runs.append(_run("split", group))
     return runs
-
-
-def _waited(prev: RequestRecord, record: RequestRecord) -> float:
-    """How long after `prev` was answered `record` arrived (negative: it came while prev ran).
-
-    From the answer, not the arrival: a slow backend (a delay filter) answers each piece late,
-    and the next one, already sent, is read only then.
-    """
-    return record.time - (prev.time + prev.latency)
 
 
 def _full(record: RequestRecord, first: RequestRecord, max_request: int | None) -> bool:
