@@ -526,6 +526,7 @@ def queue_depth() -> None:
 # -- 10. power cut -----------------------------------------------------------------------------------
 def powercut() -> None:
     ctl("filter", "add", "cache")
+    before = last_seq()
     sh("dd", "if=/dev/urandom", f"of={MNT}/kept.bin", "bs=64k", "count=4", "status=none")
     sh("sync")
     kept = hashlib.sha256(open(f"{MNT}/kept.bin", "rb").read()).hexdigest()
@@ -539,6 +540,8 @@ def powercut() -> None:
         f"10 power cut: {cut['lost_bytes']} bytes in {cut['lost_writes']} writes lost, requests {cut['lost_requests']}"
         f" (the unflushed direct writes: {unflushed})",
     )
+    lost = [r for r in session.engine.telemetry.recent(before) if r.seq in set(cut["lost_requests"])]
+    note("10 power cut: lost: " + "; ".join(f"{r.seq} {r.op} {r.length >> 10} KiB {label(r)}" for r in lost))
     failed = sh(
         "dd", "if=/dev/zero", f"of={MNT}/after.bin", "bs=64k", "count=1", "oflag=direct", "status=none", check_rc=False
     )
