@@ -360,36 +360,48 @@ def splitting() -> None:
     )
 
 
+SEQUENTIAL_FILE_MIB = 8  # the sequential writes go round a file this big (the disk is small)
+
+
 def sequential() -> None:
-    """dd writes 64 KiB after 64 KiB until `buselab ctl status` has answered."""
+    """dd writes 64 KiB after 64 KiB, round an 8 MiB file, until `buselab ctl status` has answered."""
     start = last_seq()
     stop = threading.Event()
+    written: list[int] = []
+    errors: list[str] = []
 
-    def dd_until_asked() -> int:
+    def dd_until_asked() -> None:
         n = 0
-        while not stop.is_set() and n < 64:
-            sh(
-                "dd",
-                "if=/dev/zero",
-                f"of={MNT}/seq.bin",
-                "bs=64k",
-                "count=16",
-                f"seek={16 * n}",
-                "oflag=direct",
-                "conv=notrunc",
-                "status=none",
-            )
-            n += 1
-        return n
+        deadline = time.monotonic() + 120
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                sh(
+                    "dd",
+                    "if=/dev/zero",
+                    f"of={MNT}/seq.bin",
+                    "bs=64k",
+                    "count=16",
+                    f"seek={16 * (n % SEQUENTIAL_FILE_MIB)}",
+                    "oflag=direct",
+                    "conv=notrunc",
+                    "status=none",
+                )
+                n += 1
+        except Exception as exc:  # noqa: BLE001 - said below, in this phenomenon's check
+            errors.append(str(exc))
+        written.append(n)
 
-    writer = threading.Thread(target=lambda: results.append(dd_until_asked()), daemon=True)
-    results: list[int] = []
-    status, _ = ctl_while(writer.start, "status")
-    stop.set()
-    writer.join(120)
+    writer = threading.Thread(target=dd_until_asked, daemon=True)
+    try:
+        status, _ = ctl_while(writer.start, "status")
+    finally:
+        stop.set()
+        writer.join(130)
+    if errors:
+        raise RuntimeError(errors[0])
     phase("8 sequential", start)
     seq = status["sequential"].get("WRITE") or {}
-    note(f"8 pattern: while dd wrote {16 * (results[0] if results else 0)} × 64 KiB: sequential {seq}")
+    note(f"8 pattern: while dd wrote {16 * sum(written)} × 64 KiB: sequential {seq}")
     sequential_share["dd"] = seq.get("share")
 
 
