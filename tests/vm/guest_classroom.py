@@ -530,7 +530,7 @@ def queue_depth() -> None:
     dd, rnd = sequential_share.get("dd"), sequential_share.get("fio")
     check(
         dd is not None and rnd is not None and dd >= 0.8 and rnd <= 0.2,
-        f"8 pattern: sequential share of WRITEs: dd bs=1M {dd}, fio randwrite {rnd}",
+        f"8 pattern: sequential share of WRITEs: dd bs=64k {dd}, fio randwrite {rnd}",
     )
     ctl("filter", "rm", "all")
 
