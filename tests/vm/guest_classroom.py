@@ -344,9 +344,6 @@ def readahead() -> None:
 
 # -- 6. splitting -----------------------------------------------------------------------------------
 def splitting() -> None:
-    status = ctl("status")
-    limits = status.get("queue_limits") or {}
-    check(limits.get("max_sectors_kb") == MAX_SECTORS_KB, f"6 split: ctl status queue_limits: {limits}")
     pieces = MiB // (MAX_SECTORS_KB * KiB)
     start = last_seq()
     # One I/O: the next one of the same size right after it would look like more pieces of it.
@@ -399,6 +396,8 @@ def sequential() -> None:
         writer.join(130)
     if errors:
         raise RuntimeError(errors[0])
+    limits = status.get("queue_limits") or {}
+    check(limits.get("max_sectors_kb") == MAX_SECTORS_KB, f"6 split: ctl status queue_limits: {limits}")
     phase("8 sequential", start)
     seq = status["sequential"].get("WRITE") or {}
     note(f"8 pattern: while dd wrote {16 * sum(written)} × 64 KiB: sequential {seq}")
@@ -455,6 +454,9 @@ def fio_watched(name: str, iodepth: int, rw: str) -> tuple[dict, dict]:
     return status, {"iops": job["iops"], "lat_ms": job["lat_ns"]["mean"] / 1e6, "ios": job["total_ios"]}
 
 
+delay_filter: list[str] = []  # the delay filter's id, once added
+
+
 def latency() -> None:
     """fio randread at iodepth 1 under the delay, `ctl status` asked while it runs.
 
@@ -462,7 +464,8 @@ def latency() -> None:
     before (fast ones) would be in them; nothing has read the disk for a while.
     """
     added = ctl("filter", "add", f"delay:read={DELAY_MS}ms,write={DELAY_MS}ms")
-    note(f"9 latency: filter {added.get('spec')}")
+    delay_filter.append(str(added["id"]))
+    note(f"9 latency: filter {added.get('spec')} over {[f.spec for f in session.steering.list_filters()]}")
     start = last_seq()
     status, client = fio_watched("qd1", 1, "randread")
     records = phase("9 latency qd1", start)
@@ -532,12 +535,11 @@ def queue_depth() -> None:
         dd is not None and rnd is not None and dd >= 0.8 and rnd <= 0.2,
         f"8 pattern: sequential share of WRITEs: dd bs=64k {dd}, fio randwrite {rnd}",
     )
-    ctl("filter", "rm", "all")
+    ctl("filter", "rm", delay_filter[-1])  # the cache below it stays, for the power cut
 
 
 # -- 10. power cut -----------------------------------------------------------------------------------
 def powercut() -> None:
-    ctl("filter", "add", "cache")
     before = last_seq()
     sh("dd", "if=/dev/urandom", f"of={MNT}/kept.bin", "bs=64k", "count=4", "status=none")
     sh("sync")
@@ -605,7 +607,9 @@ def main() -> int:
     global session
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the guest's watchdog asks for it
     t0 = time.monotonic()
-    session = Session(open_backend("ram", size=SIZE), ServeOptions(device=DEVICE, control=CONTROL))
+    # As `buselab ram --size 64M /dev/nbd0 --filter cache --control PATH`: the cache filter is a
+    # disk's volatile write cache, what the power cut throws away.
+    session = Session(open_backend("ram", size=SIZE), ServeOptions(device=DEVICE, control=CONTROL, filters=["cache"]))
     session.start()
     print(f"attached {DEVICE} via {session.kernel.method} in {time.monotonic() - t0:.1f} s", flush=True)
     with open(f"/sys/block/{BLOCK}/queue/max_sectors_kb", "w") as f:
