@@ -582,8 +582,12 @@ def powercut() -> None:
         check_rc=False,
     )
     check(read.returncode != 0, f"10 power cut: a read fails too: dd -> {read.returncode}: {read.stderr.strip()}")
+    t0 = time.monotonic()
     um = sh("umount", MNT, timeout=60, check_rc=False)
-    note(f"10 power cut: umount while the power is off -> {um.returncode} {um.stderr.strip()}")
+    note(
+        f"10 power cut: umount while the power is off -> {um.returncode} {um.stderr.strip()}"
+        f" in {time.monotonic() - t0:.1f} s"
+    )
     on = ctl("poweron")
     check(
         on["refused"] >= 2,
