@@ -146,3 +146,16 @@ def test_no_run_reaches_across_requests_the_lab_left_out():
     tracker.add(pieces[:3])
     tracker.add(pieces[3:], after_gap=True)  # a "+N more" row came between
     assert tracker.run_of(1).seqs == (1, 2, 3) and tracker.run_of(4).seqs == (4, 5, 6)
+
+
+def test_a_split_that_comes_in_batches_under_emulation_is_one_io():
+    # The classroom VM (software emulation): one 1 MiB direct write reached buselab in batches of
+    # up to three pieces, the next batch up to 18 ms after the last answer.
+    arrivals = [0, 0, 0, 27.69, 27.69, 27.69, 51.33, 51.33]  # ms
+    latencies = [7.68, 8.64, 9.64, 0.95, 14.81, 15.48, 0.50, 1.06]
+    recs = [
+        RequestRecord(i + 1, 1000.0 + t / 1e3, c.CMD_WRITE, 0, i * 128 * KiB, 128 * KiB, lat / 1e3, 0, 1, i, None)
+        for i, (t, lat) in enumerate(zip(arrivals, latencies))
+    ]
+    (run,) = find_runs(recs, max_request=128 * KiB)
+    assert run.describe() == "one 1 MiB WRITE, split by the kernel into 8 × 128 KiB"
