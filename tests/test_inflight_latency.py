@@ -92,6 +92,22 @@ def test_pipelined_requests_are_in_flight_together_and_their_latency_includes_th
         client.close()
 
 
+def test_a_reply_is_not_held_back_for_the_rest_of_a_slow_batch(tmp_path):
+    """Four reads sent together behind a 50 ms delay: each reply leaves when its read is done,
+    so the first client-visible latency is its own 50 ms (not the batch's 200 ms) and what
+    buselab records is what the client waited."""
+    with serve(ram(), tmp_path, filters=["delay:read=50ms"]) as session:
+        client = RawClient(socket_path(session))
+        sent = time.perf_counter()
+        client.send(pipelined_reads(4))
+        waited = [t - sent for t in read_replies(client, 4)]
+        client.close()
+        assert waited[0] < 0.12, waited  # 0.2 s if it waited for the batch
+        recorded = sorted(r.latency for r in session.engine.telemetry.recent())
+        for client_saw, buselab_said in zip(waited, recorded):
+            assert client_saw == pytest.approx(buselab_said, abs=0.02), (waited, recorded)
+
+
 def test_each_connection_counts_its_own(tmp_path):
     with serve(ram(), tmp_path, filters=["delay:read=10ms"]) as session:
         busy, light = RawClient(socket_path(session)), RawClient(socket_path(session))

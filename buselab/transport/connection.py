@@ -61,6 +61,7 @@ _DONTWAIT = socket.MSG_DONTWAIT
 # for them (sleeping and waking adds tens of microseconds to what we see).
 _POLL_IF_WAITS_UNDER = 4 * _SPIN
 _MAX_QUEUED_PARTS = 512  # below IOV_MAX (1024): one sendmsg per batch
+_REPLY_HOLD = 0.001  # seconds a batch's replies may wait for the rest of it (see _transmission)
 _REPLY_MAGICS = (struct.pack(">I", c.SIMPLE_REPLY_MAGIC), struct.pack(">I", c.STRUCTURED_REPLY_MAGIC))
 
 
@@ -424,7 +425,10 @@ class Connection:
                 slot.unrecorded = 0
                 if inflight.waiters:
                     inflight.wake()
-            if len(out) >= _MAX_QUEUED_PARTS:
+            # A batch of fast requests answers together; one that has run for a while (a delay
+            # filter, a slow backend) sends each reply as it is ready, or the first request's
+            # client would wait for all the others while its latency said it had not.
+            if len(out) >= _MAX_QUEUED_PARTS or end - arrived > _REPLY_HOLD:
                 self._flush_replies()
 
     def requests_waiting(self) -> int:
