@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -484,3 +485,36 @@ def aio(test=None, *, timeout: float = 60.0):
         return run
 
     return wrap(test) if test is not None else wrap
+
+
+# --- a real terminal: tmux on a private server ------------------------------------------------
+
+
+def tmux(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """tmux on a private server (socket named after the test) with no config file.
+
+    A tmux server that is already running (CI's own, a user's) would bring its
+    options along: its window-size or default-size shrank our 160x50 window to
+    80x24 once, and the narrow layout has no sequence-number column.
+    """
+    return subprocess.run(["tmux", "-L", name, "-f", "/dev/null", *args], **kwargs)
+
+
+def tmux_capture(name: str) -> str:
+    return tmux(name, "capture-pane", "-p", "-t", name, capture_output=True, text=True).stdout
+
+
+def tmux_wait_for(name: str, predicate, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = tmux_capture(name)
+        if predicate(screen):
+            return screen
+        time.sleep(0.2)
+    raise AssertionError(f"the screen never got there; last capture:\n{screen}")
+
+
+def tmux_seqs(screen: str) -> list[int]:
+    """Sequence numbers of the stream rows on screen."""
+    return [int(m) for m in re.findall(r"^│\s+(\d+) \d\d:\d\d:\d\d\.\d{3} ", screen, re.M)]

@@ -27,8 +27,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import nbdsh, require_tool, socket_path, start_buselab, wait_for_socket
-from test_ui_tmux import capture, seqs, tmux, wait_for
+from helpers import (
+    nbdsh,
+    require_tool,
+    socket_path,
+    start_buselab,
+    tmux,
+    tmux_capture,
+    tmux_seqs,
+    tmux_wait_for,
+    wait_for_socket,
+)
 
 from buselab.control.client import ControlClient
 from buselab.control.protocol import ControlTarget
@@ -95,7 +104,7 @@ def test_two_viewers_see_the_same_requests_and_steer_each_other(served, tmp_path
         tmux(name, "set-option", "-t", name, "window-size", "manual", check=True)
         tmux(name, "resize-window", "-t", name, "-x", "160", "-y", "50", check=True)
         tmux(name, "respawn-pane", "-k", "-t", name, shell, check=True)
-        wait_for(name, lambda s: "viewer:" in s and "q Detach" in s and len(seqs(s)) >= 5)
+        tmux_wait_for(name, lambda s: "viewer:" in s and "q Detach" in s and len(tmux_seqs(s)) >= 5)
 
         async def in_process_viewer() -> None:
             nonlocal held_writer
@@ -108,8 +117,10 @@ def test_two_viewers_see_the_same_requests_and_steer_each_other(served, tmp_path
                     await until(lambda: len(record_seqs(app)) >= 36, what="the in-process viewer shows 36 requests")
                     mine = record_seqs(app)
                     newest = max(mine)
-                    screen = await asyncio.to_thread(wait_for, name, lambda s: seqs(s) and max(seqs(s)) == newest)
-                    theirs = set(seqs(screen))
+                    screen = await asyncio.to_thread(
+                        tmux_wait_for, name, lambda s: tmux_seqs(s) and max(tmux_seqs(s)) == newest
+                    )
+                    theirs = set(tmux_seqs(screen))
                     assert len(theirs) >= 10 and theirs <= mine, (sorted(theirs), sorted(mine))
                     # Pause here; a write arrives and is held; both viewers say so.
                     await pilot.press("p")
@@ -120,7 +131,7 @@ def test_two_viewers_see_the_same_requests_and_steer_each_other(served, tmp_path
                         stderr=subprocess.PIPE,
                     )
                     await until(lambda: "1 held" in app.header_widget.plain, what="1 held in the in-process viewer")
-                    await asyncio.to_thread(wait_for, name, lambda s: "1 held, oldest" in s)
+                    await asyncio.to_thread(tmux_wait_for, name, lambda s: "1 held, oldest" in s)
                     assert held_writer.poll() is None, "the held write was answered"
                     # Step it from the other viewer (the terminal): this one sees it answered.
                     tmux(name, "send-keys", "-t", name, "n", check=True)
@@ -129,7 +140,7 @@ def test_two_viewers_see_the_same_requests_and_steer_each_other(served, tmp_path
                         return any(getattr(r, "offset", None) == OFFSET and r.cmd == 1 for r in app.stream.rows)
 
                     await until(stepped_here, what="the write stepped in tmux shows in this viewer's stream")
-                    await asyncio.to_thread(wait_for, name, lambda s: "stepped: release" in s)
+                    await asyncio.to_thread(tmux_wait_for, name, lambda s: "stepped: release" in s)
                     assert held_writer.wait(15) == 0
                     await until(lambda: "nothing held yet" in app.header_widget.plain, what="nothing held here")
                     await pilot.press("p")
@@ -141,14 +152,14 @@ def test_two_viewers_see_the_same_requests_and_steer_each_other(served, tmp_path
 
         asyncio.run(in_process_viewer())
         # The terminal's viewer saw the resume from this one, and quits on q.
-        wait_for(name, lambda s: "SERVING" in s)
+        tmux_wait_for(name, lambda s: "SERVING" in s)
         tmux(name, "send-keys", "-t", name, "q", check=True)
         deadline = time.monotonic() + 20
         while not done.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert done.exists(), f"q did not close the viewer:\n{capture(name)}"
+        assert done.exists(), f"q did not close the viewer:\n{tmux_capture(name)}"
         assert done.read_text().strip() == "0"
-        assert "keeps serving" in capture(name)
+        assert "keeps serving" in tmux_capture(name)
         # Both viewers gone: the server still runs and its client is still served.
         assert served.proc.poll() is None, served.output()
         again = io(served.uri, f"assert h.pread(4096, {OFFSET}) == b'H' * 4096; h.pwrite(b'z' * 512, 0)")
@@ -247,7 +258,7 @@ def test_a_stopped_viewer_does_not_grow_or_slow_the_server(tmp_path: Path, monke
         # pane process that stops.
         shell = f"unset COLUMNS LINES; {command}; sleep 30"
         tmux(name, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", shell, check=True)
-        wait_for(name, lambda s: "q Detach" in s)
+        tmux_wait_for(name, lambda s: "q Detach" in s)
         pane = tmux(name, "display-message", "-p", "-t", name, "#{pane_pid}", capture_output=True, text=True)
         pane_pid = pane.stdout.strip()
         (viewer,) = map(int, Path(f"/proc/{pane_pid}/task/{pane_pid}/children").read_text().split())
@@ -278,7 +289,7 @@ def test_a_stopped_viewer_does_not_grow_or_slow_the_server(tmp_path: Path, monke
         total = client.call("status")["requests"]
         client.close()
         # Awake again, it catches up (what it missed is a gap in its stream).
-        screen = wait_for(name, lambda s: bool(seqs(s)) and max(seqs(s)) >= total)
+        screen = tmux_wait_for(name, lambda s: bool(tmux_seqs(s)) and max(tmux_seqs(s)) >= total)
         assert served.proc.poll() is None, screen
     finally:
         tmux(name, "kill-server", capture_output=True)

@@ -108,7 +108,7 @@ def test_bash_completion_loads_and_completes():
         "none writes all",
         "bash zsh",
         "add list ls rm remove enable disable toggle",
-        "status step",
+        "status step stop",
         "--filter",
     ]
 

@@ -12,42 +12,11 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from helpers import require_tool
-
-
-def tmux(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    """tmux on a private server (socket named after the test) with no config file.
-
-    A tmux server that is already running (CI's own, a user's) would bring its
-    options along: its window-size or default-size shrank our 160x50 window to
-    80x24 once, and the narrow layout has no sequence-number column.
-    """
-    return subprocess.run(["tmux", "-L", name, "-f", "/dev/null", *args], **kwargs)
-
-
-def capture(name: str) -> str:
-    return tmux(name, "capture-pane", "-p", "-t", name, capture_output=True, text=True).stdout
-
-
-def wait_for(name: str, predicate, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    screen = ""
-    while time.monotonic() < deadline:
-        screen = capture(name)
-        if predicate(screen):
-            return screen
-        time.sleep(0.2)
-    raise AssertionError(f"the screen never got there; last capture:\n{screen}")
-
-
-def seqs(screen: str) -> list[int]:
-    """Sequence numbers of the stream rows on screen."""
-    return [int(m) for m in re.findall(r"^│\s+(\d+) \d\d:\d\d:\d\d\.\d{3} ", screen, re.M)]
+from helpers import require_tool, tmux, tmux_capture, tmux_seqs, tmux_wait_for
 
 
 def test_buselab_demo_in_tmux(tmp_path: Path):
@@ -79,36 +48,36 @@ def test_buselab_demo_in_tmux(tmp_path: Path):
         ).stdout.strip()
         assert size == "160x50", f"tmux gave a {size} window, not 160x50"
         tmux(name, "respawn-pane", "-k", "-t", name, shell, check=True)
-        first = wait_for(name, lambda s: len(seqs(s)) > 5 and "address space" in s)
+        first = tmux_wait_for(name, lambda s: len(tmux_seqs(s)) > 5 and "address space" in s)
         assert "buselab" in first and "SERVING" in first and "demo round" in first
         assert "requests" in first and "inspector" in first and "graphs" in first
         assert re.search(r"\b(READ|WRITE|FLUSH|TRIM|ZERO)\b", first)
-        second = wait_for(name, lambda s: seqs(s) and max(seqs(s)) > max(seqs(first)), timeout=10)
-        assert max(seqs(second)) > max(seqs(first)), "the stream did not move"
+        second = tmux_wait_for(name, lambda s: tmux_seqs(s) and max(tmux_seqs(s)) > max(tmux_seqs(first)), timeout=10)
+        assert max(tmux_seqs(second)) > max(tmux_seqs(first)), "the stream did not move"
         assert re.search(r"^ ctl /\S+\.ctl ", second, re.M), "the header does not show the control socket"
         tmux(name, "send-keys", "-t", name, "p", check=True)
-        paused = wait_for(name, lambda s: "PAUSED" in s and re.search(r"^│\s+held ", s, re.M), timeout=10)
+        paused = tmux_wait_for(name, lambda s: "PAUSED" in s and re.search(r"^│\s+held ", s, re.M), timeout=10)
         assert "1 held, oldest" in paused and "paused: new requests are held" in paused
         tmux(name, "send-keys", "-t", name, "n", check=True)
-        wait_for(name, lambda s: "stepped: release" in s, timeout=10)
+        tmux_wait_for(name, lambda s: "stepped: release" in s, timeout=10)
         # Hide READ, WRITE, FLUSH and TRIM (1-4) so the burst of requests that
         # follows the resume does not scroll its event away at once; events stay
         # in a filtered stream (hiding the last group, 5, is refused).
         for key in "1234":
             tmux(name, "send-keys", "-t", name, key, check=True)
-        wait_for(name, lambda s: "requests · only OTHER" in s, timeout=10)
+        tmux_wait_for(name, lambda s: "requests · only OTHER" in s, timeout=10)
         tmux(name, "send-keys", "-t", name, "p", check=True)
-        resumed = wait_for(name, lambda s: "SERVING" in s and "resumed: released" in s, timeout=10)
+        resumed = tmux_wait_for(name, lambda s: "SERVING" in s and "resumed: released" in s, timeout=10)
         assert not re.search(r"^│\s+\d+ \S+ (READ|WRITE|FLUSH|TRIM) ", resumed, re.M), "hidden ops still shown"
         tmux(name, "send-keys", "-t", name, "0", check=True)
-        wait_for(name, lambda s: seqs(s) and max(seqs(s)) > max(seqs(paused) or [0]), timeout=10)
+        tmux_wait_for(name, lambda s: tmux_seqs(s) and max(tmux_seqs(s)) > max(tmux_seqs(paused) or [0]), timeout=10)
         tmux(name, "send-keys", "-t", name, "q", check=True)
         deadline = time.monotonic() + 20
         while not done.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert done.exists(), f"q did not end the lab:\n{capture(name)}"
+        assert done.exists(), f"q did not end the lab:\n{tmux_capture(name)}"
         assert done.read_text().strip() == "0"
-        final = capture(name)
+        final = tmux_capture(name)
         assert "stopped cleanly" in final, final
     finally:
         tmux(name, "kill-server", capture_output=True)
