@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import require_tool
+from helpers import require_tool, tmux, tmux_capture
 
 BUSELAB = [sys.executable, "-m", "buselab"]
 
@@ -110,22 +110,19 @@ def test_run_with_the_lab_stays_until_q(tmp_path: Path):
     command = " ".join([*BUSELAB, "ram", "--size", "8M", "--run", "'nbdinfo --size \"$uri\"; exit 3'"])
     shell = f"unset COLUMNS LINES; {command}; echo $? > {done}; echo the end; sleep 30"
 
-    def tmux(*args: str, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(["tmux", "-L", name, "-f", "/dev/null", *args], **kwargs)
-
-    tmux("new-session", "-d", "-s", name, "-x", "160", "-y", "50", shell, check=True)
+    tmux(name, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", shell, check=True)
     try:
         deadline = time.monotonic() + 30
         screen = ""
         while "press q to quit (still serving)" not in screen:
             assert time.monotonic() < deadline, f"the lab never said the command ended:\n{screen}"
             time.sleep(0.2)
-            screen = tmux("capture-pane", "-p", "-t", name, capture_output=True, text=True).stdout
+            screen = tmux_capture(name)
         assert "--run: exited with status 3; press q to quit" in screen
         assert "The --run command exited with status 3" in screen  # and a notification that stays
         assert "--run: 8388608" in screen  # the command's output, in the lab's stream
         assert not done.exists()  # the lab is still up
-        tmux("send-keys", "-t", name, "q")
+        tmux(name, "send-keys", "-t", name, "q")
         while not done.exists():
             assert time.monotonic() < deadline + 15, "q did not end the lab"
             time.sleep(0.1)
@@ -133,11 +130,11 @@ def test_run_with_the_lab_stays_until_q(tmp_path: Path):
         while "the end" not in screen:
             assert time.monotonic() < deadline + 20, f"the shell never went on:\n{screen}"
             time.sleep(0.1)
-            screen = tmux("capture-pane", "-p", "-t", name, capture_output=True, text=True).stdout
+            screen = tmux_capture(name)
         # The command's output is printed again on the terminal once the lab closed.
         assert re.search(r"^8388608$", screen, re.M), screen
     finally:
-        tmux("kill-server")
+        tmux(name, "kill-server")
 
 
 def test_run_headless_prints_stats_on_stderr_only():
