@@ -6,7 +6,11 @@
     delay:write=1ms-50ms          ranges work per operation too
 
 The wait happens on the thread serving the request, before the layer below
-runs, so a client with several requests in flight sees them overlap.
+runs. Each connection's thread runs its requests one after another, so the
+delays of one connection add up (a kernel device with one connection and a
+5 ms delay does at most 200 requests a second, whatever the queue depth);
+requests on different connections overlap. nbdkit's delay filter overlaps
+a connection's requests too (its threads run them in parallel).
 """
 
 from __future__ import annotations
