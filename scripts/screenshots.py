@@ -129,7 +129,7 @@ async def scene_journal(out: Path, tmp: Path) -> None:
                 await settle(app, pilot)
                 (mnt / "hello.txt").write_text("hello, block layer\n" * 200)
                 await in_thread("sync")
-                await settle(app, pilot)
+                await settle(app, pilot, 3.0)  # the map is read again: the file's data gets its name
                 select(app, lambda kind, text: kind == "journal" and "commit" in text)
                 await settle(app, pilot, 0.3)
                 app.save_screenshot(filename="lab-journal.svg", path=str(out))
