@@ -422,7 +422,7 @@ class ConnectionHarness:
 # --- a real block device on buselab without the nbd driver (root): nbdfuse + a loop device ----
 
 
-def _sh(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+def sh(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -448,8 +448,8 @@ def nbdfuse(socket_path: str, where: Path) -> Iterator[Path]:
             time.sleep(0.05)
         yield where / "nbd"
     finally:
-        if _sh("fusermount3", "-u", str(where), check=False).returncode != 0:
-            _sh("umount", "-l", str(where), check=False)
+        if sh("fusermount3", "-u", str(where), check=False).returncode != 0:
+            sh("umount", "-l", str(where), check=False)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -459,13 +459,13 @@ def nbdfuse(socket_path: str, where: Path) -> Iterator[Path]:
 
 @contextmanager
 def loop_device(path: Path) -> Iterator[str]:
-    device = _sh("losetup", "-f", "--show", str(path)).stdout.strip()
+    device = sh("losetup", "-f", "--show", str(path)).stdout.strip()
     assert device.startswith("/dev/loop"), device
     try:
         yield device
     finally:
         for _ in range(20):
-            if _sh("losetup", "-d", device, check=False).returncode == 0:
+            if sh("losetup", "-d", device, check=False).returncode == 0:
                 break
             time.sleep(0.1)
 

@@ -6,37 +6,16 @@ The "other terminal" is a thread running the step's own commands, as a student w
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import threading
 import time
 
-import pytest
-from helpers import aio, loop_device, nbdfuse, require_root, require_tool
+from helpers import aio
 
 from buselab.lessons import LessonRunner, find_lesson
-from buselab.session import ServeOptions, Session
-from buselab.storage.registry import open_backend
 from buselab.ui.lesson import LessonApp
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def device(tmp_path):
-    require_root()
-    require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "blkid")
-    if not os.path.exists("/dev/fuse"):
-        pytest.fail("/dev/fuse is missing")
-    sock = str(tmp_path / "nbd.sock")
-    session = Session(open_backend("ram", size=64 * MiB), ServeOptions(unix=[sock]))
-    session.labeller.interval = 0.05
-    session.start()
-    try:
-        with nbdfuse(sock, tmp_path / "fuse") as image, loop_device(image) as loop:
-            yield session, loop
-    finally:
-        session.stop()
 
 
 async def until(app: LessonApp, pilot, predicate, timeout: float = 30.0) -> None:
@@ -50,8 +29,8 @@ async def until(app: LessonApp, pilot, predicate, timeout: float = 30.0) -> None
 
 
 @aio(timeout=90)
-async def test_a_student_walks_through_the_mkfs_lesson(device):
-    session, loop = device
+async def test_a_student_walks_through_the_mkfs_lesson(loop_disk):
+    session, loop = loop_disk
     runner = LessonRunner(session, find_lesson("mkfs"), device=loop)
     app = LessonApp(session, runner, auto_poll=False)
     async with app.run_test(size=(160, 50)) as pilot:
@@ -83,8 +62,8 @@ async def test_a_student_walks_through_the_mkfs_lesson(device):
 
 
 @aio(timeout=90)
-async def test_auto_runs_the_commands_and_the_pane_shows_their_output(device, tmp_path):
-    session, loop = device
+async def test_auto_runs_the_commands_and_the_pane_shows_their_output(loop_disk, tmp_path):
+    session, loop = loop_disk
     path = tmp_path / "tiny.toml"
     path.write_text(
         """

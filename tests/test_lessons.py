@@ -7,18 +7,14 @@ the real superblock write. The VM tests run the lessons on /dev/nbd0.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from pathlib import Path
 
 import pytest
-from helpers import loop_device, nbdfuse, require_root, require_tool
 
 from buselab.lessons import LessonError, LessonRunner, builtin_paths, find_lesson, load_lesson, run_auto
 from buselab.lessons.facts import FACTS
-from buselab.session import ServeOptions, Session
-from buselab.storage.registry import open_backend
 
 MiB = 1 << 20
 
@@ -81,26 +77,8 @@ def test_the_facts_a_lesson_may_use_are_documented():
 # -- running one, on a real block device -------------------------------------------------------------
 
 
-@pytest.fixture
-def device(tmp_path):
-    """A loop device over nbdfuse over a 64 MiB buselab RAM disk; (session, /dev/loopN)."""
-    require_root()
-    require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "dumpe2fs", "blkid")
-    if not os.path.exists("/dev/fuse"):
-        pytest.fail("/dev/fuse is missing")
-    sock = str(tmp_path / "nbd.sock")
-    session = Session(open_backend("ram", size=64 * MiB), ServeOptions(unix=[sock]))
-    session.labeller.interval = 0.05  # the lesson waits on labels: keep the test short
-    session.start()
-    try:
-        with nbdfuse(sock, tmp_path / "fuse") as image, loop_device(image) as loop:
-            yield session, loop
-    finally:
-        session.stop()
-
-
-def test_the_mkfs_lesson_pauses_on_the_superblock_and_explains_with_this_runs_numbers(device, tmp_path):
-    session, loop = device
+def test_the_mkfs_lesson_pauses_on_the_superblock_and_explains_with_this_runs_numbers(loop_disk, tmp_path):
+    session, loop = loop_disk
     runner = LessonRunner(session, find_lesson("mkfs"), device=loop, mount_dir=str(tmp_path / "mnt"))
     seen: list[tuple[int, str]] = []
 
@@ -118,8 +96,8 @@ def test_the_mkfs_lesson_pauses_on_the_superblock_and_explains_with_this_runs_nu
     assert (1, "reached") in seen
 
 
-def test_each_explanation_carries_numbers_from_the_run(device, tmp_path):
-    session, loop = device
+def test_each_explanation_carries_numbers_from_the_run(loop_disk, tmp_path):
+    session, loop = loop_disk
     lesson = find_lesson("mkfs")
     runner = LessonRunner(session, lesson, device=loop, mount_dir=str(tmp_path / "mnt"))
     explained: dict[int, str] = {}
@@ -138,8 +116,8 @@ def test_each_explanation_carries_numbers_from_the_run(device, tmp_path):
     assert "ext4 journal superblock" in explained[4] or "jbd2" in explained[4], explained[4]
 
 
-def test_a_checkpoint_that_never_fires_fails_with_the_steps_name(device, tmp_path):
-    session, loop = device
+def test_a_checkpoint_that_never_fires_fails_with_the_steps_name(loop_disk, tmp_path):
+    session, loop = loop_disk
     path = write(
         tmp_path,
         """
@@ -159,8 +137,8 @@ timeout = 1.5
         run_auto(runner, hold=0.0)
 
 
-def test_a_failing_command_fails_the_step_with_its_output(device, tmp_path):
-    session, loop = device
+def test_a_failing_command_fails_the_step_with_its_output(loop_disk, tmp_path):
+    session, loop = loop_disk
     path = write(
         tmp_path,
         """
@@ -178,8 +156,8 @@ wait = "op=write"
     assert not session.steering.paused
 
 
-def test_stopping_auto_releases_a_held_device(device, tmp_path):
-    session, loop = device
+def test_stopping_auto_releases_a_held_device(loop_disk, tmp_path):
+    session, loop = loop_disk
     runner = LessonRunner(session, find_lesson("mkfs"), device=loop)
     stop = threading.Event()
 

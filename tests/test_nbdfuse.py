@@ -10,14 +10,13 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers import loop_device, nbdfuse, require_root, require_tool
+from helpers import loop_device, nbdfuse, require_root, require_tool, sh
 
 pytestmark = pytest.mark.root
 
@@ -29,13 +28,6 @@ def needs() -> None:
     require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount")
     if not os.path.exists("/dev/fuse"):
         pytest.fail("/dev/fuse is missing")
-
-
-def sh(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @contextmanager

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..engine.telemetry import events_after
 from ..steering.results import to_json
 from .protocol import ControlTarget
 
@@ -259,10 +260,6 @@ class Watch:
         ]
 
     def _new_events(self, events: list[tuple[float, str]]) -> list[tuple[float, str]]:
-        last = self._last_event
+        new = events_after(events, self._last_event)
         self._last_event = events[-1]
-        if last is not None:
-            for i in range(len(events) - 1, -1, -1):
-                if events[i] is last:
-                    return events[i + 1 :]
-        return events  # the first frame: every event kept, as the in-process lab shows them
+        return new

@@ -124,6 +124,19 @@ def histogram_between(after: list[list[int]], before: list[list[int]], cmds: Ite
     return window
 
 
+def events_after(events: list[tuple[float, str]], last: tuple[float, str] | None) -> list[tuple[float, str]]:
+    """The events that came after `last` (the newest one a reader saw; None: all of them).
+
+    Events are compared by identity: two events with the same time and text are still two.
+    If `last` left the bounded list already, all of it is new to the reader.
+    """
+    if last is not None:
+        for i in range(len(events) - 1, -1, -1):
+            if events[i] is last:
+                return events[i + 1 :]
+    return events
+
+
 def max_overlap(starts: list[float], ends: list[float], at: Iterable[float] | None = None) -> int:
     """The most intervals [start, end) that overlap at one instant (requests in flight at once),
     looking at the instants `at` (every start by default).

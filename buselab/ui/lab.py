@@ -42,6 +42,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Footer
 from textual.widgets._footer import FooterKey
 
@@ -118,7 +119,7 @@ class LabScreen(Screen):
         yield app.header_widget
         yield app.stream
         yield app.heatmap
-        yield app.graphs
+        yield app.lower_right_pane()
         yield app.inspector
         yield LabFooter()
 
@@ -195,6 +196,10 @@ class LabApp(SteeringActions, App[int]):
     # -- layout ------------------------------------------------------------------
     def get_default_screen(self) -> Screen:
         return LabScreen()
+
+    def lower_right_pane(self) -> Widget:
+        """What sits under the heatmap: the graphs (a lesson puts its pane there)."""
+        return self.graphs
 
     def on_mount(self) -> None:
         self.stream.pane_title = "requests"

@@ -12,13 +12,12 @@ import threading
 
 from rich.segment import Segment
 from rich.style import Style
-from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.strip import Strip
 
 from ..lessons import LessonError, LessonRunner, run_auto
 from . import format as fmt
-from .lab import LabApp, LabFooter, LabScreen
+from .lab import LabApp
 from .pane import Pane
 
 TITLE = Style.parse("bold #e5e9f0")
@@ -123,18 +122,6 @@ class LessonPane(Pane):
         return "\n".join("".join(seg.text for seg in line) for line in self._lines)
 
 
-class LessonScreen(LabScreen):
-    def compose(self) -> ComposeResult:
-        app = self.app
-        assert isinstance(app, LessonApp)
-        yield app.header_widget
-        yield app.stream
-        yield app.heatmap
-        yield app.lesson_pane
-        yield app.inspector
-        yield LabFooter()
-
-
 class LessonApp(LabApp):
     """The lab, with a lesson in the graphs' place."""
 
@@ -156,8 +143,8 @@ class LessonApp(LabApp):
         self._skip = threading.Event()
         self._auto_thread: threading.Thread | None = None
 
-    def get_default_screen(self):
-        return LessonScreen()
+    def lower_right_pane(self):
+        return self.lesson_pane
 
     def on_mount(self) -> None:
         super().on_mount()

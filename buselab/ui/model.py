@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..engine.telemetry import Activity, RequestRecord, Snapshot, histogram_between, percentile
+from ..engine.telemetry import Activity, RequestRecord, Snapshot, events_after, histogram_between, percentile
 from ..protocol import constants as c
 from ..steering.results import BreakHit
 
@@ -355,13 +355,9 @@ class LabModel:
         return tick
 
     def _new_events(self, events: list[tuple[float, str]]) -> list[tuple[float, str]]:
-        last = self._last_event
+        new = events_after(events, self._last_event)
         self._last_event = events[-1]
-        if last is not None:
-            for i in range(len(events) - 1, -1, -1):
-                if events[i] is last:
-                    return events[i + 1 :]
-        return events
+        return new
 
     def new_records(self) -> list[RequestRecord]:
         """Records after `last_seq`, at most `rows_per_tick` of them, oldest first."""
