@@ -21,6 +21,7 @@ import socket
 import struct
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -344,8 +345,15 @@ class Pipeline:
     and every later one fails with `ConnectionLost` and the reason.
     """
 
-    def __init__(self, sock: socket.socket, export: Export, name: str = "nbd upstream") -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        export: Export,
+        name: str = "nbd upstream",
+        on_lost: Callable[[Pipeline, str], None] | None = None,
+    ) -> None:
         self.sock = sock
+        self.on_lost = on_lost  # called once, from the thread that noticed, when the connection breaks
         self.export = export
         self._context = export.contexts.get(c.BASE_ALLOCATION)
         self._send_lock = threading.Lock()
@@ -357,7 +365,9 @@ class Pipeline:
         self._reader.start()
 
     @classmethod
-    def open(cls, uri: NbdUri, *, timeout: float = 10.0) -> Pipeline:
+    def open(
+        cls, uri: NbdUri, *, timeout: float = 10.0, on_lost: Callable[[Pipeline, str], None] | None = None
+    ) -> Pipeline:
         """Connect and negotiate (structured replies, base:allocation, block sizes) within `timeout`."""
         sock = uri.connect(timeout)
         try:
@@ -366,7 +376,7 @@ class Pipeline:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, export, name=str(uri))
+        return cls(sock, export, name=str(uri), on_lost=on_lost)
 
     @property
     def in_flight(self) -> int:
@@ -412,11 +422,12 @@ class Pipeline:
                     self.sock.sendall(encode_request(c.CMD_DISC, 0, 0, 0))
             except OSError:
                 pass
-        self._break("closed")
+        self._break("closed", notify=False)
 
-    def _break(self, reason: str) -> None:
+    def _break(self, reason: str, *, notify: bool = True) -> None:
         with self._lock:
-            if self.lost is None:
+            first = self.lost is None
+            if first:
                 self.lost = reason
             pending, self._pending = self._pending, {}
         try:
@@ -428,7 +439,9 @@ class Pipeline:
             reply.done.set()
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout=5)
-            self.sock.close()
+        self.sock.close()
+        if first and notify and self.on_lost is not None:
+            self.on_lost(self, reason)
 
     def _take(self, cookie: int) -> Reply:
         with self._lock:

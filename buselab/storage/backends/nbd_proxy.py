@@ -58,8 +58,14 @@ class NbdProxyBackend(Backend):
 
     def __init__(self, uri: str | NbdUri, size: int | None = None) -> None:
         self.uri = uri if isinstance(uri, NbdUri) else parse_nbd_uri(uri)
+        self._lock = threading.Lock()
+        self._pool: list[Pipeline] = []
+        self._pid = os.getpid()
+        self._down: str | None = None  # why the upstream is unusable, while it is
+        self._closed = threading.Event()
+        self._reconnector: threading.Thread | None = None
         try:
-            first = Pipeline.open(self.uri, timeout=CONNECT_TIMEOUT)
+            first = Pipeline.open(self.uri, timeout=CONNECT_TIMEOUT, on_lost=self._lost)
         except (OSError, ConnectionError) as exc:
             raise UserError(f"cannot use upstream {self.uri}: {_why(exc)}") from None
         export = first.export
@@ -70,12 +76,7 @@ class NbdProxyBackend(Backend):
         self.readonly = bool(export.flags & c.TF_READ_ONLY)
         self.caps = capabilities(export.flags, first.block_status)
         self.max_block = export.max_block
-        self._lock = threading.Lock()
-        self._pool: list[Pipeline] = [first]
-        self._pid = os.getpid()
-        self._down: str | None = None  # why the upstream is unusable, while it is
-        self._closed = threading.Event()
-        self._reconnector: threading.Thread | None = None
+        self._pool.append(first)
         self._fill_pool()
 
     def describe(self) -> str:
@@ -88,7 +89,7 @@ class NbdProxyBackend(Backend):
             return
         while len(self._pool) < POOL_SIZE:
             try:
-                self._pool.append(Pipeline.open(self.uri, timeout=CONNECT_TIMEOUT))
+                self._pool.append(Pipeline.open(self.uri, timeout=CONNECT_TIMEOUT, on_lost=self._lost))
             except (OSError, ConnectionError) as exc:
                 log.debug("upstream %s: an extra connection failed: %s", self.uri, _why(exc))
                 return
@@ -144,7 +145,7 @@ class NbdProxyBackend(Backend):
     def _reconnect(self) -> bool:
         """One attempt; True once serving again."""
         try:
-            first = Pipeline.open(self.uri, timeout=CONNECT_TIMEOUT)
+            first = Pipeline.open(self.uri, timeout=CONNECT_TIMEOUT, on_lost=self._lost)
         except (OSError, ConnectionError) as exc:
             log.debug("upstream %s: reconnect failed: %s", self.uri, _why(exc))
             return False
@@ -179,6 +180,11 @@ class NbdProxyBackend(Backend):
         except ConnectionLost as exc:
             self._lost(pipeline, str(exc))
             raise BackendError(c.EIO, f"upstream {self.uri} went away: {exc}") from None
+        if reply.errno == c.ESHUTDOWN:
+            # The upstream is stopping (nbdkit on SIGTERM answers ESHUTDOWN until we hang up):
+            # hang up, and reconnect to whatever serves the address next.
+            self._lost(pipeline, "it is shutting down (ESHUTDOWN)")
+            raise BackendError(c.EIO, f"upstream {self.uri} is shutting down")
         if reply.errno:
             name = c.ERRNO_NAMES.get(reply.errno, str(reply.errno))
             raise BackendError(reply.errno, f"upstream {self.uri} answered {c.CMD_NAMES[cmd]} with {name}")
