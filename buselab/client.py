@@ -159,7 +159,7 @@ class Export:
 
 
 _REFUSALS = {
-    c.REP_ERR_UNKNOWN: "it has no export {name}",
+    c.REP_ERR_UNKNOWN: "it has no export of that name",
     c.REP_ERR_TLS_REQD: "it requires TLS, which buselab does not speak",
     c.REP_ERR_POLICY: "it refused by policy",
     c.REP_ERR_SHUTDOWN: "it is shutting down",
@@ -219,9 +219,9 @@ def handshake(
     for rtype, payload in _option(sock, c.OPT_GO, data):
         if rtype & c.REP_FLAG_ERROR:
             shown = repr(export_name) if export_name else "'' (the default)"
-            why = _REFUSALS.get(rtype, "it refused the export").format(name=shown)
+            why = _REFUSALS.get(rtype, f"error {rtype & ~c.REP_FLAG_ERROR}")
             message = payload.decode(errors="replace").strip()
-            raise HandshakeError(why + (f" ({message})" if message else ""))
+            raise HandshakeError(f"the server refused export {shown}: {why}" + (f" ({message})" if message else ""))
         if rtype == c.REP_INFO and len(payload) >= 2:
             info = struct.unpack_from(">H", payload)[0]
             if info == c.INFO_EXPORT and len(payload) == 12:
