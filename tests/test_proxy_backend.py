@@ -377,3 +377,32 @@ def test_buselab_nbd_command_in_front_of_nbdkit(tmp_path, upstreams):
     finally:
         assert served.stop() == 0
     assert f"serving nbd {up.uri}" in served.output()
+
+
+def test_replies_out_of_order_reach_their_own_requests(tmp_path, upstreams):
+    """The upstream answers the later request first: each thread still gets its own bytes."""
+    # offset 0 answers after 0.6 s, every other offset at once; data is the offset's first byte repeated.
+    pread = (
+        'case "$4" in 0) sleep 0.6; byte=A;; 1048576) byte=B;; *) byte=C;; esac; '
+        'head -c "$3" /dev/zero | tr "\\0" "$byte"'
+    )
+    up = upstreams(
+        nbdkit(tmp_path, "eval", "thread_model=echo parallel", "get_size=echo 8388608", f"pread={pread}",
+               "pwrite=cat >/dev/null")
+    )  # fmt: skip
+    backend = NbdProxyBackend(up.uri)
+    try:
+        done: list[tuple[int, bytes]] = []
+        threads = [
+            threading.Thread(target=lambda o=o: done.append((o, bytes(backend.read(o, 4096)))))
+            for o in (0, MiB, 2 * MiB)
+        ]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(TIMEOUT)
+    finally:
+        backend.close()
+    assert [o for o, _ in done][-1] == 0  # the first request sent came back last
+    assert dict(done) == {0: b"A" * 4096, MiB: b"B" * 4096, 2 * MiB: b"C" * 4096}
