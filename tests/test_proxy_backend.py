@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import TIMEOUT, connect, missing, require_tool, serve, start_buselab, wait_for
 
-from buselab.client import NBDError, parse_nbd_uri
+from buselab.client import ConnectionLost, NBDError, Pipeline, parse_nbd_uri
 from buselab.errors import UserError
 from buselab.protocol import constants as c
 from buselab.storage.backends.nbd_proxy import NbdProxyBackend
@@ -249,6 +249,7 @@ def test_fio_verify_iodepth_16_two_jobs(tmp_path, upstream):
                 "--offset_increment=8M",
                 "--verify=crc32c",
                 "--verify_fatal=1",
+                "--verify_state_save=0",  # no state files left in the working directory
                 "--do_verify=1",
                 "--group_reporting",
                 "--output-format=json",
@@ -406,3 +407,18 @@ def test_replies_out_of_order_reach_their_own_requests(tmp_path, upstreams):
         backend.close()
     assert [o for o, _ in done][-1] == 0  # the first request sent came back last
     assert dict(done) == {0: b"A" * 4096, MiB: b"B" * 4096, 2 * MiB: b"C" * 4096}
+
+
+def test_a_hang_up_is_noticed_with_no_request_in_flight(tmp_path, upstreams):
+    """The log line comes when the upstream goes, not at the next request (the lab shows it at once)."""
+    up = upstreams(nbdkit(tmp_path, "memory", "1M"))
+    lost: list[str] = []
+    pipeline = Pipeline.open(parse_nbd_uri(up.uri), on_lost=lambda _p, why: lost.append(why))
+    try:
+        up.kill()
+        wait_for(lambda: lost == ["the server closed the connection"], timeout=5)
+        with pytest.raises(ConnectionLost, match="the server closed the connection"):
+            pipeline.call(c.CMD_READ, 0, 512)
+    finally:
+        pipeline.close()
+    assert lost == ["the server closed the connection"]  # told once
