@@ -34,6 +34,9 @@ CASES = (
     # key, fio arguments, metric, goal
     ("seq_read_1m_qd8", ["--rw=read", "--bs=1M", "--iodepth=8"], "bw", TARGET),
     ("seq_write_1m_qd8", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw", TARGET),
+    # four client connections: buselab runs each connection's requests in turn, so this is where
+    # the requests of several clients go to the upstream together
+    ("seq_read_1m_4x8", ["--rw=read", "--bs=1M", "--iodepth=8", "--numjobs=4", "--group_reporting"], "bw", None),
     ("rand_read_4k_qd1", ["--rw=randread", "--bs=4k", "--iodepth=1"], "iops", None),
     ("rand_read_4k_qd16", ["--rw=randread", "--bs=4k", "--iodepth=16"], "iops", None),
 )
