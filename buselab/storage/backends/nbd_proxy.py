@@ -34,6 +34,7 @@ log = logging.getLogger("buselab")
 
 POOL_SIZE = 4  # connections when the upstream allows multi-conn
 CONNECT_TIMEOUT = 10.0  # seconds for connect + handshake: an upstream that never answers is an error
+EXTRA_TIMEOUT = 2.0  # seconds for each further connection of the pool
 BACKOFF_FIRST = 0.05  # seconds before the first reconnect attempt
 BACKOFF_MAX = 2.0  # and never longer than this between attempts
 
@@ -89,7 +90,8 @@ class NbdProxyBackend(Backend):
             return
         while len(self._pool) < POOL_SIZE:
             try:
-                self._pool.append(Pipeline.open(self.uri, timeout=CONNECT_TIMEOUT, on_lost=self._lost))
+                # A short wait: a server that takes one client at a time accepts and then says nothing.
+                self._pool.append(Pipeline.open(self.uri, timeout=EXTRA_TIMEOUT, on_lost=self._lost))
             except (OSError, ConnectionError) as exc:
                 log.debug("upstream %s: an extra connection failed: %s", self.uri, _why(exc))
                 return
