@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,9 +51,20 @@ class Upstream:
             self.sock.unlink()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv or self.argv, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.sock.exists() or self.proc.poll() is not None)
+        # Listening, not just bound: the socket file exists a moment before connect() works.
+        wait_for(lambda: self._accepts() or self.proc.poll() is not None)
         assert self.proc.poll() is None, self.log.read_text(errors="replace")
         return self
+
+    def _accepts(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.sock))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.proc is not None
@@ -286,9 +298,8 @@ def test_requests_in_flight_go_through_concurrently(tmp_path, upstreams):
 # --- steering on the proxy --------------------------------------------------------------------
 
 
-def test_pause_holds_a_clients_read_step_releases_it(tmp_path, upstreams):
-    up = upstreams(nbdkit(tmp_path, "memory", "64M"))
-    with serve(NbdProxyBackend(up.uri), tmp_path) as session:
+def test_pause_holds_a_clients_read_step_releases_it(tmp_path, upstream):
+    with serve(NbdProxyBackend(upstream.uri), tmp_path) as session:
         with connect(session) as client:
             client.write(0, b"proxied!" * 512)
             session.steering.pause()
