@@ -5,9 +5,9 @@ Two ways to talk to a server over one connection:
 - `NBDClient`: synchronous, one request at a time, simple replies. The demo
   workload and the tests use it to send exactly the bytes they mean to.
 - `Pipeline`: many requests in flight from many threads, replies matched by
-  cookie (handle) on a reader thread; structured replies (READ in chunks and
-  holes, BLOCK_STATUS for base:allocation) when the server agrees to them. The
-  proxy backend (`buselab nbd URI`) is built on it.
+  cookie (handle) and read by the waiting threads themselves; structured
+  replies (READ in chunks and holes, BLOCK_STATUS for base:allocation) when
+  the server agrees to them. The proxy backend (`buselab nbd URI`) is built on it.
 
 `parse_nbd_uri` reads the URIs libnbd and nbdkit use (`nbd://host:port/name`,
 `nbd+unix:///name?socket=PATH`). TLS (`nbds://`) and extended headers are not

@@ -451,3 +451,32 @@ def test_an_upstream_answering_eshutdown_is_hung_up_on_and_reconnected(tmp_path,
             stopping.unlink()
             wait_for(lambda: any("is back: requests go through" in r.getMessage() for r in caplog.records))
             assert client.read(0, 4096) == bytes(4096)
+
+
+def test_a_forked_child_serves_on_connections_of_its_own(tmp_path, upstreams, caplog):
+    """--fork opens the backend, then forks: the child has the parent's sockets but not its threads,
+    so it connects afresh; closing its backend leaves the parent's connections alone."""
+    caplog.set_level(logging.WARNING, logger="buselab")
+    up = upstreams(nbdkit(tmp_path, "memory", "8M"))
+    backend = NbdProxyBackend(up.uri)
+    try:
+        backend.write(0, b"parent")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into pytest
+            try:
+                got = bytes(backend.read(0, 6))
+                backend.write(4096, b"child")
+                backend.close()  # as a child that stops serving does: DISC and shutdown on ITS sockets
+                os.write(write_end, got)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+        assert os.read(read_end, 64) == b"parent" and status == 0
+        os.close(read_end)
+        time.sleep(0.3)  # a hang-up on the parent's connections would be noticed by now
+        assert bytes(backend.read(4096, 5)) == b"child"
+        assert not [r for r in caplog.records if "went away" in r.getMessage()]
+    finally:
+        backend.close()
