@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_options(p)
     p.set_defaults(func=cmd_serve, backend="plugin")
 
+    p = sub.add_parser("nbd", help="another NBD server's export (nbdkit, qemu-nbd ...) with the lab in front")
+    p.add_argument("path", metavar="URI", help="nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH")
+    _add_serve_options(p)
+    p.set_defaults(func=cmd_serve, backend="nbd")
+
     p = sub.add_parser("demo", help="the lab on a built-in RAM disk with a built-in workload (no root)")
     p.add_argument("--size", default="64M", help="demo disk size (default 64M)")
     p.add_argument("--headless", action="store_true", help="print stats instead of opening the lab")

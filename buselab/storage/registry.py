@@ -23,8 +23,8 @@ from .filters.throttle import ThrottleFilter
 from .spec import split_spec
 
 DEFAULT_RAM_SIZE = 128 << 20
-BACKEND_KINDS = ("ram", "file", "lo", "null", "plugin")  # what the command line serves
-SWITCH_KINDS = ("ram", "file", "cow", "null", "plugin")  # what a running disk can switch to
+BACKEND_KINDS = ("ram", "file", "lo", "null", "plugin", "nbd")  # what the command line serves
+SWITCH_KINDS = ("ram", "file", "cow", "null", "plugin", "nbd")  # what a running disk can switch to
 
 FILTERS: dict[str, type[Filter]] = {
     "delay": DelayFilter,
@@ -95,6 +95,12 @@ def open_backend(kind: str, *, size: int | None = None, path: str | None = None,
         if not path:
             raise UserError("plugin needs FILE[:CLASS]")
         backend = PluginBackend(path, size)
+    elif kind == "nbd":
+        from .backends.nbd_proxy import NbdProxyBackend
+
+        if not path:
+            raise UserError("nbd needs a URI: nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH")
+        backend = NbdProxyBackend(path, size)
     else:
         raise UserError(f"unknown backend {kind!r}: choose one of {', '.join(BACKEND_KINDS)}")
     if readonly:
@@ -128,7 +134,12 @@ def open_switch_target(
 
         return NullBackend(size or current_size), True
     if not path:
-        raise UserError(f"switch {kind} needs a PATH" + (" (FILE[:CLASS])" if kind == "plugin" else ""))
+        what = {"plugin": "a PATH (FILE[:CLASS] or an installed backend's NAME)", "nbd": "a URI (nbd://HOST/NAME)"}
+        raise UserError(f"switch {kind} needs {what.get(kind, 'a PATH')}")
+    if kind == "nbd":
+        from .backends.nbd_proxy import NbdProxyBackend
+
+        return NbdProxyBackend(path, size), False
     if kind == "plugin":
         from .backends.plugin import PluginBackend
 

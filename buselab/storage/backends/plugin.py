@@ -8,7 +8,9 @@
         def trim(self, offset, length): ...        # optional
         def write_zeroes(self, offset, length): ...# optional
 
-`buselab plugin mydisk.py[:MyDisk]` loads it. Without a class name the file
+`buselab plugin mydisk.py[:MyDisk]` loads it. A backend installed in its own
+package is found by name, `buselab plugin NAME`, through the `buselab.backends`
+entry-point group (`NAME = "package.module:MyDisk"` in its pyproject.toml). Without a class name the file
 must define exactly one class with `read` and `write`; `size` may be a class
 attribute or set in `__init__`, and an `__init__` with a `size` parameter gets
 `--size`. Which optional methods exist decides what the server advertises.
@@ -25,6 +27,7 @@ the lab's inspector shows the reason on the failed request.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -41,9 +44,46 @@ def _looks_like_disk(obj: Any) -> bool:
     return inspect.isclass(obj) and all(callable(getattr(obj, name, None)) for name in ("read", "write"))
 
 
+ENTRY_POINT_GROUP = "buselab.backends"
+
+
+def installed_backends() -> dict[str, importlib.metadata.EntryPoint]:
+    """Backends that packages declare in the `buselab.backends` entry-point group, by name."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _is_name(spec: str) -> bool:
+    """Could `spec` be an installed backend's name rather than a file (no path, no .py)?"""
+    return bool(spec) and os.sep not in spec and ":" not in spec and not spec.endswith(".py")
+
+
+def load_installed(name: str) -> type | None:
+    """The class an installed package registers as `name`, or None when no package does."""
+    ep = installed_backends().get(name)
+    if ep is None:
+        return None
+    where = f"installed backend {name} ({ep.value}" + (f" from {ep.dist.name})" if ep.dist else ")")
+    try:
+        cls = ep.load()
+    except Exception as exc:  # the package's code: any error at all is theirs to see
+        raise UserError(f"{where} failed to import: {type(exc).__name__}: {exc}") from exc
+    if not _looks_like_disk(cls):
+        raise UserError(f"{where} is not a class with read(offset, length) and write(offset, data)")
+    return cls
+
+
 def load_plugin_class(spec: str) -> type:
     path, _, class_name = spec.partition(":")
     if not os.path.isfile(path):
+        installed = load_installed(spec) if _is_name(spec) else None
+        if installed is not None:
+            return installed
+        if _is_name(spec):
+            names = ", ".join(sorted(installed_backends())) or "none"
+            raise UserError(
+                f"plugin {spec}: no such file, and no installed backend of that name"
+                f" (installed in the {ENTRY_POINT_GROUP} entry points: {names})"
+            )
         raise UserError(f"plugin file {path} does not exist")
     module_name = f"buselab_plugin_{abs(hash(os.path.abspath(path)))}"
     try:
@@ -76,9 +116,12 @@ class PluginBackend(Backend):
 
     def __init__(self, spec: str, size: int | None = None) -> None:
         self.spec = spec
-        # The engine points at the line in this file when the plugin raises.
-        self.source_file = os.path.abspath(spec.partition(":")[0])
         cls = load_plugin_class(spec)
+        # The engine points at the line in this file when the plugin raises
+        # (an installed backend's is its module's, wherever the package is).
+        self.source_file = os.path.abspath(spec.partition(":")[0])
+        if not os.path.isfile(self.source_file):
+            self.source_file = os.path.abspath(inspect.getsourcefile(cls) or self.source_file)
         if size is not None and not _takes_size(cls):
             raise UserError(f"plugin class {cls.__name__} takes no size argument: drop --size")
         try:

@@ -39,6 +39,7 @@ WHAT = {
     "cow": "copy-on-write: changes in memory over the current backend (or over a file path)",
     "null": "reads zeros, keeps nothing",
     "plugin": "your own disk class: FILE.py[:CLASS]",
+    "nbd": "another NBD server's export: nbd://HOST[:PORT]/NAME",
 }
 # File first: moving a live disk into a file is what `b` is for most often, and the
 # first button is the one the set highlights, so enter keeps it.
@@ -49,6 +50,7 @@ PATH_HINT = {
     "cow": "empty: over the current backend; or a base file",
     "null": "no path",
     "plugin": "FILE.py[:CLASS]",
+    "nbd": "nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH",
 }
 
 
