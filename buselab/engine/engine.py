@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from ..protocol import constants as c
 from ..protocol.handshake import ExportInfo
@@ -26,6 +27,8 @@ from .inflight import InFlight
 from .telemetry import Telemetry
 
 log = logging.getLogger("buselab")
+
+WORKERS = 16  # requests of a parallel backend running at once, over all connections
 
 _ERRORS_LOGGED = 10  # backend bugs logged before going quiet
 _ERROR_EVENT_EVERY = 10.0  # seconds between telemetry events with the count after that
@@ -83,6 +86,7 @@ class Engine:
         self._errors_reported = 0.0
         self._closed = False
         self._close_lock = threading.Lock()
+        self._workers: ThreadPoolExecutor | None = None  # see workers()
 
     @property
     def backend(self) -> Backend:
@@ -108,6 +112,16 @@ class Engine:
         return None
 
     # -- requests -------------------------------------------------------------
+    def workers(self) -> ThreadPoolExecutor:
+        """The threads that run the requests of a parallel backend (made on first use)."""
+        pool = self._workers
+        if pool is None:
+            with self._close_lock:
+                if self._workers is None:
+                    self._workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="buselab-worker")
+                pool = self._workers
+        return pool
+
     def execute(self, req: Request) -> tuple[int, object]:
         """Run one already-validated request on the backend: (errno, data)."""
         backend = self.stack.top
@@ -243,6 +257,8 @@ class Engine:
                 return
             self._closed = True
         self.gate.close()
+        if self._workers is not None:
+            self._workers.shutdown(wait=True)  # their replies sent (or their clients gone) before the flush
         flush_error: Exception | None = None
         try:
             self.backend.flush()

@@ -145,6 +145,11 @@ class Backend:
     size: int = 0
     readonly: bool = False
     caps = Capabilities()
+    # A backend whose calls mostly wait (on another server, a network): the requests of one
+    # connection then run on worker threads and overlap, as a client with many in flight
+    # expects. Its methods must be safe to call from several threads (every backend's are:
+    # connections call it from their own threads already).
+    parallel: bool = False
 
     def describe(self) -> str:
         """One line for headers and logs: what this backend is."""

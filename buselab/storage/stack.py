@@ -46,6 +46,7 @@ class Stack:
         self.base: Backend = base
         self.layers: list[Layer] = []  # bottom (nearest the base) first
         self.top: Backend = base
+        self.parallel = bool(base.parallel)  # the base's, read by the serving threads per request
         self._ids = itertools.count(1)
 
     @property
@@ -76,6 +77,7 @@ class Stack:
         """Put `base` under the filters; returns the old base."""
         old, self.base = self.base, base
         self._rewire()
+        self.parallel = bool(base.parallel)
         return old
 
     # -- questions -------------------------------------------------------------------

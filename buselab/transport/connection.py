@@ -93,6 +93,9 @@ class Connection:
         # executing: a request of ours is in the backend; unrecorded: a reply is sent and its
         # bookkeeping not yet done. Engine.quiesce and Engine.settle wait on them (see InFlight).
         self.slot = engine.inflight.open(f"connection {self.number}")
+        # Requests of ours running on the engine's workers (a parallel backend: see _dispatch).
+        self._workers_slot = engine.inflight.open(f"connection {self.number} workers")
+        self._workers_idle = threading.Condition()
         self._prefix = b""  # bytes read past the handshake
         # Anonymous memory: pages become resident only as they are used.
         self._recv_view = memoryview(mmap.mmap(-1, _RECV_BUFFER_START))
@@ -142,7 +145,9 @@ class Connection:
         self._closed(reason)
 
     def _closed(self, reason: str) -> None:
+        self._drain_workers(5.0)  # their replies go out before the socket closes
         self.engine.inflight.close(self.slot)
+        self.engine.inflight.close(self._workers_slot)
         self.closed_reason = reason
         for held in self.engine.gate.forget_connection(self):
             self.engine.telemetry.event(f"dropped held {held.req.name} of closed connection {self.number}")
@@ -308,6 +313,7 @@ class Connection:
         record = telemetry.record
         next_seq = telemetry.next_seq
         execute = engine.execute
+        stack = engine.stack
         now = time.perf_counter
         unpack = _REQUEST.unpack_from
         view = self._recv_view
@@ -364,6 +370,7 @@ class Connection:
             start = arrived
             if cmd == _DISC:
                 self._flush_replies()
+                self._drain_workers()
                 return "client sent DISC"
             # The common case -- a READ or WRITE in range with no flag but an
             # advertised FUA -- needs none of check_request's questions.
@@ -381,6 +388,14 @@ class Connection:
             else:
                 slot.executing = 1  # before looking at the gate: see Engine.quiesce
                 if gate.paused and gate.hold(req, self, start):
+                    slot.executing = 0
+                    if inflight.waiters:
+                        inflight.wake()
+                    continue
+                if stack.parallel:
+                    # A backend that waits (a proxy): the request runs on a worker and its
+                    # reply goes out when it is done, in any order, as NBD allows.
+                    self._dispatch(req, start)
                     slot.executing = 0
                     if inflight.waiters:
                         inflight.wake()
@@ -430,6 +445,30 @@ class Connection:
             # client would wait for all the others while its latency said it had not.
             if len(out) >= _MAX_QUEUED_PARTS or end - arrived > _REPLY_HOLD:
                 self._flush_replies()
+
+    # -- requests on workers (a parallel backend) -----------------------------------
+    def _dispatch(self, req: Request, start: float) -> None:
+        if req.payload is not None:
+            req.payload = bytes(req.payload)  # the receive buffer is reused for the next requests
+        with self._workers_idle:
+            self._workers_slot.executing += 1  # quiesce waits for it from now, as for our own
+        self.engine.workers().submit(self._work, req, start)
+
+    def _work(self, req: Request, start: float) -> None:
+        try:
+            error, data = self.engine.execute(req)
+            self.complete(req, start, error, data)
+        finally:
+            with self._workers_idle:
+                self._workers_slot.executing -= 1
+                self._workers_idle.notify_all()
+            if self.engine.inflight.waiters:
+                self.engine.inflight.wake()
+
+    def _drain_workers(self, timeout: float = 30.0) -> None:
+        """Wait until our requests on workers are answered (DISC, or the connection ends)."""
+        with self._workers_idle:
+            self._workers_idle.wait_for(lambda: not self._workers_slot.executing, timeout)
 
     def requests_waiting(self) -> int:
         """Requests read from the socket and not answered yet, the gate's held ones apart.

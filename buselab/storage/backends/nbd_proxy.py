@@ -56,6 +56,7 @@ def capabilities(flags: int, block_status: bool) -> Capabilities:
 
 class NbdProxyBackend(Backend):
     kind = "nbd"
+    parallel = True  # each call waits for the upstream's round trip: let a client's requests overlap
 
     def __init__(self, uri: str | NbdUri, size: int | None = None) -> None:
         self.uri = uri if isinstance(uri, NbdUri) else parse_nbd_uri(uri)
