@@ -28,7 +28,7 @@ from buselab.protocol.transmission import encode_request
 from buselab.storage.backends.nbd_proxy import NbdProxyBackend
 from buselab.storage.backends.ram import RamBackend
 
-MiB = 1 << 20
+KiB, MiB = 1 << 10, 1 << 20
 
 
 # --- upstream servers ---------------------------------------------------------------------------
@@ -297,25 +297,26 @@ def test_requests_in_flight_go_through_concurrently(tmp_path, upstreams):
 
 
 def test_one_clients_pipelined_requests_overlap_through_the_proxy(tmp_path, upstreams):
-    """Eight reads sent at once on ONE client connection, 300 ms each upstream: about 300 ms in
-    all, not 2.4 s (the connection hands a parallel backend's requests to workers), and each
-    reply carries its own data whatever order they finish in."""
+    """Eight 128 KiB reads sent at once on ONE client connection, 300 ms each upstream: about
+    300 ms in all, not 2.4 s (the connection hands a parallel backend's big requests to
+    workers), and each reply carries its own data whatever order they finish in."""
     up = upstreams(nbdkit(tmp_path, "--filter=delay", "memory", "64M", "rdelay=300ms", name="slowone"))
+    size = 128 * KiB
     with serve(NbdProxyBackend(up.uri), tmp_path) as session:
         client = RawClient(socket_path(session))
         for i in range(8):
-            client.request(c.CMD_WRITE, 100 + i, i * MiB, 4096, payload=bytes([i + 1]) * 4096)
+            client.request(c.CMD_WRITE, 100 + i, i * MiB, size, payload=bytes([i + 1]) * size)
         assert sorted(client.simple_reply()[1] for _ in range(8)) == list(range(100, 108))
         started = time.monotonic()
-        client.send(b"".join(encode_request(c.CMD_READ, i, i * MiB, 4096) for i in range(8)))
+        client.send(b"".join(encode_request(c.CMD_READ, i, i * MiB, size) for i in range(8)))
         got = {}
         for _ in range(8):
             error, handle = client.simple_reply()
             assert error == 0
-            got[handle] = client.recv_exact(4096)
+            got[handle] = client.recv_exact(size)
         took = time.monotonic() - started
         client.close()
-    assert got == {i: bytes([i + 1]) * 4096 for i in range(8)}
+    assert got == {i: bytes([i + 1]) * size for i in range(8)}
     assert took < 1.2, f"8 pipelined reads of 300 ms took {took:.2f} s: they ran one after another"
 
 

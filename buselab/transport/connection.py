@@ -61,6 +61,7 @@ _DONTWAIT = socket.MSG_DONTWAIT
 # for them (sleeping and waking adds tens of microseconds to what we see).
 _POLL_IF_WAITS_UNDER = 4 * _SPIN
 _MAX_QUEUED_PARTS = 512  # below IOV_MAX (1024): one sendmsg per batch
+_PARALLEL_MIN = 64 * 1024  # bytes: smaller requests of a parallel backend run inline (see _transmission)
 _REPLY_HOLD = 0.001  # seconds a batch's replies may wait for the rest of it (see _transmission)
 _REPLY_MAGICS = (struct.pack(">I", c.SIMPLE_REPLY_MAGIC), struct.pack(">I", c.STRUCTURED_REPLY_MAGIC))
 
@@ -392,9 +393,12 @@ class Connection:
                     if inflight.waiters:
                         inflight.wake()
                     continue
-                if stack.parallel:
-                    # A backend that waits (a proxy): the request runs on a worker and its
-                    # reply goes out when it is done, in any order, as NBD allows.
+                if stack.parallel and length >= _PARALLEL_MIN and self._end - self._pos >= _HEADER:
+                    # A backend that waits (a proxy), a big request and more behind it: it runs
+                    # on a worker, so they overlap, and its reply goes out when it is done, in
+                    # any order, as NBD allows. Small ones and the last of a batch run here: for
+                    # them a hand-off (and the GIL's traffic between threads) costs more than the
+                    # overlap saves (bench/proxy_bench.py: 4 KiB at iodepth 16 halved).
                     self._dispatch(req, start)
                     slot.executing = 0
                     if inflight.waiters:
