@@ -648,7 +648,7 @@ def test_an_interrupted_replay_still_says_how_far_it_got(tmp_path: Path) -> None
     session.start()
     try:
         with NBDClient.connect_unix(sock) as nbd:
-            for _ in range(80):  # 4 s at --speed 1: it starts (imports and all) well before the end
+            for _ in range(160):  # 8 s at --speed 1: it starts (imports and all, on a busy machine too) before the end
                 nbd.write(0, b"s" * 512)
                 time.sleep(0.05)
     finally:
