@@ -80,10 +80,29 @@ def _greeted(path: str) -> socket.socket:
 # --- 1. accept() errors ------------------------------------------------------------------------
 
 
+def _connect(path: str) -> socket.socket:
+    """A Unix socket connected to `path`, every wait bounded by TIMEOUT.
+
+    With a timeout set the socket is non-blocking, and a Unix socket whose listener's backlog is
+    full refuses such a connect with EAGAIN instead of waiting: right after the flood the backlog
+    still holds the clients just closed, until the server has accepted and dropped them.
+    """
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _control(path: str, line: str) -> dict:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(TIMEOUT)
-    sock.connect(path)
+    sock = _connect(path)
     with sock, sock.makefile("rb") as reader:
         sock.sendall(line.encode() + b"\n")
         return json.loads(reader.readline())
@@ -257,10 +276,7 @@ def test_a_handshake_that_does_not_finish_is_closed(tmp_path):
 
 def _client(path: str) -> NBDClient:
     """An NBD client whose every wait, the handshake's too, gives up after TIMEOUT."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(TIMEOUT)
-    sock.connect(path)
-    return NBDClient(sock)
+    return NBDClient(_connect(path))
 
 
 def connect(session) -> None:
