@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import aio, require_root, require_tool, socket_path
+from helpers import aio, require_root, require_tool, socket_path, wait_for_socket
+from textual.widgets import RadioButton
 
 from buselab.client import NBDClient
 from buselab.control.client import ControlClient
@@ -316,3 +317,90 @@ async def test_the_lab_does_not_ask_for_a_new_file(session, tmp_path):
         assert not isinstance(app.screen, (ConfirmScreen, SwitchBackendScreen))
         assert isinstance(session.steering.base, FileBackend)
     assert os.path.getsize(target) == SIZE
+
+
+# --- another server's export (`switch nbd URI`) ---------------------------------------------------------
+
+
+@pytest.fixture
+def exports(tmp_path: Path):
+    """nbdkit serving what it is given (`memory 8M`, `file IMG`) on a Unix socket: its nbd+unix URI."""
+    started: list[subprocess.Popen] = []
+
+    def start(*plugin: str) -> str:
+        require_tool("nbdkit")
+        sock = tmp_path / f"nbdkit{len(started)}.sock"
+        log = tmp_path / f"nbdkit{len(started)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), *plugin], stdout=out, stderr=subprocess.STDOUT)
+        started.append(proc)
+        wait_for_socket(str(sock), proc, log)
+        return f"nbd+unix:///?socket={sock}"
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_switch_into_an_export_holding_a_file_system_is_refused_and_nothing_changes(session, tmp_path, exports):
+    image = ext4_image(tmp_path / "upstream.img")
+    before = sha(image)
+    uri = exports("file", str(image))
+    with pytest.raises(SteeringError) as info:
+        session.steering.switch_backend("nbd", uri)
+    message = str(info.value)
+    assert "\n" not in message
+    assert uri in message and "an NBD export of 16.0 MiB (ext4 file system)" in message, message
+    assert "--overwrite" in message, message
+    assert sha(image) == before and isinstance(session.steering.base, RamBackend)
+    assert session.steering.switch_would_overwrite("nbd", uri).signature == "ext4 file system"
+    # Told to, it copies the disk over the export.
+    expected = disk_bytes(session)
+    session.steering.switch_backend("nbd", uri, overwrite=True)
+    assert disk_bytes(session) == expected
+    session.steering.switch_backend("ram")  # lets go of the export, flushed
+    assert image.read_bytes()[:SIZE] == expected
+
+
+def test_switch_into_an_empty_export_needs_no_flag(session, exports):
+    uri = exports("memory", "16M")
+    assert session.steering.switch_would_overwrite("nbd", uri) is None
+    expected = disk_bytes(session)
+    result = session.steering.switch_backend("nbd", uri)
+    assert result.copied_bytes > 0 and disk_bytes(session) == expected
+    session.steering.switch_backend("ram")  # lets go of the export before nbdkit is stopped
+
+
+def test_an_export_written_only_with_zeros_still_counts_as_empty_but_one_byte_does_not(session, exports):
+    uri = exports("memory", "16M")
+    with NBDClient.connect_unix(uri.split("socket=", 1)[1]) as client:
+        client.write(5 * MiB, bytes(4096))  # nbdkit memory keeps an all-zero page as a hole
+        assert session.steering.switch_would_overwrite("nbd", uri) is None
+        client.write(12 * MiB + 7, b"\x01")
+    existing = session.steering.switch_would_overwrite("nbd", uri)
+    assert existing is not None and existing.describe() == "an NBD export of 16.0 MiB (data)"
+
+
+@aio
+async def test_the_lab_asks_before_copying_into_an_export_with_data(session, tmp_path, exports):
+    image = ext4_image(tmp_path / "upstream.img")
+    before = sha(image)
+    uri = exports("file", str(image))
+    app = LabApp(session, auto_poll=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("b")
+        form = app.screen
+        assert isinstance(form, SwitchBackendScreen)
+        next(b for b in form.query(RadioButton) if b.name == "nbd").value = True
+        form.query_one("#path").value = uri
+        await pilot.press("ctrl+s")
+        await settle(app, pilot)
+        question = app.screen
+        assert isinstance(question, ConfirmScreen), "no question before copying over another server's export"
+        text = question.question + " " + question.detail
+        assert "NBD export of 16.0 MiB (ext4 file system)" in text, text
+        await pilot.press("n")
+        await settle(app, pilot)
+        assert app.screen is form and isinstance(session.steering.base, RamBackend)
+    assert sha(image) == before

@@ -6,7 +6,7 @@
     buselab ctl [PATH|PID] held | wait [--count N] [--timeout SECONDS]
     buselab ctl [PATH|PID] break add SPEC | break list | break rm ID|all | break enable|disable|toggle ID
     buselab ctl [PATH|PID] filter add SPEC [--position N] | filter list | filter rm REF|all | filter enable|disable|toggle REF
-    buselab ctl [PATH|PID] switch ram|file|cow|null|plugin [PATH] [--size SIZE] [--no-copy] [--overwrite]
+    buselab ctl [PATH|PID] switch ram|file|cow|null|plugin|nbd [PATH|URI] [--size SIZE] [--no-copy] [--overwrite]
     buselab ctl [PATH|PID] powercut | poweron
     buselab ctl [PATH|PID] cow commit | cow discard
     buselab ctl [PATH|PID] events [--limit N]
@@ -97,14 +97,16 @@ def build_ctl_parser() -> argparse.ArgumentParser:
         f = fsub.add_parser(name, parents=[common], aliases=["remove"] if name == "rm" else [])
         f.add_argument("ref", metavar="ID|NAME" + ("|all" if name == "rm" else ""))
     p = sub.add_parser("switch", parents=[common], help="switch the backend live, copying the disk into it")
-    p.add_argument("kind", metavar="BACKEND", help="ram, file (lo), cow, null or plugin")
-    p.add_argument("path", nargs="?", metavar="PATH", help="file for file/cow, FILE[:CLASS] for plugin")
+    p.add_argument("kind", metavar="BACKEND", help="ram, file (lo), cow, null, plugin or nbd")
+    p.add_argument(
+        "path", nargs="?", metavar="PATH", help="file for file/cow, FILE[:CLASS] for plugin, nbd://HOST/NAME for nbd"
+    )
     p.add_argument("--size", help="size of a new ram/null/file backend (default: the disk's)")
     p.add_argument("--no-copy", action="store_true", help="do not copy the current contents")
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="copy even over a file that holds data, or a block device (refused without it)",
+        help="copy even over a file that holds data, a block device or an NBD export with data (refused without it)",
     )
     sub.add_parser(
         "powercut",

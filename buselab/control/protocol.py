@@ -21,7 +21,7 @@ Commands (arguments; positional ones in order):
     filter.add SPEC [position=N] | filter.list | filter.rm REF|all | filter.enable REF | filter.disable REF
     filter.toggle REF                   REF is a filter id or name
     switch    KIND [PATH] [size=SIZE] [copy=true] [overwrite=false]
-                                        overwrite: copy over a file that holds data, or a block device
+                                        overwrite: copy over a file or an NBD export that holds data, or a block device
     powercut                            a crash: the cache's unflushed writes are lost, every request fails (EIO)
     poweron                             ... until the power is back
     cow.commit | cow.discard

@@ -134,6 +134,37 @@ def existing_data(path: str) -> ExistingData | None:
     return ExistingData(path, what, size, signature)
 
 
+_EXTENT_CALLS = 4096  # block status replies walked before an export counts as holding data
+
+
+def export_data(backend: Backend, name: str) -> ExistingData | None:
+    """What copying a disk into another server's export would overwrite, or None when it is all zeros.
+
+    The export's block status says where it holds data (nbdkit and qemu-nbd report it, so a
+    fresh `nbdkit memory` export is switched to without asking). An export without block
+    status cannot be asked cheaply: it counts as holding data, as a block device does.
+    """
+    size = backend.size
+    if size == 0:
+        return None
+    if backend.caps.extents:
+        offset = 0
+        for _ in range(_EXTENT_CALLS):
+            if offset >= size:
+                return None
+            runs = backend.extents(offset, min(size - offset, 1 << 30))
+            if any(not flags & c.STATE_ZERO for _, flags in runs):
+                break
+            offset += sum(length for length, _ in runs) or size
+    try:
+        signature = disk_signature(bytes(backend.read(0, min(SIGNATURE_BYTES, size))))
+    except (OSError, BackendError) as exc:
+        signature = f"unreadable: {exc}"
+    if not backend.caps.extents:
+        signature += "; no block status to tell whether it holds data"
+    return ExistingData(name, "NBD export", size, signature)
+
+
 def _holds_data(fd: int) -> bool:
     """False only when the file system says the file has no data at all (all holes)."""
     try:
@@ -329,6 +360,8 @@ class Restacker:
             new, created = registry.open_switch_target(kind, path, size, current, old)
             started = time.monotonic()
             try:
+                if kind == "nbd" and copy and not overwrite:  # what the export holds: ask it, now it is open
+                    existing = export_data(new, path or "")
                 if new.size < current:
                     raise SteeringError(
                         f"the new {kind} backend is {human_bytes(new.size)} ({new.size} bytes), smaller than the "

@@ -167,14 +167,15 @@ class ExistingData(Result):
     """What a switch's copy would overwrite: a file that holds data, or a block device."""
 
     path: str
-    what: str  # "file" or "block device"
+    what: str  # "file", "block device" or "NBD export"
     size: int | None  # None: a block device that could not be opened to ask
     signature: str  # what its first bytes look like: "ext4 file system", "GPT partition table", ..., "data"
 
     def describe(self) -> str:
         """'a file of 16.0 MiB (ext4 file system)'."""
         size = f" of {human_bytes(self.size)}" if self.size is not None else ""
-        return f"a {self.what}{size} ({self.signature})"
+        article = "an" if self.what[:1] in "aeiouNS" else "a"  # "an NBD export"
+        return f"{article} {self.what}{size} ({self.signature})"
 
     def refusal(self) -> str:
         """The one line a switch that would copy over it answers."""

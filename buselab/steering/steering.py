@@ -27,7 +27,7 @@ from ..storage import registry
 from ..storage.base import Backend
 from ..storage.stack import Layer
 from .breakpoints import Breakpoint, BreakpointTable
-from .restack import Restacker, existing_data
+from .restack import Restacker, existing_data, export_data
 from .results import (
     BreakHit,
     BreakpointInfo,
@@ -182,7 +182,16 @@ class Steering:
         """What a copying switch to `kind` at `path` would overwrite (a file's data, a block
         device), or None; the lab asks before it passes overwrite=True. It reads the
         target's first bytes: call it off the UI thread."""
-        if not path or registry.switch_kind(kind) != "file":
+        if not path:
+            return None
+        kind = registry.switch_kind(kind)
+        if kind == "nbd":
+            backend, _ = registry.open_switch_target(kind, path, None, self.engine.size, self.restacker.stack.base)
+            try:
+                return export_data(backend, path)
+            finally:
+                backend.close()
+        if kind != "file":
             return None
         return existing_data(path)
 

@@ -176,7 +176,10 @@ class SwitchBackendScreen(PanelScreen):
             self.say(str(exc), error=True)
             return
         look = self.would_overwrite
-        if look is None or not choice.copy or choice.kind != "file" or not _something_at(choice.path):
+        # A file is looked at only if something is there; another server's export always is
+        # (asking it what it holds means connecting to it).
+        maybe = choice.kind == "nbd" or (choice.kind == "file" and _something_at(choice.path))
+        if look is None or not choice.copy or not maybe:
             self.dismiss(choice)  # type: ignore[arg-type]
             return
         # Reading the target's first bytes can wait on a slow device: off the UI thread.
