@@ -147,7 +147,7 @@ def _require_pyroute2() -> None:
 @pytest.mark.timeout(TEST_TIMEOUT)  # 1.5 minutes on a quiet machine; see WATCHDOG
 def test_kernel_netlink_in_vm(vm, vm_image) -> None:  # noqa: F811
     """The netlink path with one connection per device, on the release's kernel."""
-    require_tool(*GUEST_TOOLS)
+    require_tool(*GUEST_TOOLS, "nbdkit")
     _require_pyroute2()
     # Six devices: the pause check runs on nbd4 and nbd5 in the background.
     result = _boot_once(
@@ -169,6 +169,11 @@ def test_kernel_netlink_in_vm(vm, vm_image) -> None:  # noqa: F811
             r"^ok: chain: SIGINT -> exit 0, nbd1 size 0",
             r"^ok: auto: picked /dev/nbd1",
             r"^ok: nl: SIGINT -> exit 0, nbd0 size 0",
+            r"^ok: px: serves the upstream's export",
+            r"^ok: px: checksums match after remount",
+            r"^ok: px: the kernel sent FLUSH and TRIM",
+            r"^ok: px: SIGINT -> exit 0, nbd0 size 0",
+            r"^ok: px2: fsck.ext4 -fn clean",
             r"^ok: k9b: said it freed nbd2",
             r"^ok: k9c: --ioctl freed a netlink leftover",
             r"^ok: k9c: SIGTERM -> exit 0, nbd2 size 0",

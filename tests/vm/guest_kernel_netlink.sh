@@ -1,11 +1,12 @@
 # Runs *inside* the test VM, nbd loaded with nbds_max=6 (tests/test_kernel_vm.py), on the
 # release's kernel (Debian 12: 6.1). The netlink path with one connection per device: ext4 on
 # /dev/nbd0, `buselab ctl` pause/resume, chaining (lo /dev/nbd0 /dev/nbd1), --device auto, a
-# busy device, kill -9 recovery (by netlink and by the ioctls alone), and a pause longer than the
-# kernel's 30 s request timeout (guest_pause.py on /dev/nbd4 by ioctl and /dev/nbd5 by netlink,
-# one process each as buselab serves them, in the background while the rest runs: they mostly
-# sleep) unless PAUSE=0. Several connections per device: guest_kernel_multiconn.sh, on the
-# backports kernel (6.1 loses requests there: README, "Known problems").
+# busy device, the proxy (`buselab nbd` in front of nbdkit), kill -9 recovery (by netlink and by
+# the ioctls alone), and a pause longer than the kernel's 30 s request timeout (guest_pause.py on
+# /dev/nbd4 by ioctl and /dev/nbd5 by netlink, one process each as buselab serves them, in the
+# background while the rest runs: they mostly sleep) unless PAUSE=0. Several connections per
+# device: guest_kernel_multiconn.sh, on the backports kernel (6.1 loses requests there: README,
+# "Known problems").
 . "$(dirname "$0")/guest_lib.sh"
 echo "kernel $(uname -r)"
 watchdog "${WATCHDOG:-300}" "${WATCHDOG_QUIET:-}" &
@@ -62,6 +63,29 @@ if start nl ram --size 64M /dev/nbd0; then
 
     expect_stop nl INT 0
 fi
+
+echo "== the proxy: buselab nbd in front of nbdkit, attached at /dev/nbd0 by netlink"
+nbdkit -f -U /tmp/upstream.sock memory 64M >upstream.log 2>&1 &
+UPSTREAM_PID=$!
+UPSTREAM="nbd+unix:///?socket=/tmp/upstream.sock"
+i=0
+while [ ! -S /tmp/upstream.sock ] && [ $i -lt 300 ]; do
+    i=$((i + 1))
+    sleep 0.1
+done
+if start px nbd "$UPSTREAM" /dev/nbd0; then
+    grep -q "^buselab: serving nbd $UPSTREAM" px.log && ok "px: serves the upstream's export" ||
+        fail "px: $(head -2 px.log | tr '\n' '|')"
+    fs_roundtrip px /dev/nbd0
+    expect_flush_trim px
+    expect_stop px INT 0
+    # What the clients wrote is in the upstream, not in buselab: a new proxy finds the file system.
+    if start px2 nbd "$UPSTREAM" /dev/nbd0; then
+        run "px2: fsck.ext4 -fn clean: the data lives upstream" fsck.ext4 -fn /dev/nbd0
+        expect_stop px2 TERM 0
+    fi
+fi
+kill "$UPSTREAM_PID" 2>/dev/null
 
 echo "== kill -9 (netlink): the next run frees the device itself"
 if start k9 ram --size 16M /dev/nbd2; then
