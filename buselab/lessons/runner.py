@@ -68,7 +68,7 @@ class LessonRunner:
         self.explanation = ""
         self.held = ""  # the request the checkpoint's breakpoint holds, described
         self.reached: list[int] = []  # steps whose checkpoint fired, in order
-        self.results: list[CommandResult] = []  # what --auto ran in this step
+        self.results: list[CommandResult] = []  # what --auto (or `x` in the lab) ran in this step
         self._records: deque[RequestRecord] = deque(maxlen=RECORDS_KEPT)
         self._last_seq = self._newest_seq()
         self._step_first_seq = self._last_seq + 1
@@ -297,9 +297,11 @@ class LessonRunner:
     def run_commands(self, env: dict[str, str] | None = None) -> list[CommandResult]:
         """Run the step's commands one after another, as the class would type them; stop at a failure."""
         results = []
+        index = self.index
         for line in self.command_lines():
             results.append(self.execute(line, env))
-            self.results = list(results)
+            if self.index == index:  # the class may have gone on meanwhile (`x` in the lab)
+                self.results = list(results)
             if results[-1].status != 0:
                 break
         return results
