@@ -71,7 +71,7 @@ def test_without_qemu_one_line_says_how_to_get_it(tmp_path: Path) -> None:
 
 def test_a_qemu_named_by_the_environment_that_is_not_there(tmp_path: Path) -> None:
     env = _env(BUSELAB_VM_QEMU=str(tmp_path / "no-such-qemu"))
-    done = _buselab("lesson", "mkfs", "--vm", env=env, cwd=tmp_path)
+    done = _buselab("lesson", "mkfs", "--vm", "--auto", "--headless", env=env, cwd=tmp_path)
     line = _one_line_error(done)
     assert line.startswith(f"buselab: error: buselab lesson --vm needs {tmp_path / 'no-such-qemu'}:"), line
     assert "BUSELAB_VM_QEMU" in line
@@ -238,3 +238,12 @@ def test_mkfs_lesson_in_the_vm_as_nobody_reaches_every_checkpoint(vm_image, nobo
     assert "/dev/nbd0 attached in the VM" in done.stderr
     left = subprocess.run(["pgrep", "-u", "nobody", "-f", "qemu-system"], capture_output=True, text=True)
     assert left.stdout == "", f"qemu still running as nobody: {left.stdout}"
+
+
+def test_vm_and_a_device_do_not_go_together_and_no_device_points_to_vm(tmp_path: Path) -> None:
+    done = _buselab("lesson", "mkfs", "/dev/nbd0", "--vm", env=_env(), cwd=tmp_path)
+    assert _one_line_error(done) == (
+        "buselab: error: --vm attaches the disk at /dev/nbd0 inside the VM: leave /dev/nbd0 out"
+    )
+    done = _buselab("lesson", "mkfs", env=_env(), cwd=tmp_path)
+    assert "`buselab lesson mkfs --vm`" in _one_line_error(done)

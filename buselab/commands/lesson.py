@@ -114,6 +114,8 @@ def _run_in_vm(args: argparse.Namespace, lesson) -> int:
     missing = [tool for tool in lesson.needs if shutil.which(tool, path=guest_path) is None]
     if missing:
         raise UserError(f"lesson {lesson.name} runs {', '.join(missing)}, which this machine does not have")
+    if not args.headless and not (sys.stdin.isatty() and sys.stdout.isatty()):  # before a boot for nothing
+        raise UserError("a lesson's lab needs a terminal: with --auto, --headless prints the steps instead")
     size = parse_size(args.size)
     try:
         image = image_for_lesson()
