@@ -11,7 +11,7 @@ _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:
     sys.path.append(_REPO)
 
-from tests.vm import vm  # noqa: E402
+from buselab.vm import image as vm  # noqa: E402  (the image builder lives in the package)
 
 
 def _moddir(tmp_path: Path, builtin: str) -> Path:

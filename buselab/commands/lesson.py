@@ -1,9 +1,12 @@
-"""`buselab lesson [NAME [DEVICE]]`: guided classroom lessons on a real block device.
+"""`buselab lesson [NAME [DEVICE | --vm]]`: guided classroom lessons on a real block device.
 
 Without NAME: the lessons, in teaching order. With NAME and DEVICE (/dev/nbdN, as root): a
-RAM disk attached there and the lab with the lesson's pane. `--auto` runs each step's
-commands itself; with `--headless` too it prints the steps and what each checkpoint found,
-and exits 1 with the step's name if a checkpoint never fires (the VM tests run it so).
+RAM disk attached there and the lab with the lesson's pane. With NAME and `--vm` (no root, no
+nbd driver needed): the RAM disk is served here, a small qemu VM attaches its own /dev/nbd0 to
+it with the real nbd driver, and the step's commands run in that VM (`r` in the lab, or
+`--auto`), see buselab/vm/guest.py. `--auto` runs each step's commands itself; with
+`--headless` too it prints the steps and what each checkpoint found, and exits 1 with the
+step's name if a checkpoint never fires (the VM tests run it so).
 docs/lessons.md is the teacher's guide and the lesson format.
 """
 
@@ -17,12 +20,14 @@ import threading
 from ..control import default_control_path
 from ..errors import UserError
 from ..lessons import LessonError, LessonRunner, builtin_paths, find_lesson, run_auto
+from ..lessons.runner import remote_executor
 from ..session import ServeOptions, Session
 from ..signals import stop_on_signals
 from ..sizes import parse_size
 from ..storage.registry import open_backend
 
 DEFAULT_MOUNT = "/mnt/buselab-lesson"
+VM_MOUNT = "/tmp/buselab-lesson"  # the guest's root is the host's, read-only: its /tmp is its own
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("name", nargs="?", metavar="NAME", help="a lesson (see `buselab lesson`) or a .toml file")
     p.add_argument("device", nargs="?", metavar="DEVICE", help="/dev/nbdN to attach the lesson's disk at (root)")
+    p.add_argument(
+        "--vm",
+        action="store_true",
+        help="no root needed: attach the disk at /dev/nbd0 in a small qemu VM and run the commands there",
+    )
     p.add_argument("--auto", action="store_true", help="run each step's commands, pause at each checkpoint")
     p.add_argument(
         "--hold", type=float, default=5.0, metavar="SECONDS", help="--auto: how long a checkpoint stays (default 5)"
@@ -45,7 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # (sparse: only what is written takes memory).
     p.add_argument("--size", default="1G", help="the lesson disk's size (default 1G, sparse)")
     p.add_argument(
-        "--mnt", default=DEFAULT_MOUNT, metavar="DIR", help=f"mount point for {{mnt}} (default {DEFAULT_MOUNT})"
+        "--mnt",
+        default=None,
+        metavar="DIR",
+        help=f"mount point for {{mnt}} (default {DEFAULT_MOUNT}, with --vm {VM_MOUNT} in the VM)",
     )
     p.set_defaults(func=run)
 
@@ -54,14 +67,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.name:
         return list_lessons()
     lesson = find_lesson(args.name)
-    if not args.device:
+    if args.vm and args.device:
+        raise UserError(f"--vm attaches the disk at /dev/nbd0 inside the VM: leave {args.device} out")
+    if not args.device and not args.vm:
         raise UserError(
-            f"lesson {lesson.name} needs a block device: give /dev/nbdN (as root), e.g. `sudo buselab lesson {lesson.name} /dev/nbd0`"
+            f"lesson {lesson.name} needs a block device: give /dev/nbdN (as root), e.g. `sudo buselab lesson {lesson.name} /dev/nbd0`,"
+            f" or run it in a VM without root: `buselab lesson {lesson.name} --vm`"
         )
     if args.headless and not args.auto:
         raise UserError("--headless needs --auto: without the lab nobody would see the steps")
     if args.hold < 0:
         raise UserError(f"--hold must be 0 seconds or more, got {args.hold:g}")
+    if args.vm:
+        return _run_in_vm(args, lesson)
     if args.auto:
         missing = [tool for tool in lesson.needs if shutil.which(tool) is None]
         if missing:
@@ -71,14 +89,72 @@ def run(args: argparse.Namespace) -> int:
     with stop_on_signals(session.stop_requested):
         session.start()
         try:
-            runner = LessonRunner(session, lesson, device=args.device, mount_dir=args.mnt)
-            if args.headless:
-                return _headless(session, runner, args.hold)
-            from ..ui.lesson import run_lesson_lab
-
-            return run_lesson_lab(session, runner, auto=args.auto, hold=args.hold)
+            runner = LessonRunner(session, lesson, device=args.device, mount_dir=args.mnt or DEFAULT_MOUNT)
+            return _present(session, runner, args)
         finally:
             session.stop()
+
+
+def _present(session: Session, runner: LessonRunner, args: argparse.Namespace) -> int:
+    if args.headless:
+        return _headless(session, runner, args.hold)
+    from ..ui.lesson import run_lesson_lab
+
+    return run_lesson_lab(session, runner, auto=args.auto, hold=args.hold)
+
+
+def _run_in_vm(args: argparse.Namespace, lesson) -> int:
+    """The lesson with its disk served here and attached at /dev/nbd0 in a qemu VM (no root)."""
+    from ..vm.guest import GUEST_DEVICE, GuestVm, VmStartError, image_for_lesson
+    from ..vm.machine import guest_env
+
+    # The guest runs this machine's programs (its root is ours, read-only), as root: look for
+    # them where root's PATH would.
+    guest_path = guest_env()["PATH"]
+    missing = [tool for tool in lesson.needs if shutil.which(tool, path=guest_path) is None]
+    if missing:
+        raise UserError(f"lesson {lesson.name} runs {', '.join(missing)}, which this machine does not have")
+    if not args.headless and not (sys.stdin.isatty() and sys.stdout.isatty()):  # before a boot for nothing
+        raise UserError("a lesson's lab needs a terminal: with --auto, --headless prints the steps instead")
+    size = parse_size(args.size)
+    try:
+        image = image_for_lesson()
+    except VmStartError as exc:
+        raise UserError(str(exc)) from None
+    backend = open_backend("ram", size=size)
+    session = Session(backend, ServeOptions(listen=[("127.0.0.1", 0)], control=default_control_path()))
+    with stop_on_signals(session.stop_requested):
+        session.start()
+        vm: GuestVm | None = None
+        try:
+            port = int(session.network.addresses[-1].rsplit(":", 1)[1])
+            print(
+                f"buselab: booting the lesson's VM (kernel {image.kernel_version}, software emulation: ~20 s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            vm = GuestVm(image, port)
+            try:
+                vm.start()
+            except VmStartError as exc:
+                raise UserError(str(exc)) from None
+            session.kernel = vm  # the lab and the runner read the device and its queue limits from it
+            print(
+                f"buselab: {GUEST_DEVICE} attached in the VM (kernel {vm.kernel_release})", file=sys.stderr, flush=True
+            )
+            runner = LessonRunner(
+                session,
+                lesson,
+                device=GUEST_DEVICE,
+                mount_dir=args.mnt or VM_MOUNT,
+                execute=remote_executor(vm.run),
+                where="the VM",
+            )
+            return _present(session, runner, args)
+        finally:
+            session.stop()  # answers what is held, then detaches: the VM powers off
+            if vm is not None:
+                vm.stop()
 
 
 def list_lessons() -> int:
@@ -87,6 +163,7 @@ def list_lessons() -> int:
         print(f"{name:<18} {lesson.minutes:>3} min  {lesson.title}")
         print(f"{'':<28}{lesson.summary}")
     print("\nsudo buselab lesson NAME /dev/nbd0 [--auto]    (docs/lessons.md: the teacher's guide)")
+    print("buselab lesson NAME --vm [--auto]              (no root: the disk is attached in a small qemu VM)")
     return 0
 
 

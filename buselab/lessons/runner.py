@@ -38,10 +38,25 @@ class CommandResult:
     output: str  # stdout and stderr, the last lines
 
 
+Execute = Callable[..., CommandResult]  # (command line, env=None) -> its result
+
+
 class LessonRunner:
-    def __init__(self, session: Session, lesson: Lesson, *, device: str, mount_dir: str = "/mnt") -> None:
+    def __init__(
+        self,
+        session: Session,
+        lesson: Lesson,
+        *,
+        device: str,
+        mount_dir: str = "/mnt",
+        execute: Execute | None = None,
+        where: str = "",
+    ) -> None:
         self.session = session
         self.lesson = lesson
+        # Where the step's commands run: here (run_command), or in the lesson's VM (--vm).
+        self.execute: Execute = execute or run_command
+        self.where = where  # "" for this machine, else where execute runs them ("the VM")
         self.fields = {
             "dev": device,
             "mnt": mount_dir,
@@ -53,7 +68,7 @@ class LessonRunner:
         self.explanation = ""
         self.held = ""  # the request the checkpoint's breakpoint holds, described
         self.reached: list[int] = []  # steps whose checkpoint fired, in order
-        self.results: list[CommandResult] = []  # what --auto ran in this step
+        self.results: list[CommandResult] = []  # what --auto (or `x` in the lab) ran in this step
         self._records: deque[RequestRecord] = deque(maxlen=RECORDS_KEPT)
         self._last_seq = self._newest_seq()
         self._step_first_seq = self._last_seq + 1
@@ -282,9 +297,11 @@ class LessonRunner:
     def run_commands(self, env: dict[str, str] | None = None) -> list[CommandResult]:
         """Run the step's commands one after another, as the class would type them; stop at a failure."""
         results = []
+        index = self.index
         for line in self.command_lines():
-            results.append(run_command(line, env))
-            self.results = list(results)
+            results.append(self.execute(line, env))
+            if self.index == index:  # the class may have gone on meanwhile (`x` in the lab)
+                self.results = list(results)
             if results[-1].status != 0:
                 break
         return results
@@ -303,8 +320,22 @@ def run_command(line: str, env: dict[str, str] | None = None) -> CommandResult:
         )
     except subprocess.TimeoutExpired:
         return CommandResult(line, 124, f"still running after {COMMAND_TIMEOUT:.0f} s: stopped")
-    output = (done.stdout + done.stderr).strip().splitlines()
-    return CommandResult(line, done.returncode, "\n".join(output[-8:]))
+    return _result(line, done.returncode, done.stdout + done.stderr)
+
+
+def remote_executor(run: Callable[[str, dict[str, str] | None], tuple[int, str]]) -> Execute:
+    """An Execute for commands that run elsewhere: `run(line, env)` gives (exit status, output)."""
+
+    def execute(line: str, env: dict[str, str] | None = None) -> CommandResult:
+        status, output = run(line, env)
+        return _result(line, status, output)
+
+    return execute
+
+
+def _result(line: str, status: int, output: str) -> CommandResult:
+    lines = output.strip().splitlines()
+    return CommandResult(line, status, "\n".join(lines[-8:]))
 
 
 def run_auto(
@@ -361,7 +392,7 @@ def run_auto(
     finally:
         runner.close()
         for line in lesson.cleanup:  # best effort: leave the machine as the lesson found it
-            run_command(line.format_map(runner.fields))
+            runner.execute(line.format_map(runner.fields))
 
 
 class _Commands(threading.Thread):

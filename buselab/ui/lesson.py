@@ -1,8 +1,11 @@
 """The lab with a lesson: the lesson's pane takes the graphs' place, and keys move through it.
 
 `>` next step (releasing the pause a checkpoint made), `<` previous, `y` copies the step's
-commands. With --auto a thread runs each step's commands, waits for the checkpoint and holds
-it a few seconds (`>` goes on at once); the lab stays open at the end until `q`.
+commands, `x` runs them (in a thread: the lab keeps showing the I/O they cause) where the
+lesson's commands run: this machine, or the lesson's VM with --vm, where there is no other
+terminal to type them in. With --auto a thread runs each step's commands, waits for the
+checkpoint and holds it a few seconds (`>` goes on at once); the lab stays open at the end
+until `q`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class LessonPane(Pane):
         self.runner = runner
         self.error = ""
         self.auto = False
+        self.running = False  # `x`: the step's commands are running
         self._lines: list[list[Segment]] = []
         self._shown: tuple = ()
         self._width = 0
@@ -55,7 +59,17 @@ class LessonPane(Pane):
     def update_from_runner(self) -> None:
         """Lay the pane out again if the step or its state changed (cheap to call every tick)."""
         r = self.runner
-        key = (r.index, r.state, r.explanation, r.held, r.holding, len(r.results), self.error, self.size.width)
+        key = (
+            r.index,
+            r.state,
+            r.explanation,
+            r.held,
+            r.holding,
+            len(r.results),
+            self.running,
+            self.error,
+            self.size.width,
+        )
         if key == self._shown:
             return
         self._shown = key
@@ -63,7 +77,7 @@ class LessonPane(Pane):
         lesson = r.lesson
         step = min(r.index + 1, len(lesson.steps))
         self.pane_title = f"lesson {lesson.name} · step {step} of {len(lesson.steps)}"
-        self.pane_subtitle = ("auto · " if self.auto else "") + "> next  < back  y copy"
+        self.pane_subtitle = "auto · > next" if self.auto else "> next  < back  x run  y copy"
         self.refresh()
 
     def layout_lines(self, width: int) -> list[list[Segment]]:
@@ -87,7 +101,7 @@ class LessonPane(Pane):
                 lines.append([])
             commands = r.command_lines()
             if commands:
-                lines.append([Segment("in the other terminal:" if not self.auto else "running:", DIM)])
+                lines.append([Segment(self._commands_heading(), DIM)])
                 for command in commands:
                     for i, part in enumerate(textwrap.wrap(command, width - 2) or [""]):
                         lines.append([Segment(("$ " if i == 0 else "  ") + part, COMMAND)])
@@ -104,12 +118,20 @@ class LessonPane(Pane):
             if r.explanation:
                 lines.append([])
                 para(r.explanation, TEXT)
-        for result in r.results if self.auto else []:
+        for result in r.results:
             lines.append([])
             lines.append([Segment(f"$ {result.command}  → exit {result.status}", DIM)])
             for out in result.output.splitlines()[-4:]:
                 lines.append([Segment("  " + out[: width - 2], DIM)])
         return lines
+
+    def _commands_heading(self) -> str:
+        where = self.runner.where
+        if self.auto:
+            return f"running in {where}:" if where else "running:"
+        if self.running:
+            return f"running in {where}…" if where else "running…"
+        return f"x runs them in {where}:" if where else "in the other terminal (or x to run them here):"
 
     def render_inner(self, y: int, width: int) -> Strip:
         if y < len(self._lines):
@@ -130,6 +152,7 @@ class LessonApp(LabApp):
         Binding("greater_than_sign", "next_step", "Next step", key_display=">"),
         Binding("less_than_sign", "previous_step", "Back", key_display="<", show=False),
         Binding("y", "copy_commands", "Copy commands", show=False),
+        Binding("x", "run_commands", "Run commands", show=False),
     ]
 
     def __init__(self, session, runner: LessonRunner, *, auto: bool = False, hold: float = 5.0, **kwargs) -> None:
@@ -198,6 +221,27 @@ class LessonApp(LabApp):
         if commands:
             self.copy_to_clipboard("\n".join(commands) + "\n")
             self.notify(f"copied {len(commands)} command{'s' if len(commands) != 1 else ''}", timeout=2)
+
+    def action_run_commands(self) -> None:
+        """Run the current step's commands where the lesson runs them; their output joins the pane."""
+        if self.auto:
+            self.notify("--auto runs the commands itself", timeout=2)
+            return
+        if self.lesson_pane.running:
+            self.notify("the step's commands are still running", timeout=2)
+            return
+        if not self.runner.command_lines():
+            self.notify("this step has no commands", timeout=2)
+            return
+        self.lesson_pane.running = True
+        self.lesson_pane.update_from_runner()
+        threading.Thread(target=self._run_commands, name="buselab-lesson-x", daemon=True).start()
+
+    def _run_commands(self) -> None:
+        try:
+            self.runner.run_commands()
+        finally:
+            self.lesson_pane.running = False  # the next tick lays the pane out with the results
 
     def action_quit(self) -> None:  # type: ignore[override]
         self._stop_auto.set()
