@@ -26,8 +26,9 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     nbd = None
 
-# libnbd's errors that mean the connection (not the request) is gone.
-_GONE = frozenset({errnos.ENOTCONN, errnos.ESHUTDOWN, errnos.ECONNRESET, errnos.EPIPE, errnos.EBADF})
+# libnbd's errors that mean the connection (not the request) is gone (ESHUTDOWN, the server
+# stopping, is an answer: the proxy treats it as gone too, in its own words).
+_GONE = frozenset({errnos.ENOTCONN, errnos.ECONNRESET, errnos.EPIPE, errnos.EBADF})
 
 
 def available() -> bool:
