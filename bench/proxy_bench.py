@@ -11,6 +11,7 @@ server and a second client in Python), so this is the price of watching nbdkit's
 
     python bench/proxy_bench.py                  # about 1 minute
     python bench/proxy_bench.py --runtime 2 --rounds 2
+    python bench/proxy_bench.py --client buselab --cases seq_read_1m_qd8 seq_write_1m_qd8
 
 Standard library only; needs fio (with its nbd engine) and nbdkit. Not run by CI.
 """
@@ -78,7 +79,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runtime", type=float, default=4.0, help="seconds per fio run (default 4)")
     parser.add_argument("--size", default="256M", help="area of the disk the workloads touch (default 256M)")
+    parser.add_argument(
+        "--client",
+        choices=("auto", "libnbd", "buselab"),
+        default="auto",
+        help="the proxy's client for READ and WRITE (BUSELAB_NBD_CLIENT; default auto: libnbd if importable)",
+    )
+    keys = [key for key, *_ in CASES]
+    parser.add_argument("--cases", nargs="+", choices=keys, default=keys, metavar="CASE", help=", ".join(keys))
     args = parser.parse_args()
+    cases = [case for case in CASES if case[0] in args.cases]
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             sys.exit(f"proxy_bench: {tool} is not installed")
@@ -89,7 +99,11 @@ def main() -> int:
         try:
             procs.append(subprocess.Popen(["nbdkit", "-f", "-U", str(up), "memory", "1G"]))
             wait_for_socket(up, procs[-1], "nbdkit")
-            env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            env = dict(
+                os.environ,
+                BUSELAB_NBD_CLIENT=args.client,
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            )
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "buselab", "nbd", direct, "--unix", str(px), "--headless"],
@@ -103,17 +117,20 @@ def main() -> int:
                  "--bs=1M", "--iodepth=8", "--output-format=json"],
                 capture_output=True, check=True,
             )  # fmt: skip
-            results: dict[str, dict[str, list[float]]] = {key: {"direct": [], "proxy": []} for key, *_ in CASES}
+            results: dict[str, dict[str, list[float]]] = {key: {"direct": [], "proxy": []} for key, *_ in cases}
             for round_no in range(args.rounds):
-                for key, fio_args, metric, _goal in CASES:
+                for key, fio_args, metric, _goal in cases:
                     order = (("direct", direct), ("proxy", proxied))
                     for name, uri in order if round_no % 2 == 0 else reversed(order):
                         value = measure(fio(uri, fio_args, args.runtime, args.size), metric)
                         results[key][name].append(value)
-            print(f"buselab nbd vs nbdkit memory directly, fio nbd engine, {args.rounds} rounds x {args.runtime:g} s")
+            print(
+                f"buselab nbd (client {args.client}) vs nbdkit memory directly, fio nbd engine,"
+                f" {args.rounds} rounds x {args.runtime:g} s"
+            )
             print(f"{'case':<20} {'direct':>12} {'proxy':>12} {'ratio':>7}  goal")
             failed = False
-            for key, _fio_args, metric, goal in CASES:
+            for key, _fio_args, metric, goal in cases:
                 unit = "MiB/s" if metric == "bw" else "IOPS"
                 d, p = statistics.median(results[key]["direct"]), statistics.median(results[key]["proxy"])
                 ratio = p / d if d else 0.0

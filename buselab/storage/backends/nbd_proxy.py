@@ -10,7 +10,10 @@ exactly what the upstream offers.
 Requests from buselab's serving threads go through concurrently: over a pool
 of connections when the upstream allows multi-conn (a FLUSH on one covers
 writes on all), else over one connection with the requests pipelined and the
-replies matched by cookie (`buselab.client.Pipeline`).
+replies matched by cookie (`buselab.client.Pipeline`). Where libnbd's Python
+bindings are importable and the upstream allows multi-conn, READs and WRITEs go
+through libnbd handles instead (`nbd_libnbd`: C with the GIL released, about
+twice as fast on 1 MiB requests); everything else stays on buselab's own client.
 
 When the upstream goes away, the one log line says so; requests fail with EIO
 at once (none waits for it) while a thread reconnects with a bounded backoff,
@@ -29,6 +32,7 @@ from ...client import ConnectionLost, NbdUri, Pipeline, parse_nbd_uri
 from ...errors import UserError
 from ...protocol import constants as c
 from ..base import Backend, BackendError, Capabilities
+from . import nbd_libnbd
 
 log = logging.getLogger("buselab")
 
@@ -37,6 +41,8 @@ CONNECT_TIMEOUT = 10.0  # seconds for connect + handshake: an upstream that neve
 EXTRA_TIMEOUT = 2.0  # seconds for each further connection of the pool
 BACKOFF_FIRST = 0.05  # seconds before the first reconnect attempt
 BACKOFF_MAX = 2.0  # and never longer than this between attempts
+LIBNBD_HANDLES = 8  # libnbd connections for READ and WRITE (each runs one request at a time)
+CLIENTS = ("auto", "libnbd", "buselab")
 
 
 def capabilities(flags: int, block_status: bool) -> Capabilities:
@@ -58,8 +64,20 @@ class NbdProxyBackend(Backend):
     kind = "nbd"
     parallel = True  # each call waits for the upstream's round trip: let a client's requests overlap
 
-    def __init__(self, uri: str | NbdUri, size: int | None = None) -> None:
+    def __init__(self, uri: str | NbdUri, size: int | None = None, client: str | None = None) -> None:
+        """`client`: "libnbd", "buselab" (its own) or "auto" (libnbd where it can be used); the
+        default is $BUSELAB_NBD_CLIENT, else "auto"."""
         self.uri = uri if isinstance(uri, NbdUri) else parse_nbd_uri(uri)
+        client = client or os.environ.get("BUSELAB_NBD_CLIENT") or "auto"
+        if client not in CLIENTS:
+            raise UserError(f"unknown NBD client {client!r}: use one of {', '.join(CLIENTS)}")
+        if client == "libnbd" and not nbd_libnbd.available():
+            raise UserError("libnbd's Python bindings are not importable (Debian: apt-get install python3-libnbd)")
+        self._want_libnbd = client != "buselab" and nbd_libnbd.available()
+        # Idle libnbd handles, and all of this connection generation's (a handle lent out when
+        # the upstream went away is closed when it comes back, not while a request uses it).
+        self._idle: list[nbd_libnbd.LibnbdHandle] = []
+        self._handles: set[nbd_libnbd.LibnbdHandle] = set()
         self._lock = threading.Lock()
         self._pool: list[Pipeline] = []
         self._pid = os.getpid()
@@ -84,10 +102,17 @@ class NbdProxyBackend(Backend):
     def describe(self) -> str:
         return f"nbd {self.uri}"
 
+    @property
+    def client(self) -> str:
+        """Which client carries READs and WRITEs now: "libnbd" or "buselab"."""
+        return "libnbd" if self._handles else "buselab"
+
     # -- connections ------------------------------------------------------------------------
     def _fill_pool(self) -> None:
         """With multi-conn, more connections (best effort: one is enough to serve)."""
         if not self.caps.multi_conn:
+            return
+        if self._want_libnbd and self._open_handles():
             return
         while len(self._pool) < POOL_SIZE:
             try:
@@ -96,6 +121,42 @@ class NbdProxyBackend(Backend):
             except (OSError, ConnectionError) as exc:
                 log.debug("upstream %s: an extra connection failed: %s", self.uri, _why(exc))
                 return
+
+    def _open_handles(self) -> bool:
+        """libnbd handles for READ and WRITE; False (buselab's client carries them) if none connects."""
+        handles = []
+        for _ in range(LIBNBD_HANDLES):
+            try:
+                handles.append(nbd_libnbd.LibnbdHandle(self.uri.text, EXTRA_TIMEOUT))
+            except ConnectionError as exc:
+                log.debug("upstream %s: a libnbd connection failed: %s", self.uri, exc)
+                break
+        with self._lock:
+            self._idle = list(handles)
+            self._handles = set(handles)
+        return bool(handles)
+
+    def _borrow(self) -> nbd_libnbd.LibnbdHandle | None:
+        """An idle libnbd handle, or None (none, or all busy: buselab's own connection takes it)."""
+        if os.getpid() != self._pid:
+            return None  # a forked child: _pick starts afresh
+        with self._lock:
+            if self._idle and self._down is None:
+                return self._idle.pop()
+        return None
+
+    def _give_back(self, handle: nbd_libnbd.LibnbdHandle) -> None:
+        with self._lock:
+            if handle in self._handles:
+                self._idle.append(handle)
+                return
+        handle.close()  # of an outage that is over (or of a closed backend)
+
+    def _drop_handles(self, goodbye: bool = True) -> None:
+        with self._lock:
+            idle, self._idle, self._handles = self._idle, [], set()
+        for handle in idle:  # the ones lent out are closed when they come back
+            handle.close(goodbye)
 
     def _pick(self) -> Pipeline:
         if os.getpid() != self._pid:
@@ -114,6 +175,10 @@ class NbdProxyBackend(Backend):
                 return
             self._pid = os.getpid()
             self._pool = []
+            idle, self._idle, self._handles = self._idle, [], set()
+        for handle in idle:
+            handle.close(goodbye=False)  # the parent's connections: not ours to say goodbye on
+        with self._lock:
             self._down = "reconnecting after fork"
         self._reconnect()
         if self._down is not None:
@@ -129,6 +194,7 @@ class NbdProxyBackend(Backend):
         log.warning("upstream %s went away: %s; requests fail with EIO until it is back", self.uri, reason)
         for old in pool:
             old.close()
+        self._drop_handles(goodbye=False)
         self._start_reconnector()
 
     def _start_reconnector(self) -> None:
@@ -193,22 +259,63 @@ class NbdProxyBackend(Backend):
             raise BackendError(reply.errno, f"upstream {self.uri} answered {c.CMD_NAMES[cmd]} with {name}")
         return reply
 
-    # -- the backend operations --------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytearray:
-        if length <= self.max_block:
+    def _read(self, offset: int, length: int) -> bytes | bytearray:
+        """One READ of at most max_block bytes: on an idle libnbd handle if there is one."""
+        handle = self._borrow() if self._handles else None
+        if handle is None:
             return self._call(c.CMD_READ, offset, length).data
+        try:
+            return handle.pread(length, offset)
+        except nbd_libnbd.RequestFailed as exc:
+            raise self._failed(c.CMD_READ, exc) from None
+        except nbd_libnbd.Gone as exc:
+            raise self._gone(str(exc)) from None
+        finally:
+            self._give_back(handle)
+
+    def _write(self, offset: int, data: memoryview, flags: int) -> None:
+        handle = self._borrow() if self._handles else None
+        if handle is None:
+            self._call(c.CMD_WRITE, offset, len(data), flags, data)
+            return
+        try:
+            handle.pwrite(data, offset, flags)
+        except nbd_libnbd.RequestFailed as exc:
+            raise self._failed(c.CMD_WRITE, exc) from None
+        except nbd_libnbd.Gone as exc:
+            raise self._gone(str(exc)) from None
+        finally:
+            self._give_back(handle)
+
+    def _failed(self, cmd: int, exc: nbd_libnbd.RequestFailed) -> BackendError:
+        if exc.errno == c.ESHUTDOWN:
+            return self._gone("it is shutting down (ESHUTDOWN)")
+        name = c.ERRNO_NAMES.get(exc.errno, str(exc.errno))
+        return BackendError(exc.errno, f"upstream {self.uri} answered {c.CMD_NAMES[cmd]} with {name}")
+
+    def _gone(self, reason: str) -> BackendError:
+        """A libnbd connection broke: the upstream is away, as when buselab's own connection breaks."""
+        with self._lock:
+            first = self._pool[0] if self._pool else None
+        if first is not None:
+            self._lost(first, reason)
+        return BackendError(c.EIO, f"upstream {self.uri} went away: {reason}")
+
+    # -- the backend operations --------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        if length <= self.max_block:
+            return self._read(offset, length)
         out = bytearray(length)
         for start in range(0, length, self.max_block):
             n = min(self.max_block, length - start)
-            out[start : start + n] = self._call(c.CMD_READ, offset + start, n).data
+            out[start : start + n] = self._read(offset + start, n)
         return out
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
         flags = c.CMD_FLAG_FUA if fua else 0
         for start in range(0, len(view), self.max_block):
-            chunk = view[start : start + self.max_block]
-            self._call(c.CMD_WRITE, offset + start, len(chunk), flags, chunk)
+            self._write(offset + start, view[start : start + self.max_block], flags)
 
     def flush(self) -> None:
         if self.caps.flush:
@@ -239,6 +346,7 @@ class NbdProxyBackend(Backend):
             log.warning("upstream %s: the last flush failed: %s", self.uri, exc)
         finally:
             self._closed.set()
+            self._drop_handles()
             with self._lock:
                 pool, self._pool = self._pool, []
             for pipeline in pool:
