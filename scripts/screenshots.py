@@ -183,10 +183,140 @@ async def scene_lesson_mkfs(out: Path, tmp: Path) -> None:
             sh("losetup", "-d", loop, check=False)
 
 
+# -- the other lessons: --auto's runner on a loop device, the lab saved at the step that matters --------
+
+
+def commands_done(runner) -> bool:
+    """Has the current step run all its commands (or stopped at a failing one)?"""
+    results = runner.results
+    return len(results) == len(runner.command_lines()) or any(r.status != 0 for r in results)
+
+
+def checkpoint_seen(runner) -> bool:
+    """The step's checkpoint fired and, unless the lesson holds the device, its commands finished:
+    the pane shows the explanation and what the commands printed."""
+    return runner.state == "reached" and (runner.holding or commands_done(runner))
+
+
+def select_last(app: LabApp, wanted) -> RequestRecord | None:
+    """Select the last stream row (a request) that `wanted(record)` accepts, and inspect it."""
+    rows = app.stream.rows
+    for index in range(len(rows) - 1, -1, -1):
+        row = rows[index]
+        if isinstance(row, RequestRecord) and wanted(row):
+            app.stream.follow = False
+            app.stream._select(index)
+            app.inspector.show(row)
+            return row
+    return None
+
+
+def heat_mode(app: LabApp, mode: str) -> None:
+    for _ in range(3):
+        if app.heatmap.mode == mode:
+            return
+        app.heatmap.action_toggle_mode()
+
+
+async def lesson_shot(out: Path, tmp: Path, name: str, step: int, ready=checkpoint_seen, look=None) -> None:
+    """Run lesson `name` as `buselab lesson NAME DEV --auto` does, on a loop device over nbdfuse;
+    save the lab (lesson-NAME.svg) once step `step` (1-based) is `ready`, after `look(app)` has
+    set the lab's view (a selected row, a heatmap mode); then let the lesson run to its end, so
+    its cleanup unmounts what it mounted."""
+    from buselab.lessons import LessonRunner, find_lesson
+    from buselab.ui.lesson import LessonApp
+
+    with served(tmp, 256 * MiB) as (session, sock), nbdfuse(sock, tmp / "fuse") as image:
+        session.labeller.interval = 0.2  # the lab names the journal's blocks soon after they are written
+        loop = sh("losetup", "-f", "--show", str(image)).stdout.strip()
+        try:
+            runner = LessonRunner(session, find_lesson(name), device=loop, mount_dir=str(tmp / "mnt"))
+            app = LessonApp(session, runner, auto=True, hold=3600)  # the script says when to go on
+            async with app.run_test(size=SIZE) as pilot:
+                await wait_until(app, lambda: runner.index == step - 1 and ready(runner), f"{name} step {step}")
+                await settle(app, pilot, 1.0)
+                if look is not None:
+                    look(app)
+                await settle(app, pilot, 0.3)
+                app.save_screenshot(filename=f"lesson-{name}.svg", path=str(out))
+                while runner.state != "finished" and not app.lesson_pane.error:
+                    if runner.state == "reached":
+                        await pilot.press("greater_than_sign")  # --auto's hold ends at once
+                    await asyncio.sleep(0.2)
+                await pilot.press("q")
+        finally:
+            for _ in range(20):
+                if sh("losetup", "-d", loop, check=False).returncode == 0:
+                    break
+                time.sleep(0.2)
+
+
+async def wait_until(app, condition, what: str, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if app.lesson_pane.error:
+            raise SystemExit(f"{what}: {app.lesson_pane.error}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what}: not reached in {seconds:g} s")
+        await asyncio.sleep(0.1)
+
+
+async def scene_lesson_journal(out: Path, tmp: Path) -> None:
+    """Held on the commit block's FUA write; the FLUSH before it in the stream."""
+    await lesson_shot(out, tmp, "journal", 2, look=lambda app: select_last(app, lambda r: r.op == "FLUSH"))
+
+
+async def scene_lesson_powercut(out: Path, tmp: Path) -> None:
+    """After the cut: the requests since fail with EIO, the writes the cache lost are marked."""
+
+    def look(app):
+        lost = app.model.lost_requests
+        select_last(app, lambda r: r.seq in lost)
+
+    await lesson_shot(out, tmp, "powercut", 4, look=look)
+
+
+async def scene_lesson_trim(out: Path, tmp: Path) -> None:
+    """After fstrim: its TRIMs in the stream, ext4's free space trimmed on the heatmap."""
+    await lesson_shot(out, tmp, "trim", 2, look=lambda app: select_last(app, lambda r: r.op == "TRIM"))
+
+
+async def scene_lesson_readahead(out: Path, tmp: Path) -> None:
+    """The 1 MiB direct write split at max_sectors_kb."""
+    await lesson_shot(out, tmp, "readahead", 2)
+
+
+async def scene_lesson_queue_depth(out: Path, tmp: Path) -> None:
+    """fio at iodepth 32 behind the 2 ms delay, while it runs: 32 in flight, Little's law."""
+    await lesson_shot(out, tmp, "queue-depth", 2, ready=lambda runner: runner.state == "reached")
+
+
+async def scene_lesson_random_sequential(out: Path, tmp: Path) -> None:
+    """The sequential reader after the random one, on the heatmap's time view."""
+    await lesson_shot(out, tmp, "random-sequential", 2, look=lambda app: heat_mode(app, "time"))
+
+
+async def scene_lesson_failing_disk(out: Path, tmp: Path) -> None:
+    """Every write fails with EIO; dmesg says ext4 remounted read-only."""
+    await lesson_shot(out, tmp, "failing-disk", 2, look=lambda app: select_last(app, lambda r: r.error))
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    scenes = (scene_mkfs, scene_journal, scene_iodepth, scene_lesson_mkfs)
+    scenes = (
+        scene_mkfs,
+        scene_journal,
+        scene_iodepth,
+        scene_lesson_mkfs,
+        scene_lesson_journal,
+        scene_lesson_powercut,
+        scene_lesson_trim,
+        scene_lesson_readahead,
+        scene_lesson_queue_depth,
+        scene_lesson_random_sequential,
+        scene_lesson_failing_disk,
+    )
     wanted = sys.argv[2:]  # scene names, or all
     for scene in scenes:
         if wanted and scene.__name__[6:] not in wanted:
