@@ -17,6 +17,7 @@ are for people; what they show is asserted by the tests.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -218,6 +219,33 @@ def heat_mode(app: LabApp, mode: str) -> None:
         app.heatmap.action_toggle_mode()
 
 
+@contextmanager
+def lesson_device(tmp: Path):
+    """(session, block device) serving a 256 MiB RAM disk: /dev/nbd0 where the kernel has the nbd
+    driver (BUSELAB_SHOT_NBD, set by --vm), else a loop device over nbdfuse. Over the loop device
+    the kernel's queue is the loop device's, and a FUA write reaches buselab as a WRITE and a FLUSH."""
+    nbd = os.environ.get("BUSELAB_SHOT_NBD")
+    if nbd:
+        session = Session(open_backend("ram", size=256 * MiB), ServeOptions(device=nbd))
+        session.labeller.interval = 0.2  # the lab names the journal's blocks soon after they are written
+        session.start()
+        try:
+            yield session, nbd
+        finally:
+            session.stop()
+        return
+    with served(tmp, 256 * MiB) as (session, sock), nbdfuse(sock, tmp / "fuse") as image:
+        session.labeller.interval = 0.2
+        loop = sh("losetup", "-f", "--show", str(image)).stdout.strip()
+        try:
+            yield session, loop
+        finally:
+            for _ in range(20):  # the loop device is busy until the lesson's umount is through
+                if sh("losetup", "-d", loop, check=False).returncode == 0:
+                    break
+                time.sleep(0.2)
+
+
 async def lesson_shot(out: Path, tmp: Path, name: str, step: int, ready=checkpoint_seen, look=None) -> None:
     """Run lesson `name` as `buselab lesson NAME DEV --auto` does, on a loop device over nbdfuse;
     save the lab (lesson-NAME.svg) once step `step` (1-based) is `ready`, after `look(app)` has
@@ -226,38 +254,41 @@ async def lesson_shot(out: Path, tmp: Path, name: str, step: int, ready=checkpoi
     from buselab.lessons import LessonRunner, find_lesson
     from buselab.ui.lesson import LessonApp
 
-    with served(tmp, 256 * MiB) as (session, sock), nbdfuse(sock, tmp / "fuse") as image:
-        session.labeller.interval = 0.2  # the lab names the journal's blocks soon after they are written
-        loop = sh("losetup", "-f", "--show", str(image)).stdout.strip()
+    with lesson_device(tmp) as (session, device):
         try:
-            runner = LessonRunner(session, find_lesson(name), device=loop, mount_dir=str(tmp / "mnt"))
+            runner = LessonRunner(session, find_lesson(name), device=device, mount_dir=str(tmp / "mnt"))
             app = LessonApp(session, runner, auto=True, hold=3600)  # the script says when to go on
             async with app.run_test(size=SIZE) as pilot:
-                await wait_until(app, lambda: runner.index == step - 1 and ready(runner), f"{name} step {step}")
-                await settle(app, pilot, 1.0)
-                if look is not None:
-                    look(app)
-                await settle(app, pilot, 0.3)
-                app.save_screenshot(filename=f"lesson-{name}.svg", path=str(out))
-                while runner.state != "finished" and not app.lesson_pane.error:
-                    if runner.state == "reached":
-                        await pilot.press("greater_than_sign")  # --auto's hold ends at once
-                    await asyncio.sleep(0.2)
-                await pilot.press("q")
+                try:
+                    await reach(app, pilot, runner, step, ready)
+                    await settle(app, pilot, 1.0)
+                    if look is not None:
+                        look(app)
+                    await settle(app, pilot, 0.3)
+                    app.save_screenshot(filename=f"lesson-{name}.svg", path=str(out))
+                    while runner.state != "finished" and not app.lesson_pane.error:
+                        if runner.state == "reached":
+                            await pilot.press("greater_than_sign")  # --auto's hold ends at once
+                        await asyncio.sleep(0.2)
+                finally:
+                    await pilot.press("q")  # --auto stops, and runs the lesson's cleanup
         finally:
-            for _ in range(20):
-                if sh("losetup", "-d", loop, check=False).returncode == 0:
-                    break
-                time.sleep(0.2)
+            sh("umount", "-l", str(tmp / "mnt"), check=False)  # a scene that failed mid-lesson
 
 
-async def wait_until(app, condition, what: str, seconds: float = 180) -> None:
+async def reach(app, pilot, runner, step: int, ready, seconds: float = 180) -> None:
+    """Wait until step `step` is `ready`, going on from every checkpoint before it (--auto holds each)."""
     deadline = time.monotonic() + seconds
-    while not condition():
+    while not (runner.index == step - 1 and ready(runner)):
+        if runner.index < step - 1 and runner.state == "reached":
+            await pilot.press("greater_than_sign")
         if app.lesson_pane.error:
-            raise SystemExit(f"{what}: {app.lesson_pane.error}")
+            raise SystemExit(f"{runner.lesson.name}: {app.lesson_pane.error}")
         if time.monotonic() > deadline:
-            raise SystemExit(f"{what}: not reached in {seconds:g} s")
+            ran = "; ".join(f"{r.command!r} exit {r.status}" for r in runner.results)
+            raise SystemExit(
+                f"{runner.lesson.name}: not there in {seconds:g} s: at step {runner.index + 1}, {runner.state}, ran {ran}"
+            )
         await asyncio.sleep(0.1)
 
 
@@ -301,9 +332,34 @@ async def scene_lesson_failing_disk(out: Path, tmp: Path) -> None:
     await lesson_shot(out, tmp, "failing-disk", 2, look=lambda app: select_last(app, lambda r: r.error))
 
 
+def shoot_in_vm(out: Path, wanted: list[str]) -> None:
+    """Take the scenes in the test VM (tests/vm), where the kernel has the nbd driver: the lessons
+    on /dev/nbd0, with the nbd queue's own limits and real FUA writes (the journal lesson needs them)."""
+    from tests.vm.vm import run_in_vm
+
+    with tempfile.TemporaryDirectory(prefix="buselab-shots-") as shared:
+        script = f"{sys.executable} {Path(__file__).resolve()} {shared} {' '.join(wanted)}\n"
+        result = run_in_vm(
+            script,
+            shared_dir=Path(shared),
+            timeout=1800,
+            env={"BUSELAB_SHOT_NBD": "/dev/nbd0"},
+            modules=("nbd nbds_max=2",),
+        )
+        print(result.output, file=sys.stderr)
+        for svg in Path(shared).glob("*.svg"):
+            (out / svg.name).write_bytes(svg.read_bytes())
+        if result.returncode != 0:
+            raise SystemExit(f"the VM's screenshots exited {result.returncode}")
+
+
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/img").resolve()
+    vm = "--vm" in sys.argv
+    args = [arg for arg in sys.argv[1:] if arg != "--vm"]
+    out = Path(args[0] if args else "docs/img").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if vm:
+        return shoot_in_vm(out, args[1:])
     scenes = (
         scene_mkfs,
         scene_journal,
@@ -317,13 +373,22 @@ def main() -> None:
         scene_lesson_random_sequential,
         scene_lesson_failing_disk,
     )
-    wanted = sys.argv[2:]  # scene names, or all
+    wanted = args[1:]  # scene names, or all
+    failed = []
     for scene in scenes:
-        if wanted and scene.__name__[6:] not in wanted:
+        name = scene.__name__[6:]
+        if wanted and name not in wanted:
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(scene(out, Path(tmp)))
-        print(f"{scene.__name__[6:]}: written", file=sys.stderr)
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+            try:
+                asyncio.run(scene(out, Path(tmp)))
+            except SystemExit as exc:  # one scene that cannot be taken does not stop the others
+                failed.append(name)
+                print(f"{name}: FAILED: {exc}", file=sys.stderr)
+                continue
+        print(f"{name}: written", file=sys.stderr)
+    if failed:
+        raise SystemExit(f"not taken: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
