@@ -247,7 +247,7 @@ def lesson_device(tmp: Path):
                 time.sleep(0.2)
 
 
-async def lesson_shot(out: Path, tmp: Path, name: str, step: int, ready=checkpoint_seen, look=None) -> None:
+async def lesson_shot(out: Path, tmp: Path, name: str, step: int, ready=checkpoint_seen, look=None, size=SIZE) -> None:
     """Run lesson `name` as `buselab lesson NAME DEV --auto` does, on a loop device over nbdfuse;
     save the lab (lesson-NAME.svg) once step `step` (1-based) is `ready`, after `look(app)` has
     set the lab's view (a selected row, a heatmap mode); then let the lesson run to its end, so
@@ -259,7 +259,7 @@ async def lesson_shot(out: Path, tmp: Path, name: str, step: int, ready=checkpoi
         try:
             runner = LessonRunner(session, find_lesson(name), device=device, mount_dir=MNT)
             app = LessonApp(session, runner, auto=True, hold=3600)  # the script says when to go on
-            async with app.run_test(size=SIZE) as pilot:
+            async with app.run_test(size=size) as pilot:
                 try:
                     await reach(app, pilot, runner, step, ready)
                     await settle(app, pilot, 1.0)
@@ -330,7 +330,8 @@ async def scene_lesson_random_sequential(out: Path, tmp: Path) -> None:
 
 async def scene_lesson_failing_disk(out: Path, tmp: Path) -> None:
     """Every write fails with EIO; dmesg says ext4 remounted read-only."""
-    await lesson_shot(out, tmp, "failing-disk", 2, look=lambda app: select_last(app, lambda r: r.error))
+    # Six rows more than the others: the pane ends with dmesg's remount line and touch's EROFS.
+    await lesson_shot(out, tmp, "failing-disk", 2, look=lambda app: select_last(app, lambda r: r.error), size=(160, 56))
 
 
 def shoot_in_vm(out: Path, wanted: list[str]) -> None:
