@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Take the lab's screenshots for the docs (SVG, 160x50), from real I/O on a real disk.
 
-    sudo .venv/bin/python scripts/screenshots.py docs/img
+    sudo .venv/bin/python scripts/screenshots.py docs/img [SCENE ...]
+    sudo .venv/bin/python scripts/screenshots.py --vm docs/img lesson_journal ...
 
 Each scene serves a RAM disk in this process, opens the lab headless (Textual's run_test),
 drives real tools against it and saves the screen at the moment the docs talk about:
@@ -9,9 +10,15 @@ drives real tools against it and saves the screen at the moment the docs talk ab
 * mkfs:    mkfs.ext4 over nbdfuse; a superblock write selected, heatmap by structure if it has it
 * journal: the ext4 mounted (nbdfuse + loop), a small write and sync; the jbd2 commit selected
 * iodepth: fio's nbd engine at iodepth 32 behind a 5 ms delay: 32 in flight, Little's law
+* lesson_NAME: each lesson of docs/lessons.md at its key moment (`lesson_shot`), run as
+  `buselab lesson NAME DEV --auto` runs it, on a loop device over nbdfuse, or with --vm on
+  /dev/nbd0 in the test VM (tests/vm), where the kernel has the nbd driver. The journal,
+  readahead, queue-depth and random-sequential lessons need --vm: over a loop device FUA
+  becomes a FLUSH, the queue is the loop device's and FUSE cuts and reorders the I/O.
 
-Needs root (loop devices), nbdfuse, mkfs.ext4, fio. Not part of the test suite: the pictures
-are for people; what they show is asserted by the tests.
+Needs root (loop devices), nbdfuse, mkfs.ext4, fio; --vm needs qemu and the VM image the tests
+build. Not part of the test suite: the pictures are for people; what they show is asserted by
+the tests.
 """
 
 from __future__ import annotations
