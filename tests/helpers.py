@@ -518,3 +518,32 @@ def tmux_wait_for(name: str, predicate, timeout: float = 20.0) -> str:
 def tmux_seqs(screen: str) -> list[int]:
     """Sequence numbers of the stream rows on screen."""
     return [int(m) for m in re.findall(r"^│\s+(\d+) \d\d:\d\d:\d\d\.\d{3} ", screen, re.M)]
+
+
+# --- the project as a fresh clone has it (test_packaging, test_lesson_vm_mode) ---------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def copy_tree(dest: Path) -> None:
+    """Copy into `dest` the files a fresh clone would have (tracked, or new and not ignored), not build leftovers."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        check=False,
+    )
+    if listed.returncode != 0:  # not a git checkout (an unpacked sdist): copy what is there
+        leftovers = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "*.so")
+        shutil.copytree(PROJECT_ROOT, dest, ignore=leftovers, dirs_exist_ok=True)
+        return
+    for name in listed.stdout.decode().split("\0"):
+        if name and (PROJECT_ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, dest / name)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(extra)
+    return env

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import missing, require_tool
+from helpers import clean_env, copy_tree, missing, require_tool
 
 _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:
@@ -148,11 +148,9 @@ def nobody_place() -> Iterator[Path]:
 
 def _install(place: Path) -> Path:
     """buselab as a user gets it: a wheel built from the tree, installed with pip (--target)."""
-    from test_packaging import _copy_tree
-
     src = place / "src"
     src.mkdir()
-    _copy_tree(src)
+    copy_tree(src)
     wheels = place / "wheels"
     site = place / "site"
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
@@ -163,9 +161,7 @@ def _install(place: Path) -> Path:
 
 
 def _pip(command: list[str], cwd: Path) -> None:
-    from test_packaging import _clean_env
-
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_clean_env(), cwd=cwd)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=clean_env(), cwd=cwd)
     if done.returncode != 0 and "Could not find a version that satisfies" in done.stdout + done.stderr:
         missing("PyPI is not reachable to install buselab's dependencies")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

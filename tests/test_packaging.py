@@ -8,7 +8,6 @@ Needs PyPI (the build's setuptools, buselab's dependencies); about 30 s.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import missing
+from helpers import clean_env, copy_tree, missing
 
 import buselab
 
@@ -27,32 +26,6 @@ if _REPO not in sys.path:
     sys.path.append(_REPO)
 
 from tests.vm.fixtures import vm, vm_image  # noqa: E402, F401  (pytest fixtures)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _copy_tree(dest: Path) -> None:
-    """The files a fresh clone would have (tracked, or new and not ignored), not build leftovers."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=False,
-    )
-    if listed.returncode != 0:  # not a git checkout (an unpacked sdist): copy what is there
-        leftovers = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "*.so")
-        shutil.copytree(ROOT, dest, ignore=leftovers, dirs_exist_ok=True)
-        return
-    for name in listed.stdout.decode().split("\0"):
-        if name and (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +37,14 @@ def dist(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("packaging")
     src = work / "src"
     src.mkdir()
-    _copy_tree(src)
+    copy_tree(src)
     out = work / "dist"
     proc = subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(out), str(src)],
         capture_output=True,
         text=True,
         timeout=300,
-        env=_clean_env(),
+        env=clean_env(),
     )
     if proc.returncode != 0 and "Could not find a version that satisfies" in proc.stdout + proc.stderr:
         missing("PyPI is not reachable to set up the build environment")
@@ -127,13 +100,13 @@ def clean_venv(dist, tmp_path_factory) -> Path:
     wheel = _one(dist, f"buselab-{buselab.__version__}-*.whl")
     work = tmp_path_factory.mktemp("venv")
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=_clean_env())
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=clean_env())
     install = subprocess.run(
         [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--only-binary", ":all:", str(wheel)],
         capture_output=True,
         text=True,
         timeout=600,
-        env=_clean_env(CC="false", CXX="false"),  # a package that wanted compiling would fail here
+        env=clean_env(CC="false", CXX="false"),  # a package that wanted compiling would fail here
         cwd=work,  # not the checkout: nothing may come from the tree
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
@@ -141,7 +114,7 @@ def clean_venv(dist, tmp_path_factory) -> Path:
 
 
 def test_wheel_installs_in_a_clean_venv_without_a_compiler(clean_venv, tmp_path):
-    env = _clean_env()
+    env = clean_env()
     version = subprocess.run(
         [str(clean_venv / "bin/buselab"), "--version"],
         capture_output=True,
