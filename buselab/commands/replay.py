@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from ..errors import UserError
@@ -116,6 +117,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
             summary = replayer.summary
         else:
             try:
+                # Ctrl-C / SIGINT stops the replay, also when started from a script's background
+                # job (`cmd &` there ignores SIGINT, and Python then never raises KeyboardInterrupt).
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 summary = replayer.run()
             except KeyboardInterrupt:
                 interrupted = True
