@@ -89,3 +89,15 @@ explain = "{writes} reached the disk."
         text = app.lesson_pane.text
         assert "lesson finished: q to quit" in text, text
         await pilot.press("q")
+
+
+def test_a_short_pane_keeps_the_title_and_the_newest_lines():
+    from rich.segment import Segment
+
+    from buselab.ui.lesson import fit
+
+    lines = [[Segment(f"line {i}")] for i in range(30)]
+    assert fit(lines, 40) == lines
+    shown = ["".join(seg.text for seg in line) for line in fit(lines, 10)]
+    assert len(shown) == 10 and shown[0] == "line 0" and shown[-1] == "line 29", shown
+    assert shown[1].startswith("… 21 lines above") and shown[2] == "line 22", shown

@@ -186,3 +186,30 @@ def test_the_ordering_fact_names_the_flush_before_the_fua_write_held_or_answered
     held = facts(scope[:2], [], label=lambda r: None, held="WRITE 4.0 KiB at byte 8,192", held_fua=True)
     assert held["ordering"] == "FLUSH #2 came before the held FUA WRITE 4.0 KiB at byte 8,192"
     assert facts(scope[:1], [], label=lambda r: None)["ordering"] == "no FUA write"
+
+
+def test_a_run_checkpoint_waits_for_the_whole_run(session, tmp_path):
+    """The split is seen after three pieces; the checkpoint fires, with all eight, once the I/O stops."""
+    from helpers import connect
+
+    lesson = load_lesson(
+        write(tmp_path, "title = 'x'\n[[step]]\ntitle = 'a'\n[step.checkpoint]\nrun = 'split'\nexplain = '{runs}'\n")
+    )
+    runner = LessonRunner(session, lesson, device="/dev/nbd9", mount_dir=str(tmp_path))
+    runner.goto(0)
+    piece = 128 * 1024
+    with connect(session) as client:
+        for i in range(3):
+            client.write(4 * MiB + i * piece, b"x" * piece)
+        assert not runner.poll(), f"fired on part of the run: {runner.explanation}"
+        for i in range(3, 8):
+            client.write(4 * MiB + i * piece, b"x" * piece)
+    assert not runner.poll(), "fired while requests were still coming"
+    fired = False
+    for _ in range(40):  # RUN_SETTLE (0.5 s) after the last request, polled as the lab's tick does
+        if runner.poll():
+            fired = True
+            break
+        threading.Event().wait(0.05)
+    assert fired and runner.state == "reached"
+    assert "8 × 128 KiB" in runner.explanation, runner.explanation

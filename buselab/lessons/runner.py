@@ -29,6 +29,11 @@ from .model import Checkpoint, Lesson, LessonError, Step
 RECORDS_KEPT = 100_000  # requests since the lesson began that a checkpoint of scope "lesson" can see
 COMMAND_TIMEOUT = 600.0  # seconds one command of --auto may run
 TAIL = 256  # requests before the new ones that a run or an overlap may begin in
+# A run checkpoint fires once the run is over, so its numbers are the whole run's ("4M WRITE
+# split 32x128K", not the 11 pieces that had come when it was first seen): when no request has
+# come for RUN_SETTLE seconds, or RUN_SETTLE_MAX after the run was seen if I/O never stops.
+RUN_SETTLE = 0.5
+RUN_SETTLE_MAX = 5.0
 
 
 @dataclasses.dataclass
@@ -156,6 +161,7 @@ class LessonRunner:
             if fresh:
                 self._records.extend(fresh)
                 self._last_seq = max(self._last_seq, fresh[-1].seq)
+                self._fresh_at = time.monotonic()
             if self.state not in ("waiting", "paused"):
                 return False
             checkpoint = self.step.checkpoint  # type: ignore[union-attr]
@@ -181,6 +187,8 @@ class LessonRunner:
         self._matched: list[RequestRecord] = []
         self._matched_with = None  # the map the matches were made with
         self._run_seen = False
+        self._run_seen_at = 0.0
+        self._fresh_at = time.monotonic()
         self._most_in_flight = 0
         self._take(checkpoint, [])
 
@@ -201,6 +209,7 @@ class LessonRunner:
         window = tail + fresh if fresh else self._in_scope
         if checkpoint.run and not self._run_seen and window:
             self._run_seen = any(run.kind == checkpoint.run for run in find_runs(window, self._max_request()))
+            self._run_seen_at = time.monotonic()
         if checkpoint.in_flight and window:
             starts = [r.time for r in window]
             most = max_overlap(starts, [r.time + r.latency for r in window])
@@ -211,11 +220,17 @@ class LessonRunner:
             return False
         if checkpoint.wait and len(self._matched) < checkpoint.count:
             return False
-        if checkpoint.run and not self._run_seen:
+        if checkpoint.run and not self._run_settled():
             return False
         if checkpoint.in_flight and self._most_in_flight < checkpoint.in_flight:
             return False
         return True
+
+    def _run_settled(self) -> bool:
+        if not self._run_seen:
+            return False
+        now = time.monotonic()
+        return now - self._fresh_at >= RUN_SETTLE or now - self._run_seen_at >= RUN_SETTLE_MAX
 
     def _breakpoint_hit(self) -> bool:
         """Has the step's breakpoint caught a request? Describe it, from its own bytes where it has some."""

@@ -39,6 +39,19 @@ STATE_TEXT = {
 }
 
 
+def fit(lines: list[list[Segment]], height: int) -> list[list[Segment]]:
+    """What fits in `height` lines: all of it, or the step's title and then the newest lines.
+
+    The end is what the class is looking at (the checkpoint's explanation, the commands' output:
+    dmesg's remount line), so when the pane is short the middle (the step's text) gives way.
+    """
+    if len(lines) <= height or height < 3:
+        return lines[:height] if height < 3 else lines
+    tail = lines[len(lines) - (height - 2) :]
+    hidden = len(lines) - 1 - len(tail)
+    return [lines[0], [Segment(f"… {hidden} lines above (a taller terminal shows them)", DIM)], *tail]
+
+
 class LessonPane(Pane):
     """The current step: its text, its commands, what the checkpoint waits for or found."""
 
@@ -69,11 +82,12 @@ class LessonPane(Pane):
             self.running,
             self.error,
             self.size.width,
+            self.size.height,
         )
         if key == self._shown:
             return
         self._shown = key
-        self._lines = self.layout_lines(max(20, self.size.width - 4))
+        self._lines = fit(self.layout_lines(max(20, self.size.width - 4)), self.inner_height)
         lesson = r.lesson
         step = min(r.index + 1, len(lesson.steps))
         self.pane_title = f"lesson {lesson.name} · step {step} of {len(lesson.steps)}"
