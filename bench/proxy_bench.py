@@ -9,6 +9,10 @@ the ratio proxy / direct (goal: >= 0.8x on 1 MiB sequential; the 4 KiB cases are
 show what a request costs the proxy, with no goal). The proxy adds a whole NBD hop (a second
 server and a second client in Python), so this is the price of watching nbdkit's disk.
 
+For scale, the same hop in C is measured beside them: nbdkit's own nbd plugin in front of the
+same nbdkit (``nbdkit -U REF nbd socket=UP``, the "C proxy" column). Its ratio is what any
+proxy reaches on this machine, whatever it is written in; ``--no-reference`` leaves it out.
+
     python bench/proxy_bench.py                  # about 1 minute
     python bench/proxy_bench.py --runtime 2 --rounds 2
     python bench/proxy_bench.py --client buselab --cases seq_read_1m_qd8 seq_write_1m_qd8
@@ -85,6 +89,12 @@ def main() -> int:
         default="auto",
         help="the proxy's client for READ and WRITE (BUSELAB_NBD_CLIENT; default auto: libnbd if importable)",
     )
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="leave out nbdkit's nbd plugin as a C proxy for scale",
+    )
     keys = [key for key, *_ in CASES]
     parser.add_argument("--cases", nargs="+", choices=keys, default=keys, metavar="CASE", help=", ".join(keys))
     args = parser.parse_args()
@@ -94,8 +104,9 @@ def main() -> int:
             sys.exit(f"proxy_bench: {tool} is not installed")
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
-        up, px = Path(tmp) / "up.sock", Path(tmp) / "proxy.sock"
+        up, px, ref = Path(tmp) / "up.sock", Path(tmp) / "proxy.sock", Path(tmp) / "ref.sock"
         direct, proxied = f"nbd+unix:///?socket={up}", f"nbd+unix:///?socket={px}"
+        order = [("direct", direct), ("proxy", proxied)]
         try:
             procs.append(subprocess.Popen(["nbdkit", "-f", "-U", str(up), "memory", "1G"]))
             wait_for_socket(up, procs[-1], "nbdkit")
@@ -112,15 +123,18 @@ def main() -> int:
                 )
             )
             wait_for_socket(px, procs[-1], "buselab nbd")
+            if args.reference:
+                procs.append(subprocess.Popen(["nbdkit", "-f", "-U", str(ref), "nbd", f"socket={up}"]))
+                wait_for_socket(ref, procs[-1], "nbdkit's nbd plugin")
+                order.append(("C proxy", f"nbd+unix:///?socket={ref}"))
             subprocess.run(
                 ["fio", "--name=fill", "--ioengine=nbd", f"--uri={direct}", f"--size={args.size}", "--rw=write",
                  "--bs=1M", "--iodepth=8", "--output-format=json"],
                 capture_output=True, check=True,
             )  # fmt: skip
-            results: dict[str, dict[str, list[float]]] = {key: {"direct": [], "proxy": []} for key, *_ in cases}
+            results: dict[str, dict[str, list[float]]] = {key: {name: [] for name, _ in order} for key, *_ in cases}
             for round_no in range(args.rounds):
                 for key, fio_args, metric, _goal in cases:
-                    order = (("direct", direct), ("proxy", proxied))
                     for name, uri in order if round_no % 2 == 0 else reversed(order):
                         value = measure(fio(uri, fio_args, args.runtime, args.size), metric)
                         results[key][name].append(value)
@@ -128,7 +142,8 @@ def main() -> int:
                 f"buselab nbd (client {args.client}) vs nbdkit memory directly, fio nbd engine,"
                 f" {args.rounds} rounds x {args.runtime:g} s"
             )
-            print(f"{'case':<20} {'direct':>12} {'proxy':>12} {'ratio':>7}  goal")
+            reference = "   C proxy  ratio" if args.reference else ""
+            print(f"{'case':<20} {'direct':>12} {'proxy':>12} {'ratio':>7}{reference}  goal")
             failed = False
             for key, _fio_args, metric, goal in cases:
                 unit = "MiB/s" if metric == "bw" else "IOPS"
@@ -136,7 +151,11 @@ def main() -> int:
                 ratio = p / d if d else 0.0
                 verdict = "" if goal is None else (f">= {goal:.1f}x " + ("ok" if ratio >= goal else "MISSED"))
                 failed |= goal is not None and ratio < goal
-                print(f"{key:<20} {d:>8.0f} {unit:<5}{p:>7.0f} {unit:<5}{ratio:>6.2f}x  {verdict}")
+                scale = ""
+                if args.reference:
+                    c = statistics.median(results[key]["C proxy"])
+                    scale = f" {c:>9.0f} {c / d if d else 0.0:>5.2f}x"
+                print(f"{key:<20} {d:>8.0f} {unit:<5}{p:>7.0f} {unit:<5}{ratio:>6.2f}x{scale}  {verdict}")
             return 1 if failed else 0
         finally:
             for proc in reversed(procs):
