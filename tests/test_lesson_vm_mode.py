@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, copy_tree, missing, require_tool
+from helpers import clean_env, copy_tree, missing, require_tool, wait_for
 
 _REPO = str(Path(__file__).resolve().parent.parent)
 if _REPO not in sys.path:
@@ -182,7 +182,7 @@ def _image_cache(image: Image, place: Path) -> Path:
 @pytest.mark.vm
 @pytest.mark.timeout(900)
 def test_mkfs_lesson_in_the_vm_as_nobody_reaches_every_checkpoint(vm_image, nobody_place) -> None:  # noqa: F811
-    require_tool("setpriv", "mkfs.ext4", "blkid", "dumpe2fs")
+    require_tool("setpriv", "mkfs.ext4", "blkid", "dumpe2fs", "ss")
     if os.geteuid() != 0:
         missing("needs root to become nobody (setpriv)")
     # The system's own Python: root's (a pyenv under /root, say) may be out of nobody's reach.
@@ -202,7 +202,23 @@ def test_mkfs_lesson_in_the_vm_as_nobody_reaches_every_checkpoint(vm_image, nobo
     command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", python, "-m", "buselab"]
     command += ["lesson", "mkfs", "--vm", "--auto", "--headless", "--hold", "0"]
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd="/")
+    out, err = nobody_place / "lesson.out", nobody_place / "lesson.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env, cwd="/")
+    try:
+        # Once the guest is attached, the lesson's disk is on no open port: other users of the
+        # machine reach the loopback too, and only the guest knows the token (vm/guest.py).
+        wait_for(lambda: "attached in the VM" in err.read_text() or proc.poll() is not None, timeout=300)
+        if proc.poll() is None:
+            listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+            ours = [line for line in listening.splitlines() if f"pid={proc.pid}," in line]
+            assert not ours, f"the lesson listens on TCP after the guest attached: {ours}"
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = subprocess.CompletedProcess(command, proc.returncode, out.read_text(), err.read_text())
     took = time.monotonic() - started
     print(done.stdout, done.stderr, f"[lesson --vm as nobody: {took:.1f} s]", sep="\n")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

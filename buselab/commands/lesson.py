@@ -122,18 +122,19 @@ def _run_in_vm(args: argparse.Namespace, lesson) -> int:
     except VmStartError as exc:
         raise UserError(str(exc)) from None
     backend = open_backend("ram", size=size)
-    session = Session(backend, ServeOptions(listen=[("127.0.0.1", 0)], control=default_control_path()))
+    # No listener: the VM's one NBD connection is handed to the session once it has shown the
+    # token (guest.py), so other users of this machine cannot reach the lesson's disk.
+    session = Session(backend, ServeOptions(control=default_control_path()))
     with stop_on_signals(session.stop_requested):
         session.start()
         vm: GuestVm | None = None
         try:
-            port = int(session.network.addresses[-1].rsplit(":", 1)[1])
             print(
                 f"buselab: booting the lesson's VM (kernel {image.kernel_version}, software emulation: ~20 s)",
                 file=sys.stderr,
                 flush=True,
             )
-            vm = GuestVm(image, port)
+            vm = GuestVm(image, lambda sock: session.network.serve_socket(sock, "the lesson's VM"))
             try:
                 vm.start()
             except VmStartError as exc:

@@ -5,8 +5,8 @@ the chroot of the host's root. It
 
 1. connects to the host's agent port (qemu's user network: the host's loopback is 10.0.2.2)
    and proves who it is with the token from the private control share;
-2. connects a second socket to the host's NBD server, does the handshake and hands that very
-   socket to the guest kernel's nbd driver (netlink NBD_CMD_CONNECT): the requests the host's
+2. connects a second socket to the host's NBD port, proves itself there with the token too,
+   does the NBD handshake and hands that very socket to the guest kernel's nbd driver (netlink NBD_CMD_CONNECT): the requests the host's
    lab shows are the driver's own, with nothing in between;
 3. says ``attached`` with the device's queue limits, then serves requests, one JSON object a
    line, each in its own thread: ``run`` a shell command (its status, its output's tail, and
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     send({"hello": config["token"]})
     device = config["device"]
     try:
-        _attach(host, config["nbd_port"], device)
+        _attach(host, config["nbd_port"], device, config["token"])
     except Exception as exc:  # noqa: BLE001 - every failure goes to the host as one line
         send({"error": f"cannot attach {device} in the VM: {exc}"})
         return 1
@@ -73,10 +73,11 @@ def _connect(host: str, port: int, wait: float = 10.0) -> socket.socket:
         return sock
 
 
-def _attach(host: str, port: int, device: str) -> None:
+def _attach(host: str, port: int, device: str, token: str) -> None:
     from ..transport.netlink import NbdNetlink  # pyroute2: a dependency of buselab
 
     sock = _connect(host, port)
+    sock.sendall((token + "\n").encode())  # the host serves no NBD client that cannot say it
     export = handshake(sock)
     block = next((bs for bs in (4096, 1024, 512) if export.size % bs == 0), 512)
     netlink = NbdNetlink()

@@ -1,10 +1,14 @@
 """The lesson's VM, from the host: boot it, let it attach /dev/nbd0 to our server, run commands in it.
 
-``buselab lesson NAME --vm`` needs no root and no nbd driver on the host: the host's buselab
-serves the lesson's RAM disk on 127.0.0.1, and a qemu guest (software emulation, as a normal
-user) with a Debian kernel attaches its own /dev/nbd0 to that server through qemu's user
-network (the guest reaches the host's loopback as 10.0.2.2). The guest's agent (agent.py)
-runs the lesson's commands there and reports the device's queue limits.
+``buselab lesson NAME --vm`` needs no root and no nbd driver on the host: a qemu guest (software
+emulation, as a normal user) with a Debian kernel attaches its own /dev/nbd0 to the host's
+buselab through qemu's user network (the guest reaches the host's loopback as 10.0.2.2). The
+guest's agent (agent.py) runs the lesson's commands there and reports the device's queue limits.
+
+Other users of this machine can reach the host's loopback too, so both of the agent's
+connections begin with a token only the guest knows (it is in a 0700 directory shared with the
+VM): the agent's, and the NBD connection, which the host hands to the session only then. The
+lesson's disk is served on no open port.
 
 A ``GuestVm`` also stands in for the session's kernel attachment (``session.kernel``): it has
 the ``device``, ``queue_limits()`` and ``detach()`` the lab and the lesson runner read, so the
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import KernelUnavailable, VmUnavailable
@@ -60,11 +65,14 @@ def image_for_lesson(what: str = "buselab lesson --vm") -> Image:
 
 
 class GuestVm:
-    """A running guest whose /dev/nbd0 is attached to ``nbd_port`` on the host's loopback."""
+    """A running guest whose /dev/nbd0 is attached to this process: ``serve_nbd(sock)`` serves
+    the guest's NBD connection (the NBD handshake and then the driver's requests)."""
 
-    def __init__(self, image: Image, nbd_port: int, *, mem: str = "1G", cpus: int = 2) -> None:
+    def __init__(
+        self, image: Image, serve_nbd: Callable[[socket.socket], object], *, mem: str = "1G", cpus: int = 2
+    ) -> None:
         self.image = image
-        self.nbd_port = nbd_port
+        self.serve_nbd = serve_nbd
         self.mem = mem
         self.cpus = cpus
         self.device = f"{GUEST_DEVICE} in the VM"  # what the lab's header says it serves
@@ -97,12 +105,20 @@ class GuestVm:
     def _start(self, timeout: float) -> None:
         token = secrets.token_hex(16)
         listener = socket.create_server(("127.0.0.1", 0))
+        nbd_listener = socket.create_server(("127.0.0.1", 0))
+        started = time.monotonic()
+        threading.Thread(
+            target=self._accept_nbd,
+            args=(nbd_listener, token, started + timeout),
+            name="buselab-vm-nbd-accept",
+            daemon=True,
+        ).start()
         try:
             self._ctl = Path(tempfile.mkdtemp(prefix="buselab-vm-ctl-"))  # 0700: the token stays ours
             config = {
                 "host": HOST_ADDRESS,
                 "agent_port": listener.getsockname()[1],
-                "nbd_port": self.nbd_port,
+                "nbd_port": nbd_listener.getsockname()[1],
                 "token": token,
                 "device": GUEST_DEVICE,
             }
@@ -112,7 +128,6 @@ class GuestVm:
             # restrict=off: the guest must reach the host's loopback; it gets no default route,
             # so 10.0.2.0/24 (the host and qemu's own services) is all it can reach.
             cmd = qemu_command(self.image, self._ctl, mem=self.mem, cpus=self.cpus, netdev="user,id=n0,restrict=off")
-            started = time.monotonic()
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
@@ -146,6 +161,33 @@ class GuestVm:
             if hello.get("hello") == token:  # anyone on this machine may connect: only our guest knows it
                 return sock
             sock.close()
+
+    def _accept_nbd(self, listener: socket.socket, token: str, deadline: float) -> None:
+        """Serve the first connection that starts with the token (the agent's NBD connection); then
+        listen no more. Anyone else who connects meanwhile is hung up on, unserved."""
+        proof = (token + "\n").encode()
+        listener.settimeout(0.2)
+        try:
+            while not self._stopped and time.monotonic() < deadline:
+                try:
+                    sock, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                try:
+                    sock.settimeout(5.0)
+                    said = sock.recv(len(proof), socket.MSG_WAITALL)
+                except OSError:
+                    said = b""
+                if said != proof:
+                    sock.close()
+                    continue
+                sock.settimeout(None)
+                self.serve_nbd(sock)
+                return
+        finally:
+            listener.close()
 
     def _read_message(self, deadline: float, sock: socket.socket | None = None) -> dict:
         """One line from the agent while the boot is under way (qemu watched, the deadline kept)."""
