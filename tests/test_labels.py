@@ -94,7 +94,12 @@ def test_a_new_files_data_written_into_free_blocks_says_whose_it_is_once_the_map
             client.write(offset, after[offset : offset + 4096])
         labeller.run_pass(now=200.0)
         data_write = session.engine.telemetry.recent()[0]
-        assert labeller.label(data_write.seq).kind == "free"  # what the map knew then
+        first = labeller.label(data_write.seq)  # what the map knew then: free, so newly allocated
+        assert first.kind == "free" and first.text.endswith("newly allocated (free in the bitmap on disk)"), first
+        client.read(data_blocks[0], 4096)  # a read of a free block is just that
+        labeller.run_pass(now=201.0)
+        read = session.engine.telemetry.recent()[-1]
+        assert labeller.label(read.seq).text.endswith(" free blocks"), labeller.label(read.seq)
         labeller.run_pass(now=205.0)  # the metadata writes settled: the map is read again
         label = labeller.label(data_write.seq)
         assert label.kind == "data" and "hello.txt" in label.text, label

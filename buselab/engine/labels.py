@@ -28,6 +28,24 @@ LABELS_KEPT = 20000  # labels of the most recent requests (the telemetry ring's 
 _WRITES = (c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM)
 _DATA_WRITES = (c.CMD_WRITE, c.CMD_WRITE_ZEROES)  # what fills free blocks (a TRIM empties them)
 _VAGUE = ("unknown", "free")  # labels a later map may know better (see _relabel_unknown)
+# A write into blocks the map calls free is a new allocation whose bitmap (or FAT) has not
+# reached the disk yet: ext4 logs the bitmap in the journal and writes it home only at the
+# checkpoint, minutes later. "group 0 free blocks" on a file's data would mislead a class.
+_NEWLY_ALLOCATED = (
+    (" free blocks", " blocks newly allocated (free in the bitmap on disk)"),
+    (" free clusters", " clusters newly allocated (free in the FAT on disk)"),
+)
+
+
+def as_written(label: Label, cmd: int) -> Label:
+    """`label` for request `cmd`: free blocks that a WRITE fills are newly allocated ones."""
+    if label.kind == "free" and cmd in _DATA_WRITES:
+        for free, new in _NEWLY_ALLOCATED:
+            if label.text.endswith(free):
+                return label._replace(text=label.text[: -len(free)] + new)
+    return label
+
+
 _LABELLED = (c.CMD_READ, c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM, c.CMD_CACHE)
 
 
@@ -116,7 +134,7 @@ class Labeller:
             # Only writes: they made what the new map knows. A read before it read something else.
             if label is None or label.kind not in _VAGUE or record.cmd not in _DATA_WRITES:
                 continue
-            new = fsmap.label(record.offset, record.length, record.preview)
+            new = as_written(fsmap.label(record.offset, record.length, record.preview), record.cmd)
             if new.kind == "unknown" or new.kind == label.kind:
                 continue
             labels[record.seq] = new
@@ -139,7 +157,7 @@ class Labeller:
         """A record's label, looked up now if no pass has seen it yet."""
         label = self._labels.get(record.seq)
         if label is None and self.map is not None and record.cmd in _LABELLED:
-            label = self.map.label(record.offset, record.length, record.preview)
+            label = as_written(self.map.label(record.offset, record.length, record.preview), record.cmd)
         return label
 
     def structures_json(self) -> dict[str, dict[str, int]]:
@@ -157,7 +175,7 @@ class Labeller:
             if fsmap is None:
                 label = Label("not mapped", "unknown")
             else:
-                label = fsmap.label(record.offset, record.length, record.preview)
+                label = as_written(fsmap.label(record.offset, record.length, record.preview), record.cmd)
                 if (
                     not noted
                     and not record.error
