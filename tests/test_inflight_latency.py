@@ -317,6 +317,20 @@ async def test_the_lab_shows_requests_in_flight(tmp_path):
         client.close()
 
 
+@aio
+async def test_a_long_filter_spec_leaves_the_requests_in_flight_on_the_first_line(tmp_path):
+    spec = "delay:read=2ms,write=2ms,flush=2ms,trim=2ms,zero=2ms,cache=2ms,extents=2ms"
+    with serve(ram(), tmp_path) as session:
+        session.steering.add_filter(spec)
+        app = LabApp(session, auto_poll=False)
+        async with app.run_test(size=(160, 50)) as pilot:
+            app.poll()
+            await pilot.pause()
+            first, _totals, steering = app.header_widget.plain.splitlines()[:3]
+            assert "ram (sparse, in memory) + delay " in first and "0 in flight (max 0)" in first, first
+            assert "delay:read=2ms" in steering, steering  # the whole spec, where the filters are
+
+
 def test_the_lab_samples_carry_in_flight_and_littles_mean(tmp_path):
     """32 pipelined reads at 10 ms: the lab's sample of that second says 32 at most, and a mean
     in flight (latency-seconds per second) far above 1."""

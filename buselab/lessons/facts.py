@@ -31,7 +31,7 @@ FACTS: dict[str, str] = {
     "flushes": "FLUSHes in scope ('3 FLUSHes')",
     "fua": "WRITEs with the FUA flag in scope ('1 FUA write')",
     "trims": "TRIMs in scope, with their bytes",
-    "structures": "requests per kind of structure written in scope (superblock 2, journal 5, ...)",
+    "structures": "requests per kind of structure written in scope (superblock 2, journal 5, newly allocated 1, ...)",
     "ordering": "the FLUSH before the first FUA write, by request number (a journal commit's order)",
     "runs": "kernel splits and readahead runs found in scope",
     "max_in_flight": "the most requests in flight at once",
@@ -103,7 +103,8 @@ def facts(
         if r.cmd in (c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM):
             found = label(r)
             if found is not None:
-                kinds[found.kind] += 1
+                # Written "free" blocks are a new file's data (labels.as_written); trimmed ones are free.
+                kinds["newly allocated" if found.kind == "free" and r.cmd != c.CMD_TRIM else found.kind] += 1
     out["structures"] = ", ".join(f"{k} {n:,}" for k, n in kinds.most_common()) or "–"
     out["ordering"] = _ordering(scope, text_of, held if held_fua else "")
     runs = find_runs(list(scope), max_request)

@@ -64,7 +64,7 @@ def header_text(model: LabModel, width: int = 160) -> Text:
             text.append(f" {armed} breakpoint{'s' if armed != 1 else ''} armed", style=fmt.HELD_COLOUR)
         if model.held:
             text.append(f" releasing {len(model.held)}", style=fmt.HELD_COLOUR)
-    text.append(f"  {model.backend_description} ", style="bold #d8dee9")
+    text.append(f"  {short_description(model.backend_description)} ", style="bold #d8dee9")
     text.append(human_bytes(model.disk_size), style="#d8dee9")
     if model.readonly:
         text.append(" read-only", style=f"bold {fmt.HELD_COLOUR}")
@@ -124,6 +124,14 @@ def header_text(model: LabModel, width: int = 160) -> Text:
     text.append("\n")
     steering_line(text, model, armed, compact)
     return text
+
+
+def short_description(description: str) -> str:
+    """The backend and its filters by name ("ram (sparse, in memory) + delay"): each filter's
+    whole spec is on the steering line already, and a long one pushed the requests in flight
+    off the end of the first line."""
+    base, *filters = description.split(" + ")
+    return " + ".join([base, *(spec.split(":", 1)[0] for spec in filters)])
 
 
 def steering_line(text: Text, model: LabModel, armed: int, compact: bool) -> None:
