@@ -51,6 +51,43 @@ def test_a_file_system_written_over_nbd_is_mapped_and_its_requests_labelled(tmp_
         client.close()
 
 
+def test_a_read_of_what_was_just_written_is_named_once_the_map_is_read_again(tmp_path):
+    """mount right after mkfs: its reads come before the map is read again. Once it is, they
+    say what they read; a read from before the file system was written keeps its label."""
+    data = ext4_image(tmp_path)
+    with serve(RamBackend(len(data)), tmp_path) as session:
+        labeller = Labeller(session.engine)
+        labeller.rebuild()
+        client = connect(session)
+        client.read(1024, 1024)  # zeros: no superblock yet
+        for offset in range(0, len(data), MiB):
+            client.write(offset, data[offset : offset + MiB])
+        client.read(1024, 1024)  # the new superblock, before the map knows it
+        labeller.run_pass(now=100.0)
+        before, *_, after = session.engine.telemetry.recent()
+        assert labeller.label(after.seq).kind in ("unknown", "free"), labeller.label(after.seq)
+        labeller.run_pass(now=105.0)  # the writes settled: the map is read again
+        assert labeller.builds == 2 and labeller.map.filesystems
+        assert str(labeller.label(after.seq)) == "ext4 superblock (primary)"
+        assert labeller.label(before.seq).kind in ("unknown", "free"), labeller.label(before.seq)
+        client.close()
+
+
+def test_written_ranges_merge_and_answer_overlaps():
+    from buselab.engine.labels import _Ranges
+
+    ranges = _Ranges()
+    for start in (0, 4096, 8192):  # a sequential writer: one range
+        ranges.add(start, start + 4096)
+    ranges.add(100_000, 104_096)
+    assert (ranges.starts, ranges.ends) == ([0, 100_000], [12_288, 104_096])
+    ranges.add(12_288, 100_000)  # fills the gap: one again
+    assert (ranges.starts, ranges.ends) == ([0], [104_096])
+    ranges.add(200_000, 200_512)
+    assert ranges.overlaps(104_000, 104_100) and ranges.overlaps(199_000, 200_001)
+    assert not ranges.overlaps(104_096, 200_000) and not ranges.overlaps(200_512, 300_000)
+
+
 def test_labels_come_from_a_thread_that_keeps_up(tmp_path):
     data = ext4_image(tmp_path)
     backend = RamBackend(len(data))
@@ -96,8 +133,9 @@ def test_a_new_files_data_written_into_free_blocks_says_whose_it_is_once_the_map
         data_write = session.engine.telemetry.recent()[0]
         first = labeller.label(data_write.seq)  # what the map knew then: free, so newly allocated
         assert first.kind == "free" and first.text.endswith("newly allocated (free in the bitmap on disk)"), first
-        client.read(data_blocks[0], 4096)  # a read of a free block is just that
-        labeller.run_pass(now=201.0)
+        untouched = next(b for b in range(len(before) - 4096, 0, -4096) if labeller.map.label(b, 4096).kind == "free")
+        client.read(untouched, 4096)  # a read of a free block nothing wrote is just that
+        labeller.run_pass(now=200.1)
         read = session.engine.telemetry.recent()[-1]
         assert labeller.label(read.seq).text.endswith(" free blocks"), labeller.label(read.seq)
         labeller.run_pass(now=205.0)  # the metadata writes settled: the map is read again

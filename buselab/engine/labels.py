@@ -11,6 +11,7 @@ see. A built map is never changed, only replaced, so readers need no lock.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ def as_written(label: Label, cmd: int) -> Label:
     return label
 
 
+_READS = (c.CMD_READ, c.CMD_CACHE)
 _LABELLED = (c.CMD_READ, c.CMD_WRITE, c.CMD_WRITE_ZEROES, c.CMD_TRIM, c.CMD_CACHE)
 
 
@@ -125,14 +127,22 @@ class Labeller:
         mkfs writes a file system before any map can know it, and a new file's data lands in
         blocks the map still calls free: those writes were labelled "unknown" or "free". Once
         the map is read again they say what they wrote ("ext4 group 3 inode bitmap", "data of
-        /hello.txt"). Nothing else changes: a known label keeps what it was then.
+        /hello.txt"). So do the reads of bytes written before them (mount right after mkfs
+        reads the new superblock before the map is read again); a read of bytes nothing had
+        written yet read something else, and keeps its label. A known label keeps what it was.
         """
         labels = self._labels
         counts = self.structures
+        written = _Ranges()
         for record in self.engine.telemetry.recent():
             label = labels.get(record.seq)
-            # Only writes: they made what the new map knows. A read before it read something else.
-            if label is None or label.kind not in _VAGUE or record.cmd not in _DATA_WRITES:
+            end = record.offset + record.length
+            if record.cmd in _DATA_WRITES:
+                if not record.error:
+                    written.add(record.offset, end)
+            elif record.cmd not in _READS or not written.overlaps(record.offset, end):
+                continue
+            if label is None or label.kind not in _VAGUE:
                 continue
             new = as_written(fsmap.label(record.offset, record.length, record.preview), record.cmd)
             if new.kind == "unknown" or new.kind == label.kind:
@@ -195,3 +205,23 @@ class Labeller:
             self._timer.note(now)  # something is being written: it may be a file system
         while len(labels) > LABELS_KEPT:
             labels.popitem(last=False)
+
+
+class _Ranges:
+    """Byte ranges, merged as they are added (a sequential writer keeps one): which were written."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_left(self.ends, start)  # the first range that ends at or after start
+        j = bisect.bisect_right(self.starts, end)  # past the last range that begins by end
+        if i < j:
+            start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
+        self.starts[i:j] = [start]
+        self.ends[i:j] = [end]
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.ends, start)  # the first range that ends after start
+        return i < len(self.starts) and self.starts[i] < end
