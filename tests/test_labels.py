@@ -53,7 +53,7 @@ def test_a_file_system_written_over_nbd_is_mapped_and_its_requests_labelled(tmp_
 
 def test_a_read_of_what_was_just_written_is_named_once_the_map_is_read_again(tmp_path):
     """mount right after mkfs: its reads come before the map is read again. Once it is, they
-    say what they read; a read from before the file system was written keeps its label."""
+    say what they read; a read of bytes written after it (blkid before mkfs) keeps its label."""
     data = ext4_image(tmp_path)
     with serve(RamBackend(len(data)), tmp_path) as session:
         labeller = Labeller(session.engine)
@@ -63,13 +63,16 @@ def test_a_read_of_what_was_just_written_is_named_once_the_map_is_read_again(tmp
         for offset in range(0, len(data), MiB):
             client.write(offset, data[offset : offset + MiB])
         client.read(1024, 1024)  # the new superblock, before the map knows it
+        free = next(b for b in range(len(data) - 4096, 0, -4096) if data[b : b + 4096] == bytes(4096))
+        client.read(free, 4096)  # the new file system's free space (the image's writes wrote its zeros)
         labeller.run_pass(now=100.0)
-        before, *_, after = session.engine.telemetry.recent()
+        before, *_, after, free_read = session.engine.telemetry.recent()
         assert labeller.label(after.seq).kind in ("unknown", "free"), labeller.label(after.seq)
         labeller.run_pass(now=105.0)  # the writes settled: the map is read again
         assert labeller.builds == 2 and labeller.map.filesystems
         assert str(labeller.label(after.seq)) == "ext4 superblock (primary)"
         assert labeller.label(before.seq).kind in ("unknown", "free"), labeller.label(before.seq)
+        assert labeller.label(free_read.seq).text.endswith("free blocks"), labeller.label(free_read.seq)
         client.close()
 
 

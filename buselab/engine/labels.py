@@ -127,20 +127,21 @@ class Labeller:
         mkfs writes a file system before any map can know it, and a new file's data lands in
         blocks the map still calls free: those writes were labelled "unknown" or "free". Once
         the map is read again they say what they wrote ("ext4 group 3 inode bitmap", "data of
-        /hello.txt"). So do the reads of bytes written before them (mount right after mkfs
-        reads the new superblock before the map is read again); a read of bytes nothing had
-        written yet read something else, and keeps its label. A known label keeps what it was.
+        /hello.txt"). So do the reads of bytes that nothing wrote after them: they read what
+        the new map describes (mount, right after mkfs, reads the new superblock before the map
+        is read again). A read of bytes written after it (blkid before mkfs) read something
+        else, and keeps its label; so does any label that said something already.
         """
         labels = self._labels
         counts = self.structures
-        written = _Ranges()
-        for record in self.engine.telemetry.recent():
+        written_after = _Ranges()
+        for record in reversed(self.engine.telemetry.recent()):  # newest first: what came after
             label = labels.get(record.seq)
             end = record.offset + record.length
             if record.cmd in _DATA_WRITES:
                 if not record.error:
-                    written.add(record.offset, end)
-            elif record.cmd not in _READS or not written.overlaps(record.offset, end):
+                    written_after.add(record.offset, end)
+            elif record.cmd not in _READS or written_after.overlaps(record.offset, end):
                 continue
             if label is None or label.kind not in _VAGUE:
                 continue
