@@ -10,6 +10,7 @@ is reached in order. One boot.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -201,6 +202,20 @@ def test_mkfs_lesson_in_the_vm_as_nobody_reaches_every_checkpoint(vm_image, nobo
     }
     command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", python, "-m", "buselab"]
     command += ["lesson", "mkfs", "--vm", "--auto", "--headless", "--hold", "0"]
+    # Another user's cache (root's, 0700), and one nobody can read but not fill: one line each,
+    # saying what to do.
+    private = nobody_place / "private-cache"
+    shutil.copytree(cache, private)
+    for image_dir in private.iterdir():
+        image_dir.chmod(0o700)
+    empty = nobody_place / "empty-cache"
+    empty.mkdir()
+    for other, says in ((private, "cannot read the VM image cache"), (empty, "is not writable")):
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=120, env={**env, "BUSELAB_VM_CACHE": str(other)}, cwd="/"
+        )
+        line = _one_line_error(done)
+        assert says in line and "set BUSELAB_VM_CACHE to a directory of your own" in line, line
     started = time.monotonic()
     out, err = nobody_place / "lesson.out", nobody_place / "lesson.err"
     with out.open("w") as stdout, err.open("w") as stderr:
@@ -247,6 +262,9 @@ def test_mkfs_lesson_in_the_vm_as_nobody_reaches_every_checkpoint(vm_image, nobo
     assert seen == expected, done.stdout
     explained = [line for line in done.stdout.splitlines() if line.startswith("  checkpoint: ")]
     assert all("{" not in line for line in explained), explained
+    # What the commands said, as a class would see it in the other terminal.
+    assert "  blkid (exit 0):\n    nothing on /dev/nbd0 yet\n" in done.stdout, done.stdout
+    assert re.search(r"^  dumpe2fs \(exit 0\):\n    Block size: +4096$", done.stdout, re.M), done.stdout
     assert "/dev/nbd0 attached in the VM" in done.stderr
     left = subprocess.run(["pgrep", "-u", "nobody", "-f", "qemu-system"], capture_output=True, text=True)
     assert left.stdout == "", f"qemu still running as nobody: {left.stdout}"

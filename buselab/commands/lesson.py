@@ -171,9 +171,17 @@ def list_lessons() -> int:
 def _headless(session: Session, runner: LessonRunner, hold: float) -> int:
     """Print each step, its commands' results and each checkpoint's explanation; 1 on failure."""
     shown: set[tuple[int, str]] = set()
+    printed: dict[int, int] = {}  # step -> how many of its commands' results are printed
     stop = threading.Event()
 
     def on_change() -> None:
+        results = runner.results
+        for result in results[printed.get(runner.index, 0) :]:  # what blkid, dumpe2fs, dmesg said
+            if result.output or result.status:
+                print(f"  {result.command.split()[0]} (exit {result.status}):", flush=True)
+                for out in result.output.splitlines()[-6:]:
+                    print(f"    {out}", flush=True)
+        printed[runner.index] = max(printed.get(runner.index, 0), len(results))
         key = (runner.index, runner.state)
         if key in shown:
             return

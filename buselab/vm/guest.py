@@ -51,7 +51,11 @@ def image_for_lesson(what: str = "buselab lesson --vm") -> Image:
     """The VM image (built once per user), or VmStartError saying what is missing and how to get it."""
     qemu = qemu_binary()
     if shutil.which(qemu) is None:
-        hint = "apt-get install qemu-system-x86" if qemu == "qemu-system-x86_64" else "or unset BUSELAB_VM_QEMU"
+        hint = (
+            "apt-get install qemu-system-x86"
+            if qemu == "qemu-system-x86_64"
+            else "BUSELAB_VM_QEMU names it, and it is not there (unset BUSELAB_VM_QEMU, or name a qemu that is)"
+        )
         raise VmStartError(f"{what} needs {qemu}: {hint}")
     try:
         return build_image()

@@ -218,6 +218,22 @@ def build_image(kernel: str | None = None, cache_dir: Path | None = None) -> Ima
     be found or downloaded.
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        return _build_image(cache, kernel)
+    except PermissionError as exc:  # another user's cache (root's, say), or a part of it
+        raise VmUnavailable(
+            f"cannot read the VM image cache {cache} ({exc.filename}: {exc.strerror}): {_CACHE_HINT}"
+        ) from None
+
+
+# Where a user who cannot use the default cache gets one (docs/lessons.md, "Without root").
+_CACHE_HINT = (
+    "set BUSELAB_VM_CACHE to a directory of your own (empty: the image is built there once) or to a readable"
+    " copy of a prebuilt cache"
+)
+
+
+def _build_image(cache: Path, kernel: str | None) -> Image:
     with contextlib.suppress(OSError):  # a prebuilt cache may be read-only: it only has to hold the image
         cache.mkdir(parents=True, exist_ok=True)
     package = _kernel_package(cache, kernel or default_kernel())
@@ -226,7 +242,9 @@ def build_image(kernel: str | None = None, cache_dir: Path | None = None) -> Ima
     if found is not None:
         return found
     if not os.access(cache, os.W_OK):
-        raise VmUnavailable(f"the VM image cache {cache} has no image for kernel {kver} and is not writable")
+        raise VmUnavailable(
+            f"the VM image cache {cache} has no image for kernel {kver} and is not writable: {_CACHE_HINT}"
+        )
     with _locked(cache / "lock"):
         busybox = _static_busybox(cache)
         target = cache / f"{kver}-{_recipe_key(busybox)}"
