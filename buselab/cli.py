@@ -295,6 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sockets = [found.sock for found in inherited_sockets()]
     options = serve_options(args, sockets)
     serving = fork_until_serving() if args.fork else None  # before any thread starts
+    if serving is not None and not args.control:
+        options.control = default_control_path()  # the child's pid: the one --pidfile gives and ctl PID finds
     size = parse_size(args.size) if args.size else None
     backend = open_backend(args.backend, size=size, path=getattr(args, "path", None), readonly=args.readonly)
     session = Session(backend, options)

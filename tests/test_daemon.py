@@ -74,6 +74,9 @@ def test_fork_returns_once_serving(tmp_path):
         assert nbdinfo_size(sock).stdout == str(2 << 20) + "\n"
         assert pid != os.getpid() and pid_alive(pid)
         assert os.getsid(pid) == pid  # a session of its own: the shell's ^C and hangup are not for it
+        # `buselab ctl PID` finds it by the pid --pidfile gives (its control socket is named after it).
+        status = subprocess.run([*BUSELAB, "ctl", str(pid), "status"], capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0 and "2.0 MiB" in status.stdout, status
     finally:
         os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not pid_alive(pid), timeout=20)
