@@ -204,6 +204,17 @@ def test_advertises_exactly_what_the_upstream_does(tmp_path, upstreams, args):
     assert ("base:allocation" in ours.get("contexts", [])) == ("base:allocation" in theirs.get("contexts", []))
 
 
+def test_the_upstreams_block_sizes_are_passed_on(tmp_path, upstreams):
+    """A minimum and preferred block size (a 4K-sector disk's, say) reach the clients;
+    the maximum is buselab's own (it splits what the upstream would not take)."""
+    policy = ["--filter=blocksize-policy", "memory", "64M", "blocksize-minimum=512", "blocksize-preferred=65536"]
+    up = upstreams(nbdkit(tmp_path, *policy))
+    with serve(NbdProxyBackend(up.uri), tmp_path) as session:
+        theirs, ours = nbdinfo_json(up.uri), nbdinfo_json(proxy_uri(session))
+    assert (theirs["block_size_minimum"], theirs["block_size_preferred"]) == (512, 65536), theirs
+    assert (ours["block_size_minimum"], ours["block_size_preferred"]) == (512, 65536), ours
+
+
 def test_block_status_is_the_upstreams(tmp_path, upstreams):
     require_tool("nbdinfo")
     up = upstreams(nbdkit(tmp_path, "memory", "64M"))

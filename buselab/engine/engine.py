@@ -103,7 +103,15 @@ class Engine:
         return transmission_flags(self.backend, self.readonly)
 
     def export_info(self) -> ExportInfo:
-        return ExportInfo(name=self.export_name, size=self.size, flags=self.flags, description=self.description)
+        base = self.stack.base
+        return ExportInfo(
+            name=self.export_name,
+            size=self.size,
+            flags=self.flags,
+            description=self.description,
+            min_block=base.min_block,
+            preferred_block=max(base.preferred_block, base.min_block),
+        )
 
     def lookup(self, name: str) -> ExportInfo | None:
         """The export for a name; "" always means the default (our only) export."""

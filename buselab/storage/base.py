@@ -150,6 +150,10 @@ class Backend:
     # expects. Its methods must be safe to call from several threads (every backend's are:
     # connections call it from their own threads already).
     parallel: bool = False
+    # The block sizes clients are told (NBD_INFO_BLOCK_SIZE): a proxy passes on its upstream's.
+    # The maximum is the engine's own (it takes requests up to that; a proxy splits them).
+    min_block: int = c.MIN_BLOCK_SIZE
+    preferred_block: int = c.PREFERRED_BLOCK_SIZE
 
     def describe(self) -> str:
         """One line for headers and logs: what this backend is."""

@@ -96,6 +96,7 @@ class NbdProxyBackend(Backend):
         self.readonly = bool(export.flags & c.TF_READ_ONLY)
         self.caps = capabilities(export.flags, first.block_status)
         self.max_block = export.max_block
+        self.min_block, self.preferred_block = export.min_block, export.preferred_block  # passed on to clients
         self._pool.append(first)
         self._fill_pool()
 
@@ -231,6 +232,7 @@ class NbdProxyBackend(Backend):
             log.warning("upstream %s came back offering other operations; new clients see them", self.uri)
             self.caps = caps
         self.max_block = export.max_block
+        self.min_block, self.preferred_block = export.min_block, export.preferred_block
         with self._lock:
             if self._closed.is_set():
                 first.close()
