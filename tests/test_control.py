@@ -210,6 +210,13 @@ def test_ctl_switch_ram_to_file_keeps_every_byte(controlled, tmp_path):
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
     assert ctl_json(path, "status")["kind"] == "file"
+    # A bigger target makes the disk bigger, and the reply says so.
+    bigger = tmp_path / "bigger.img"
+    with bigger.open("wb") as f:
+        f.truncate(32 * MiB)  # holds no data yet: no --overwrite needed
+    out = ctl(path, "switch", "file", str(bigger)).stdout
+    assert "the disk grew from 16.0 MiB to 32.0 MiB" in out, out
+    assert ctl_json(path, "status")["size"] == 32 * MiB
     served.stop()
     assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
 

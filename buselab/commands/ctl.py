@@ -333,7 +333,13 @@ def render(cmd: str, result: Any) -> str:
     if cmd == "switch":
         copied = f"; copied {human_bytes(result['copied_bytes'])}" if result.get("copied_bytes") else ""
         took = f" in {result['seconds']:.2f} s" if result.get("seconds") else ""
-        return f"switched: {result['from']} -> {result['to']}{copied}{took}"
+        grew = ""
+        if result.get("grew_from"):
+            grew = (
+                f"; the disk grew from {human_bytes(result['grew_from'])} to {human_bytes(result['size'])}"
+                " (clients connected now, and a kernel device, keep the old size)"
+            )
+        return f"switched: {result['from']} -> {result['to']}{copied}{took}{grew}"
     if cmd == "powercut":
         n = result.get("lost_writes", 0)
         seqs = result.get("lost_requests") or []

@@ -396,6 +396,8 @@ class Restacker:
         seconds = time.monotonic() - started
         self._retire(old)
         how = f"copied {human_bytes(copied)} in {seconds:.2f} s" if copy else "contents not copied"
+        if new.size != current:
+            how += f"; the disk grew from {human_bytes(current)} to {human_bytes(new.size)} for new clients"
         self._event(f"switched backend: {old.describe()} -> {new.describe()} ({how})")
         return SwitchResult(
             from_=old.describe(),
@@ -404,6 +406,7 @@ class Restacker:
             size=new.size,
             copied_bytes=copied,
             seconds=round(seconds, 3),
+            grew_from=current if new.size != current else None,
         )
 
     def _cow_over_current(self, old: Backend, size: int | None) -> SwitchResult:

@@ -160,6 +160,8 @@ class SwitchResult(Result):
     size: int
     copied_bytes: int
     seconds: float | None = field(default=None, metadata=_OPTIONAL)  # none for a cow overlay: nothing copied
+    # The disk's size before, when a bigger target made it bigger (new clients see the new size).
+    grew_from: int | None = field(default=None, metadata=_OPTIONAL)
 
 
 @dataclass(frozen=True)
