@@ -425,6 +425,13 @@ class Inspector(Pane, can_focus=True):
         self._subtitle()
         self.refresh()
 
+    def refresh_run(self) -> None:
+        """Say again which run the shown request is part of (runs grow as their requests arrive)."""
+        run = self._run(self.record)
+        if run != self.run:
+            self.run = run
+            self.refresh()  # the lines are built again: `run` is part of their key
+
     def _subtitle(self) -> None:
         record = self.record
         if record is None:

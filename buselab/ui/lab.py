@@ -179,6 +179,9 @@ class LabApp(SteeringActions, App[int]):
         self.stream.run_source = self.runs.run_of
         self._grid_rows = ""
         self._inspector_shown_at = 0.0
+        self._inspector_every = INSPECTOR_FOLLOW_EVERY  # the last tick with records: busy or not
+        # The request following put in the inspector (a step's or a breakpoint's may replace it).
+        self._inspector_followed: RequestRecord | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._tick_failures = 0  # failed ticks in a row (logged once per streak)
         # Measurements for bench/lab_bench.py (BUSELAB_LAB_STATS=path writes them at exit).
@@ -316,6 +319,8 @@ class LabApp(SteeringActions, App[int]):
             changed = self.runs.add(tick.records, after_gap=tick.gap is not None)
             if changed:
                 self.stream.runs_changed(changed)
+                # The request shown may be in a run that grew: "part 6 of 6" is now "part 6 of 32".
+                self.inspector.refresh_run()
         self.stream.set_want_what(self.model.disk_known or self.runs.seen, self.runs.seen)
         self.stream.add(tick.records, tick.gap, tick.held, tick.events)
         if tick.heat_changed:
@@ -326,12 +331,15 @@ class LabApp(SteeringActions, App[int]):
             # Under load snapshots are rarer; the request total still follows the stream
             # (only the header's changed line is drawn again).
             self.header_widget.update_from_model()
-        if self.stream.follow and tick.records:
-            now = time.monotonic()
-            every = INSPECTOR_FOLLOW_BUSY if len(tick.records) >= self.model.busy_rows else INSPECTOR_FOLLOW_EVERY
-            if now - self._inspector_shown_at >= every:
-                self._inspector_shown_at = now
-                self.inspector.show(self.stream.newest_record, cell_bytes=self.heatmap.display_cell_bytes)
+        if tick.records and self.stream.follow:
+            busy = len(tick.records) >= self.model.busy_rows
+            self._inspector_every = INSPECTOR_FOLLOW_BUSY if busy else INSPECTOR_FOLLOW_EVERY
+        if self.stream.follow and (tick.records or self.inspector.record is self._inspector_followed):
+            # Also on a tick without records: a burst that came within the interval after the
+            # last update (the rest of a split write, a tick later under load) is shown once the
+            # interval is over, not only when the next request arrives (maybe never: a lesson's
+            # step waits). A request a step or a breakpoint put there stays until new ones come.
+            self._follow_inspector()
         if tick.new_break is not None or self._caught is not None or self._stepped is not None:
             self.steering_tick(tick)
         if self.collect_stats:
@@ -339,6 +347,21 @@ class LabApp(SteeringActions, App[int]):
         if self.collect_stats and self.model.ticks % 120 == 1:
             self.rss.append((time.monotonic() - self._started, _rss_bytes()))
         return tick
+
+    def _follow_inspector(self) -> None:
+        """While the stream follows, show its newest request in the inspector, at most every
+        `_inspector_every` seconds (drawing it at every tick under load is unreadable anyway)."""
+        newest = self.stream.newest_record
+        if newest is None or newest is self.inspector.record:
+            return
+        now = time.monotonic()
+        if now - self._inspector_shown_at >= self._inspector_every:
+            self._inspector_shown_at = now
+            self._show_followed(newest)
+
+    def _show_followed(self, record: RequestRecord | None) -> None:
+        self._inspector_followed = record
+        self.inspector.show(record, cell_bytes=self.heatmap.display_cell_bytes)
 
     def _display(self, screen, renderable) -> None:  # type: ignore[no-untyped-def]
         # Counted for the bench's refresh rate; Textual calls this once per frame written.
@@ -383,7 +406,7 @@ class LabApp(SteeringActions, App[int]):
     def on_request_stream_selected(self, message: RequestStream.Selected) -> None:
         record = message.record
         if record is None:
-            self.inspector.show(self.stream.newest_record, cell_bytes=self.heatmap.display_cell_bytes)
+            self._show_followed(self.stream.newest_record)
             return
         self.inspector.show(record, cell_bytes=self.heatmap.display_cell_bytes)
         if record.length:
