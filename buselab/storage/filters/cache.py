@@ -32,7 +32,6 @@ When the layer below fails:
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import threading
 import time
@@ -287,7 +286,4 @@ def _still_dirty(overlay: Overlay, offset: int, length: int) -> bool:
             return True
     elif any(first <= i <= last for i in blocks):
         return True
-    # Zero runs are sorted and disjoint: the first one ending after `first` decides.
-    starts, ends = overlay._zs, overlay._ze  # noqa: SLF001 - the overlay is the cache's own
-    k = bisect.bisect_right(ends, first)
-    return k < len(starts) and starts[k] <= last
+    return overlay.zeroed.overlaps(first, last + 1)
