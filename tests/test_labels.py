@@ -77,9 +77,9 @@ def test_a_read_of_what_was_just_written_is_named_once_the_map_is_read_again(tmp
 
 
 def test_written_ranges_merge_and_answer_overlaps():
-    from buselab.storage.ranges import Ranges
+    from buselab.engine.labels import _Ranges
 
-    ranges = Ranges()
+    ranges = _Ranges()
     for start in (0, 4096, 8192):  # a sequential writer: one range
         ranges.add(start, start + 4096)
     ranges.add(100_000, 104_096)

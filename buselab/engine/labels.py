@@ -11,6 +11,7 @@ see. A built map is never changed, only replaced, so readers need no lock.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -18,7 +19,6 @@ from collections import OrderedDict
 
 from ..fsmap import FsMap, Label, RefreshTimer, build_map
 from ..protocol import constants as c
-from ..storage.ranges import Ranges
 from .engine import Engine
 from .telemetry import RequestRecord
 
@@ -134,7 +134,7 @@ class Labeller:
         """
         labels = self._labels
         counts = self.structures
-        written_after = Ranges()
+        written_after = _Ranges()
         for record in reversed(self.engine.telemetry.recent()):  # newest first: what came after
             label = labels.get(record.seq)
             end = record.offset + record.length
@@ -206,3 +206,23 @@ class Labeller:
             self._timer.note(now)  # something is being written: it may be a file system
         while len(labels) > LABELS_KEPT:
             labels.popitem(last=False)
+
+
+class _Ranges:
+    """Byte ranges, merged as they are added (a sequential writer keeps one): which were written."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_left(self.ends, start)  # the first range that ends at or after start
+        j = bisect.bisect_right(self.starts, end)  # past the last range that begins by end
+        if i < j:
+            start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
+        self.starts[i:j] = [start]
+        self.ends[i:j] = [end]
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.ends, start)  # the first range that ends after start
+        return i < len(self.starts) and self.starts[i] < end

@@ -20,7 +20,6 @@ import threading
 
 from ...errors import UserError
 from ..base import Backend, Capabilities
-from ..ranges import Ranges
 
 BLOCK = 4096
 _WRITEBACK_CHUNK = 256  # blocks per write when writing an overlay back (1 MiB)
@@ -38,8 +37,8 @@ class Overlay:
     def __init__(self, size: int) -> None:
         self.size = size
         self.blocks: dict[int, bytearray] = {}
-        self.zeroed = Ranges()  # zero runs, in block numbers
-        self._zs, self._ze = self.zeroed.starts, self.zeroed.ends  # read in place by the loops below
+        self._zs: list[int] = []  # zero runs: sorted, disjoint starts (block numbers)
+        self._ze: list[int] = []  # and their ends (exclusive)
         self._nblocks = -(-size // BLOCK)
 
     def __bool__(self) -> bool:
@@ -64,7 +63,8 @@ class Overlay:
 
     def clear(self) -> None:
         self.blocks = {}
-        self.zeroed.clear()
+        self._zs = []
+        self._ze = []
 
     # -- reading -----------------------------------------------------------------
     def _block_len(self, i: int) -> int:
@@ -165,7 +165,7 @@ class Overlay:
         else:
             for i in [i for i in blocks if first_full <= i < last_full]:
                 del blocks[i]
-        self.zeroed.add(first_full, last_full)
+        self._add_run(first_full, last_full)
 
     def _zero_partial(self, lower: Backend, start: int, end: int) -> None:
         pos = start
@@ -175,6 +175,16 @@ class Overlay:
             n = min(end, base + self._block_len(i)) - pos
             self._materialize(lower, i)[pos - base : pos - base + n] = bytes(n)
             pos += n
+
+    def _add_run(self, start: int, end: int) -> None:
+        zs, ze = self._zs, self._ze
+        lo = bisect.bisect_left(ze, start)  # runs ending at or after start (touching merges)
+        hi = bisect.bisect_right(zs, end)  # runs starting at or before end
+        if lo < hi:
+            start = min(start, zs[lo])
+            end = max(end, ze[hi - 1])
+        zs[lo:hi] = [start]
+        ze[lo:hi] = [end]
 
     def writeback(self, target: Backend) -> int:
         """Apply every change to `target` (zero runs first, then blocks); empty the overlay.

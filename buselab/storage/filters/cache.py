@@ -32,6 +32,7 @@ When the layer below fails:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import threading
 import time
@@ -286,4 +287,7 @@ def _still_dirty(overlay: Overlay, offset: int, length: int) -> bool:
             return True
     elif any(first <= i <= last for i in blocks):
         return True
-    return overlay.zeroed.overlaps(first, last + 1)
+    # Zero runs are sorted and disjoint: the first one ending after `first` decides.
+    starts, ends = overlay._zs, overlay._ze  # noqa: SLF001 - the overlay is the cache's own
+    k = bisect.bisect_right(ends, first)
+    return k < len(starts) and starts[k] <= last
